@@ -1,0 +1,354 @@
+-- pgrelay's schema. The tables and views below are a documented audit surface
+-- (README.md, "SQL audit"); the functions are how messages get in.
+--
+-- The ordering protocol, in one place:
+--
+-- Every message belongs to one or more *streams* ('user:<id>' for now). A writer
+-- locks the stream rows in `relay.streams` (in sorted order, so writers never
+-- deadlock each other) *before* it draws message ids, and holds the lock until it
+-- commits. Within one stream, ids are therefore drawn and committed in the same
+-- order: a reader that sees id N of a stream has also seen every smaller id of
+-- that stream, so a `since` cursor can never skip a message still in flight.
+-- The sequence must keep CACHE 1 for the same reason: a cached block would hand
+-- a later locker a smaller id.
+--
+-- A connecting client takes the same lock while it registers, and reads the
+-- stream's head. A message is then either committed before the connection was
+-- registered (its id is <= head: the client gets it by backfill) or routed to the
+-- connection by its writer (its id is > head: it arrives live). No window exists
+-- in which a message is seen by neither side.
+
+CREATE SCHEMA IF NOT EXISTS relay;
+
+-- Written by every node on start from its configuration, so that SQL senders
+-- (relay.send_to_user) apply the same defaults and limits as HTTP ones.
+CREATE TABLE relay.config (
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    default_ttl       interval NOT NULL DEFAULT '24 hours',
+    retention         interval NOT NULL DEFAULT '72 hours',
+    max_message_bytes integer  NOT NULL DEFAULT 65536
+);
+INSERT INTO relay.config DEFAULT VALUES;
+
+CREATE TABLE relay.nodes (
+    id           text PRIMARY KEY CHECK (id ~ '^[A-Za-z0-9_-]{1,48}$'),
+    -- A fresh value per process start: a node that was declared dead and comes
+    -- back (a long pause, a network cut) notices that its row is not its own.
+    incarnation  uuid        NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    last_seen_at timestamptz NOT NULL DEFAULT now(),
+    listen_addr  text,
+    version      text        NOT NULL
+) WITH (fillfactor = 50);
+
+-- One row per live socket. last_seen_at is refreshed in batches (one statement
+-- per node per heartbeat); fillfactor 70 keeps those updates HOT.
+CREATE TABLE relay.connections (
+    id           uuid PRIMARY KEY,
+    node_id      text        NOT NULL,
+    user_id      text        NOT NULL,
+    protocol     text        NOT NULL,
+    connected_at timestamptz NOT NULL DEFAULT now(),
+    last_seen_at timestamptz NOT NULL DEFAULT now(),
+    remote_addr  text,
+    user_agent   text
+) WITH (fillfactor = 70);
+CREATE INDEX connections_user_id_idx ON relay.connections (user_id);
+CREATE INDEX connections_node_id_idx ON relay.connections (node_id);
+
+-- The per-stream lock and the id of the newest message in the stream.
+CREATE TABLE relay.streams (
+    stream text PRIMARY KEY,
+    head   bigint NOT NULL DEFAULT 0
+) WITH (fillfactor = 50);
+
+CREATE SEQUENCE relay.message_id_seq AS bigint CACHE 1;
+
+CREATE TABLE relay.messages (
+    id                bigint PRIMARY KEY,
+    -- The message's stream when it has exactly one (the common case); NULL when
+    -- it has several, which are then listed in relay.message_streams.
+    stream            text,
+    target            jsonb       NOT NULL,
+    target_connection uuid,
+    destination       text,
+    data              jsonb       NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    expires_at        timestamptz NOT NULL,
+    source            text        NOT NULL CHECK (source IN ('http', 'sql', 'ws'))
+);
+CREATE INDEX messages_stream_id_idx ON relay.messages (stream, id) WHERE stream IS NOT NULL;
+
+CREATE TABLE relay.message_streams (
+    stream     text   NOT NULL,
+    message_id bigint NOT NULL,
+    PRIMARY KEY (stream, message_id)
+);
+
+CREATE VIEW relay.stream_messages AS
+    SELECT stream, id AS message_id FROM relay.messages WHERE stream IS NOT NULL
+    UNION ALL
+    SELECT stream, message_id FROM relay.message_streams;
+
+-- Work for nodes. A row with a node_id is for the connections it lists on that
+-- node; a row without one is *parked*: a message for a user who had no
+-- connection (or whose connection went away before delivery), handed to the
+-- user's next connection on any node.
+CREATE TABLE relay.outbox (
+    id             bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    node_id        text,
+    kind           text        NOT NULL DEFAULT 'deliver' CHECK (kind IN ('deliver', 'disconnect')),
+    message_id     bigint,
+    user_id        text,
+    connection_ids uuid[],
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    CHECK (node_id IS NOT NULL OR (kind = 'deliver' AND user_id IS NOT NULL AND message_id IS NOT NULL))
+);
+CREATE INDEX outbox_node_id_idx ON relay.outbox (node_id, id) WHERE node_id IS NOT NULL;
+CREATE UNIQUE INDEX outbox_parked_idx ON relay.outbox (user_id, message_id) WHERE node_id IS NULL;
+
+CREATE TABLE relay.deliveries (
+    message_id    bigint      NOT NULL,
+    connection_id uuid        NOT NULL,
+    user_id       text        NOT NULL,
+    node_id       text        NOT NULL,
+    delivered_at  timestamptz NOT NULL,
+    acked_at      timestamptz,
+    PRIMARY KEY (message_id, connection_id)
+) WITH (fillfactor = 90);
+
+CREATE VIEW relay.message_states AS
+    SELECT m.id,
+           CASE
+               WHEN EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.message_id = m.id AND d.acked_at IS NOT NULL) THEN 'acked'
+               WHEN EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.message_id = m.id) THEN 'delivered'
+               WHEN m.expires_at <= now() THEN 'expired'
+               ELSE 'pending'
+           END AS state
+      FROM relay.messages m;
+
+-- Stores messages and routes them, in the caller's transaction. Internal: the
+-- stable entry points are relay.send_to_user() and the HTTP API. All arrays are
+-- indexed by message; a NULL ttl means relay.config.default_ttl.
+CREATE FUNCTION relay.enqueue(
+    p_targets      jsonb[],
+    p_destinations text[],
+    p_data         jsonb[],
+    p_ttls         interval[],
+    p_source       text
+) RETURNS bigint[]
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    n          integer := coalesce(cardinality(p_targets), 0);
+    v_ttl      interval;
+    ids        bigint[];
+    rec_msg    integer[];
+    rec_user   text[];
+    rec_conn   uuid[];
+    v_missing  text;
+    v_empty    integer;
+    v_nodes    text[];
+    v_node     text;
+BEGIN
+    IF n = 0 THEN
+        RETURN '{}';
+    END IF;
+    IF coalesce(cardinality(p_destinations), n) <> n OR coalesce(cardinality(p_data), 0) <> n
+       OR coalesce(cardinality(p_ttls), n) <> n THEN
+        RAISE EXCEPTION 'relay.enqueue: argument arrays differ in length' USING ERRCODE = '22023';
+    END IF;
+    SELECT default_ttl INTO STRICT v_ttl FROM relay.config;
+
+    FOR i IN 1..n LOOP
+        IF p_targets[i] ? 'topic' OR p_targets[i] ? 'broadcast' THEN
+            RAISE EXCEPTION 'topics and broadcast are not supported yet' USING ERRCODE = '0A000';
+        ELSIF NOT (p_targets[i] ? 'user' OR p_targets[i] ? 'users' OR p_targets[i] ? 'connection') THEN
+            RAISE EXCEPTION 'relay.enqueue: unknown target %', p_targets[i] USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+
+    -- Recipients: (message index, user, connection for connection-addressed ones).
+    SELECT array_agg(r.i ORDER BY r.i, r.user_id),
+           array_agg(r.user_id ORDER BY r.i, r.user_id),
+           array_agg(r.conn ORDER BY r.i, r.user_id)
+      INTO rec_msg, rec_user, rec_conn
+      FROM (
+            SELECT t.i::integer AS i, t.target->>'user' AS user_id, NULL::uuid AS conn
+              FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+             WHERE t.target ? 'user'
+            UNION
+            SELECT t.i::integer, u.user_id, NULL::uuid
+              FROM unnest(p_targets) WITH ORDINALITY AS t(target, i),
+                   jsonb_array_elements_text(t.target->'users') AS u(user_id)
+             WHERE t.target ? 'users'
+            UNION ALL
+            SELECT t.i::integer, c.user_id, c.id
+              FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+              JOIN relay.connections c ON c.id = (t.target->>'connection')::uuid
+             WHERE t.target ? 'connection'
+      ) r;
+
+    SELECT t.target->>'connection' INTO v_missing
+      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+     WHERE t.target ? 'connection' AND NOT (t.i::integer = ANY (coalesce(rec_msg, '{}')))
+     LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'connection % not found', v_missing USING ERRCODE = 'P0002';
+    END IF;
+    SELECT count(*) INTO v_empty FROM generate_series(1, n) AS g
+     WHERE NOT (g = ANY (coalesce(rec_msg, '{}')));
+    IF v_empty > 0 THEN
+        RAISE EXCEPTION 'relay.enqueue: a message has no recipient' USING ERRCODE = '22023';
+    END IF;
+
+    -- The stream locks, in sorted order, before any id is drawn (see the top of this file).
+    INSERT INTO relay.streams AS s (stream)
+    SELECT DISTINCT 'user:' || u FROM unnest(rec_user) AS u ORDER BY 1
+    ON CONFLICT (stream) DO UPDATE SET head = s.head;
+
+    SELECT array_agg(nextval('relay.message_id_seq') ORDER BY g) INTO ids FROM generate_series(1, n) AS g;
+
+    INSERT INTO relay.messages (id, stream, target, target_connection, destination, data, expires_at, source)
+    SELECT ids[t.i], st.stream, t.target, (t.target->>'connection')::uuid, p_destinations[t.i], p_data[t.i],
+           now() + coalesce(p_ttls[t.i], v_ttl), p_source
+      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+      JOIN (SELECT r.i, CASE WHEN count(*) = 1 THEN 'user:' || min(r.user_id) END AS stream
+              FROM unnest(rec_msg, rec_user) AS r(i, user_id)
+             GROUP BY r.i) st ON st.i = t.i
+     ORDER BY t.i;
+
+    INSERT INTO relay.message_streams (stream, message_id)
+    SELECT 'user:' || r.user_id, ids[r.i]
+      FROM unnest(rec_msg, rec_user) AS r(i, user_id)
+     WHERE r.i IN (SELECT m.i FROM unnest(rec_msg) AS m(i) GROUP BY m.i HAVING count(*) > 1);
+
+    -- Route: the connections that exist now (we hold the stream locks, so none
+    -- can register unseen), grouped into one row per node, message and user.
+    -- Users with no connection get a parked row. Rows go in in message id order,
+    -- so that a node claiming its rows in outbox id order keeps stream order.
+    WITH rec AS (
+        SELECT * FROM unnest(rec_msg, rec_user, rec_conn) AS r(i, user_id, conn)
+    ), live AS (
+        SELECT r.i, r.user_id, c.node_id, c.id AS conn
+          FROM rec r JOIN relay.connections c ON c.user_id = r.user_id
+         WHERE r.conn IS NULL
+        UNION ALL
+        SELECT r.i, r.user_id, c.node_id, c.id
+          FROM rec r JOIN relay.connections c ON c.id = r.conn
+    ), work AS (
+        SELECT l.node_id, ids[l.i] AS message_id, l.user_id, array_agg(l.conn) AS conns
+          FROM live l
+         GROUP BY l.node_id, l.i, l.user_id
+        UNION ALL
+        SELECT NULL, ids[r.i], r.user_id, NULL
+          FROM rec r
+         WHERE r.conn IS NULL
+           AND NOT EXISTS (SELECT 1 FROM relay.connections c WHERE c.user_id = r.user_id)
+    ), queued AS (
+        INSERT INTO relay.outbox (node_id, message_id, user_id, connection_ids)
+        SELECT w.node_id, w.message_id, w.user_id, w.conns FROM work w ORDER BY w.message_id
+        RETURNING node_id
+    )
+    SELECT array_agg(DISTINCT q.node_id) FILTER (WHERE q.node_id IS NOT NULL) INTO v_nodes FROM queued q;
+
+    UPDATE relay.streams s SET head = v.head
+      FROM (SELECT 'user:' || r.user_id AS stream, max(ids[r.i]) AS head
+              FROM unnest(rec_msg, rec_user) AS r(i, user_id)
+             GROUP BY 1) v
+     WHERE s.stream = v.stream;
+
+    -- One wake-up per node per transaction; the payload carries nothing,
+    -- the outbox is the truth.
+    IF v_nodes IS NOT NULL THEN
+        FOREACH v_node IN ARRAY v_nodes LOOP
+            PERFORM pg_notify('pgrelay.node.' || v_node, '');
+        END LOOP;
+    END IF;
+    RETURN ids;
+END
+$fn$;
+
+-- Sends `data` to every connection of `user_id`, in the caller's transaction:
+-- commit and it goes, roll back and it never existed.
+CREATE FUNCTION relay.send_to_user(user_id text, data jsonb, destination text DEFAULT NULL, ttl interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    cfg relay.config%ROWTYPE;
+BEGIN
+    SELECT * INTO STRICT cfg FROM relay.config;
+    IF user_id IS NULL OR user_id = '' THEN
+        RAISE EXCEPTION 'relay.send_to_user: user_id must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF data IS NULL THEN
+        RAISE EXCEPTION 'relay.send_to_user: data must not be NULL (use ''null''::jsonb)' USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(data::text) > cfg.max_message_bytes THEN
+        RAISE EXCEPTION 'relay.send_to_user: data is % bytes, over the limit of %', octet_length(data::text), cfg.max_message_bytes
+            USING ERRCODE = '54000';
+    END IF;
+    IF ttl IS NOT NULL AND (ttl <= interval '0' OR ttl > cfg.retention) THEN
+        RAISE EXCEPTION 'relay.send_to_user: ttl must be positive and at most the retention (%)', cfg.retention
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN (relay.enqueue(ARRAY[jsonb_build_object('user', user_id)], ARRAY[destination], ARRAY[data], ARRAY[ttl], 'sql'))[1];
+END
+$fn$;
+
+CREATE FUNCTION relay.publish(topic text, data jsonb, ttl interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'relay.publish: topics are not supported yet' USING ERRCODE = '0A000';
+END
+$fn$;
+
+-- Registers a connection under its user's stream lock and returns the stream's
+-- head: messages up to it are the client's backfill, later ones arrive live.
+CREATE FUNCTION relay.attach_connection(
+    p_id uuid, p_node text, p_user text, p_protocol text, p_remote text, p_agent text, p_since bigint
+) RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_head bigint;
+BEGIN
+    -- An update, not only a lock: a sender in REPEATABLE READ whose snapshot
+    -- predates this connection then fails with a serialization error instead of
+    -- routing past it.
+    INSERT INTO relay.streams AS s (stream) VALUES ('user:' || p_user)
+    ON CONFLICT (stream) DO UPDATE SET head = s.head
+    RETURNING s.head INTO v_head;
+
+    INSERT INTO relay.connections (id, node_id, user_id, protocol, remote_addr, user_agent)
+    VALUES (p_id, p_node, p_user, p_protocol, p_remote, p_agent);
+
+    -- A client resuming with a cursor gets everything after it from the stream;
+    -- what was parked for it is covered by that.
+    IF p_since IS NOT NULL THEN
+        DELETE FROM relay.outbox WHERE node_id IS NULL AND user_id = p_user AND message_id <= v_head;
+    END IF;
+    RETURN v_head;
+END
+$fn$;
+
+-- Hands a node's unfinished work back and forgets its connections: used when a
+-- node stops, when a node id starts again after a crash, and when a dead node is
+-- reaped. Undelivered user messages are parked for their users' next connect;
+-- a client that resumes with `since` gets them from its stream in any case.
+CREATE FUNCTION relay.release_node(p_node text) RETURNS void
+LANGUAGE sql
+AS $fn$
+    INSERT INTO relay.outbox (node_id, message_id, user_id)
+    SELECT NULL, o.message_id, o.user_id
+      FROM relay.outbox o
+      JOIN relay.messages m ON m.id = o.message_id
+     WHERE o.node_id = p_node AND o.kind = 'deliver' AND o.user_id IS NOT NULL
+       AND m.target_connection IS NULL AND m.expires_at > now()
+    ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING;
+    DELETE FROM relay.outbox WHERE node_id = p_node;
+    DELETE FROM relay.connections WHERE node_id = p_node;
+$fn$;

@@ -1,0 +1,349 @@
+//! Configuration of a node: every option is a command-line flag and an
+//! environment variable (`pgrelay serve --help` lists them), read once at start
+//! and validated into [`Settings`] so that a bad value ends the process with one
+//! clear line instead of surfacing later.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::auth::{ApiKeys, JwtVerifier};
+
+/// A node's name in the registry: 1–48 characters of `[A-Za-z0-9_-]`, so that
+/// it fits in a NOTIFY channel name (63 bytes) after the `pgrelay.node.` prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let valid = !value.is_empty()
+            && value.len() <= 48
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if valid {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(format!(
+                "invalid node id {value:?}: use 1-48 characters of A-Z, a-z, 0-9, '_' and '-'"
+            ))
+        }
+    }
+
+    /// A fresh id for a node that was not given one.
+    pub fn generate() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Self(format!("node-{}", &id[..12]))
+    }
+
+    /// The channel this node LISTENs on; writers NOTIFY it (see the migrations).
+    pub fn channel(&self) -> String {
+        format!("pgrelay.node.{}", self.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses the contract's duration syntax: `500ms`, `5s`, `2m`, `72h`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value.trim())
+        .map_err(|e| format!("invalid duration {value:?} ({e}); write e.g. 500ms, 5s, 2m, 72h"))?;
+    if duration.is_zero() {
+        return Err(format!(
+            "invalid duration {value:?}: must be greater than zero"
+        ));
+    }
+    Ok(duration)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Clients present a JWT; the HTTP API wants an API key.
+    Jwt,
+    /// No authentication: the `user` query parameter names the user. For demos and tests.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The flags of `pgrelay serve`, each also read from the environment.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// PostgreSQL connection string (required).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Address for HTTP and WebSocket (they share the port).
+    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// This node's id in the registry [default: a fresh one].
+    #[arg(long, env = "PGRELAY_NODE_ID")]
+    pub node_id: Option<NodeId>,
+
+    /// `jwt` or `none`. Defaults to `jwt` when a JWT key is configured; a node
+    /// with neither refuses to start.
+    #[arg(long, env = "PGRELAY_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+
+    /// HS256 secret for client JWTs.
+    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Path to a PEM public key (RSA or EC) for RS256/ES256 client JWTs.
+    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Comma-separated bearer keys for the HTTP API.
+    #[arg(
+        long,
+        env = "PGRELAY_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Node heartbeat and client ping interval.
+    #[arg(long, env = "PGRELAY_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A node silent this long is dead: it stops being a routing target and is reaped.
+    #[arg(long, env = "PGRELAY_NODE_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub node_timeout: Duration,
+
+    /// Largest message `data` (serialized JSON) and largest inbound frame, in bytes.
+    #[arg(long, env = "PGRELAY_MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    pub max_message_bytes: usize,
+
+    /// How long messages and their delivery records are kept.
+    #[arg(long, env = "PGRELAY_RETENTION", default_value = "72h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Time to live of a message sent without `ttl_s`.
+    #[arg(long, env = "PGRELAY_DEFAULT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+
+    /// Database connections per node (the LISTEN connection is extra).
+    #[arg(long, env = "PGRELAY_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+
+    /// Outbox rescan interval: the safety net for lost NOTIFY wake-ups.
+    #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Messages queued per connection before it is switched to catching up from the database.
+    #[arg(long, env = "PGRELAY_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// How long a stopping node waits for its sockets and bookkeeping to finish.
+    #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format: `text` for people, `json` for collectors.
+    #[arg(long, env = "PGRELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How clients and API callers prove who they are.
+#[derive(Clone)]
+pub enum Auth {
+    None,
+    Jwt {
+        verifier: JwtVerifier,
+        api_keys: ApiKeys,
+    },
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::None => f.write_str("none"),
+            Auth::Jwt { api_keys, .. } => write!(f, "jwt ({} API keys)", api_keys.len()),
+        }
+    }
+}
+
+/// A node's validated configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    pub node_id: NodeId,
+    pub auth: Auth,
+    pub heartbeat_interval: Duration,
+    pub node_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub retention: Duration,
+    pub default_ttl: Duration,
+    pub db_pool_size: u32,
+    pub poll_interval: Duration,
+    pub send_queue: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Defaults for a node on `database_url` with authentication off: the
+    /// starting point for `pgrelay dev` and for tests.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            node_id: NodeId::generate(),
+            auth: Auth::None,
+            heartbeat_interval: Duration::from_secs(5),
+            node_timeout: Duration::from_secs(15),
+            max_message_bytes: 65536,
+            retention: Duration::from_secs(72 * 3600),
+            default_ttl: Duration::from_secs(24 * 3600),
+            db_pool_size: 16,
+            poll_interval: Duration::from_secs(1),
+            send_queue: 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Validates the flags of `pgrelay serve`.
+    ///
+    /// # Errors
+    /// A one-line description of the first problem found, naming the variable.
+    pub fn from_args(args: ServeArgs) -> Result<Self, String> {
+        let database_url = args
+            .database_url
+            .filter(|url| !url.trim().is_empty())
+            .ok_or("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?;
+        let has_key = args.jwt_secret.is_some() || args.jwt_public_key.is_some();
+        let mode = match args.auth {
+            Some(mode) => mode,
+            None if has_key => AuthMode::Jwt,
+            None => {
+                return Err("no authentication configured: set PGRELAY_AUTH=jwt with \
+                            PGRELAY_JWT_SECRET or PGRELAY_JWT_PUBLIC_KEY, or PGRELAY_AUTH=none \
+                            to run without"
+                    .into());
+            }
+        };
+        let auth = match mode {
+            AuthMode::None => Auth::None,
+            AuthMode::Jwt => {
+                let verifier = match (&args.jwt_secret, &args.jwt_public_key) {
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            "set only one of PGRELAY_JWT_SECRET and PGRELAY_JWT_PUBLIC_KEY".into(),
+                        );
+                    }
+                    (Some(secret), None) => JwtVerifier::hs256(secret.as_bytes())?,
+                    (None, Some(path)) => {
+                        let pem = std::fs::read(path).map_err(|e| {
+                            format!(
+                                "PGRELAY_JWT_PUBLIC_KEY: cannot read {}: {e}",
+                                path.display()
+                            )
+                        })?;
+                        JwtVerifier::from_public_pem(&pem).map_err(|e| {
+                            format!("PGRELAY_JWT_PUBLIC_KEY {}: {e}", path.display())
+                        })?
+                    }
+                    (None, None) => {
+                        return Err(
+                            "PGRELAY_AUTH=jwt needs PGRELAY_JWT_SECRET or PGRELAY_JWT_PUBLIC_KEY"
+                                .into(),
+                        );
+                    }
+                };
+                Auth::Jwt {
+                    verifier,
+                    api_keys: ApiKeys::new(args.api_keys.iter().map(String::as_str))?,
+                }
+            }
+        };
+        if args.node_timeout <= args.heartbeat_interval {
+            return Err(format!(
+                "PGRELAY_NODE_TIMEOUT ({}) must be longer than PGRELAY_HEARTBEAT_INTERVAL ({})",
+                humantime::format_duration(args.node_timeout),
+                humantime::format_duration(args.heartbeat_interval)
+            ));
+        }
+        if args.default_ttl > args.retention {
+            return Err("PGRELAY_DEFAULT_TTL must not be longer than PGRELAY_RETENTION".into());
+        }
+        if !(64..=16 * 1024 * 1024).contains(&args.max_message_bytes) {
+            return Err("PGRELAY_MAX_MESSAGE_BYTES must be between 64 and 16777216".into());
+        }
+        if args.db_pool_size < 2 {
+            return Err("PGRELAY_DB_POOL_SIZE must be at least 2".into());
+        }
+        if args.send_queue == 0 {
+            return Err("PGRELAY_SEND_QUEUE must be at least 1".into());
+        }
+        Ok(Self {
+            database_url,
+            listen: args.listen,
+            node_id: args.node_id.unwrap_or_else(NodeId::generate),
+            auth,
+            heartbeat_interval: args.heartbeat_interval,
+            node_timeout: args.node_timeout,
+            max_message_bytes: args.max_message_bytes,
+            retention: args.retention,
+            default_ttl: args.default_ttl,
+            db_pool_size: args.db_pool_size,
+            poll_interval: args.poll_interval,
+            send_queue: args.send_queue,
+            shutdown_grace: args.shutdown_grace,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_follow_the_contract() {
+        assert!(NodeId::parse("a").is_ok());
+        assert!(NodeId::parse("node_1-B").is_ok());
+        assert!(NodeId::parse(&"x".repeat(48)).is_ok());
+        assert!(NodeId::parse(&"x".repeat(49)).is_err());
+        assert!(NodeId::parse("").is_err());
+        assert!(NodeId::parse("no.dots").is_err());
+        assert!(NodeId::parse("spa ce").is_err());
+        assert!(NodeId::parse(&uuid::Uuid::new_v4().to_string()).is_ok());
+        let generated = NodeId::generate();
+        assert!(NodeId::parse(generated.as_str()).is_ok());
+        assert!(generated.channel().len() <= 63);
+    }
+
+    #[test]
+    fn durations_use_the_contract_syntax() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("72h").unwrap(),
+            Duration::from_secs(72 * 3600)
+        );
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

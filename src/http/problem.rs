@@ -1,0 +1,127 @@
+//! RFC 9457 problem details: the one error shape of the HTTP API.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::router::EnqueueError;
+
+/// An error answer. `code` names the problem for programs (it is the last
+/// part of the `type` URN); `detail` explains this occurrence to people.
+#[derive(Debug)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint does not take that method",
+        )
+    }
+
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", detail)
+    }
+
+    /// The database cannot be reached: nothing was stored, try again.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self {
+            retry_after_secs: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+        }
+    }
+
+    /// An unexpected failure: logged in full, answered in general terms.
+    pub fn internal(error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(%error, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an unexpected error occurred; the node's log has the details",
+        )
+    }
+
+    /// A database error while reading: 503 when it is an outage.
+    pub fn from_db(error: sqlx::Error) -> Self {
+        if crate::db::is_unavailable(&error) {
+            Self::unavailable(format!("the database is unavailable: {error}"))
+        } else {
+            Self::internal(&error)
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        self.status.canonical_reason().unwrap_or("Error")
+    }
+}
+
+impl From<EnqueueError> for Problem {
+    fn from(error: EnqueueError) -> Self {
+        match error {
+            EnqueueError::ConnectionNotFound(detail) => {
+                Problem::new(StatusCode::NOT_FOUND, "connection_not_found", detail)
+            }
+            EnqueueError::Unsupported(detail) => {
+                Problem::new(StatusCode::NOT_IMPLEMENTED, "unsupported", detail)
+            }
+            EnqueueError::Invalid(detail) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail)
+            }
+            EnqueueError::Unavailable(error) => Problem::unavailable(format!(
+                "the database is unavailable; nothing was stored ({error})"
+            )),
+            EnqueueError::Database(error) => Problem::internal(&error),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("urn:pgrelay:problem:{}", self.code),
+            "title": self.title(),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut response = (self.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,208 @@
+//! The node's local sessions: where the outbox claimer hands a message to the
+//! sockets it was routed to. Every session has a bounded mailbox; a session
+//! whose mailbox is full is marked *lagging* instead of blocking the claimer,
+//! and later catches up from its stream in the database, so one slow client
+//! never slows the others and loses nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::message::StoredMessage;
+
+/// A message routed to a session, with its frame already encoded.
+#[derive(Debug)]
+pub struct Envelope {
+    pub message: Arc<StoredMessage>,
+    pub frame: Utf8Bytes,
+}
+
+/// Instructions to a session from outside its task.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Close the socket with this code and reason.
+    Close { code: u16, reason: String },
+}
+
+/// What became of a message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// In the mailbox.
+    Queued,
+    /// The mailbox is full: the session will catch up from the database.
+    Lagging,
+    /// No such session on this node (it has closed).
+    Gone,
+}
+
+#[derive(Clone)]
+struct SessionHandle {
+    mailbox: mpsc::Sender<Arc<Envelope>>,
+    lagging: Arc<AtomicBool>,
+    control: mpsc::Sender<Control>,
+}
+
+/// The receiving side of a session's mailbox, owned by the session task.
+pub struct Inbox {
+    pub messages: mpsc::Receiver<Arc<Envelope>>,
+    pub control: mpsc::Receiver<Control>,
+    lagging: Arc<AtomicBool>,
+}
+
+impl Inbox {
+    /// Whether messages were dropped because the mailbox was full.
+    pub fn is_lagging(&self) -> bool {
+        self.lagging.load(Ordering::Acquire)
+    }
+
+    /// Accepts messages again. Call only after the queued messages were taken
+    /// (they all precede the gap) and before reading the stream head to catch
+    /// up (which then covers every dropped message).
+    pub fn clear_lagging(&self) {
+        self.lagging.store(false, Ordering::Release);
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    /// Never held across an await: every operation is a map lookup.
+    sessions: Mutex<HashMap<Uuid, SessionHandle>>,
+    /// Sessions that showed signs of life since the last heartbeat write.
+    seen: Mutex<HashSet<Uuid>>,
+}
+
+impl Hub {
+    /// Registers a session and returns its inbox. Sessions are registered here
+    /// *before* their database row commits, so that a message routed to them
+    /// the moment the row is visible finds them.
+    pub fn register(&self, id: Uuid, mailbox_size: usize) -> Inbox {
+        let (mailbox, messages) = mpsc::channel(mailbox_size);
+        let (control_tx, control) = mpsc::channel(4);
+        let lagging = Arc::new(AtomicBool::new(false));
+        let handle = SessionHandle {
+            mailbox,
+            lagging: lagging.clone(),
+            control: control_tx,
+        };
+        self.lock().insert(id, handle);
+        Inbox {
+            messages,
+            control,
+            lagging,
+        }
+    }
+
+    pub fn remove(&self, id: Uuid) {
+        self.lock().remove(&id);
+        self.seen.lock().expect("hub lock").remove(&id);
+    }
+
+    pub fn offer(&self, id: Uuid, envelope: &Arc<Envelope>) -> Offer {
+        let Some(handle) = self.lock().get(&id).cloned() else {
+            return Offer::Gone;
+        };
+        // Once lagging, drop everything until the session has caught up: a
+        // message queued after a gap would otherwise be delivered before the
+        // messages of the gap.
+        if handle.lagging.load(Ordering::Acquire) {
+            return Offer::Lagging;
+        }
+        match handle.mailbox.try_send(envelope.clone()) {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                handle.lagging.store(true, Ordering::Release);
+                Offer::Lagging
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        }
+    }
+
+    /// Sends a control instruction; false if the session is not here.
+    pub fn control(&self, id: Uuid, control: Control) -> bool {
+        let Some(handle) = self.lock().get(&id).cloned() else {
+            return false;
+        };
+        // A full control queue already holds a close; one is enough.
+        let _ = handle.control.try_send(control);
+        true
+    }
+
+    /// Sends a control instruction to every session.
+    pub fn control_all(&self, control: Control) {
+        let handles: Vec<_> = self.lock().values().cloned().collect();
+        for handle in handles {
+            let _ = handle.control.try_send(control.clone());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn mark_seen(&self, id: Uuid) {
+        self.seen.lock().expect("hub lock").insert(id);
+    }
+
+    pub fn take_seen(&self) -> Vec<Uuid> {
+        self.seen.lock().expect("hub lock").drain().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, SessionHandle>> {
+        self.sessions.lock().expect("hub lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(id: i64) -> Arc<Envelope> {
+        Arc::new(Envelope {
+            message: StoredMessage::from_row(id, None, "1".into(), chrono::Utc::now(), None),
+            frame: Utf8Bytes::from_static("{}"),
+        })
+    }
+
+    #[test]
+    fn a_full_mailbox_turns_lagging_until_cleared() {
+        let hub = Hub::default();
+        let id = Uuid::now_v7();
+        let mut inbox = hub.register(id, 2);
+        assert_eq!(hub.offer(id, &envelope(1)), Offer::Queued);
+        assert_eq!(hub.offer(id, &envelope(2)), Offer::Queued);
+        assert_eq!(hub.offer(id, &envelope(3)), Offer::Lagging);
+        assert!(inbox.is_lagging());
+        // Room again, but still lagging: 4 must not overtake 3.
+        inbox.messages.try_recv().unwrap();
+        assert_eq!(hub.offer(id, &envelope(4)), Offer::Lagging);
+        inbox.messages.try_recv().unwrap();
+        inbox.clear_lagging();
+        assert_eq!(hub.offer(id, &envelope(5)), Offer::Queued);
+        assert_eq!(inbox.messages.try_recv().unwrap().message.id, 5);
+    }
+
+    #[test]
+    fn unknown_or_removed_sessions_are_gone() {
+        let hub = Hub::default();
+        let id = Uuid::now_v7();
+        assert_eq!(hub.offer(id, &envelope(1)), Offer::Gone);
+        let _inbox = hub.register(id, 2);
+        hub.remove(id);
+        assert_eq!(hub.offer(id, &envelope(1)), Offer::Gone);
+        assert!(!hub.control(
+            id,
+            Control::Close {
+                code: 1000,
+                reason: String::new()
+            }
+        ));
+    }
+}

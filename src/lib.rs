@@ -1,0 +1,35 @@
+//! pgrelay makes a cluster of WebSocket servers behave like one, using
+//! nothing but PostgreSQL.
+//!
+//! The places, in the order a message passes them:
+//! - [`http`]: the HTTP API that accepts messages (and serves the registry);
+//! - [`router`]: stores a message and routes it to the nodes that hold its
+//!   recipients, in one transaction (`relay.enqueue` in the migrations);
+//! - [`outbox`]: each node's LISTEN wake-up and claim loop over its work;
+//! - [`hub`]: the node's live sessions, where claimed messages are handed over;
+//! - [`session`] and [`protocol`]: one client socket and the frames it speaks;
+//! - [`deliveries`]: the batched delivery log (`relay.deliveries`);
+//! - [`registry`]: nodes and connections in `relay.nodes` / `relay.connections`;
+//! - [`stream`]: reading a stream back for backfill and resume.
+//!
+//! Around them: [`config`], [`auth`], [`db`], [`node`] (lifecycle), [`cli`],
+//! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests).
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod deliveries;
+pub mod dev;
+pub mod http;
+pub mod hub;
+pub mod message;
+pub mod node;
+pub mod outbox;
+pub mod pgtemp;
+pub mod protocol;
+pub mod registry;
+pub mod router;
+pub mod session;
+pub mod stream;
+pub mod telemetry;

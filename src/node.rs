@@ -1,0 +1,244 @@
+//! A running node: its shared state, its background tasks and its lifecycle
+//! (start, serve, stop).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::FutureExt;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::config::{NodeId, Settings};
+use crate::deliveries::DeliveryLog;
+use crate::hub::Hub;
+use crate::{db, deliveries, http, outbox, registry};
+
+/// Everything the node's tasks and handlers share.
+pub struct NodeContext {
+    pub settings: Settings,
+    pub node_id: NodeId,
+    /// This process's claim on `node_id` (see `relay.nodes.incarnation`).
+    pub incarnation: Uuid,
+    pub pool: PgPool,
+    pub hub: Hub,
+    pub deliveries: DeliveryLog,
+    /// Cancelled when the node stops: sessions close, tasks end.
+    pub shutdown: CancellationToken,
+    /// Sessions and background tasks, awaited on shutdown.
+    pub tasks: TaskTracker,
+    /// Whether the LISTEN connection is up (for `/readyz`).
+    pub listener_up: AtomicBool,
+    /// Messages sessions had taken but not written when the node stopped:
+    /// parked in bulk by the final deregistration.
+    unsent_at_shutdown: Mutex<Vec<(i64, String)>>,
+}
+
+impl NodeContext {
+    pub fn stash_unsent(&self, user_id: &str, message_ids: &[i64]) {
+        let mut unsent = self.unsent_at_shutdown.lock().expect("unsent lock");
+        unsent.extend(message_ids.iter().map(|id| (*id, user_id.to_owned())));
+    }
+}
+
+/// A started node. Dropping it does not stop it: call [`RunningNode::stop`].
+pub struct RunningNode {
+    pub ctx: Arc<NodeContext>,
+    /// The address HTTP and WebSocket are served on (the real port when the
+    /// configured one was 0).
+    pub addr: SocketAddr,
+    server: JoinHandle<()>,
+    recorder: JoinHandle<()>,
+    recorder_stop: CancellationToken,
+}
+
+/// Starts a node: connects, migrates, binds, registers and spawns its tasks.
+///
+/// # Errors
+/// Database unreachable, migrations failing, or the address in use, each
+/// with context fit for a one-line message.
+pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
+    let pool = db::connect(&settings)
+        .await
+        .context("cannot connect to the database (DATABASE_URL)")?;
+    db::migrate(&pool)
+        .await
+        .context("database migrations failed")?;
+    db::publish_config(&pool, &settings)
+        .await
+        .context("cannot write relay.config")?;
+    start_with_pool(settings, pool).await
+}
+
+/// [`start`] on an existing pool whose database is already migrated.
+pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<RunningNode> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (PGRELAY_LISTEN)", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let incarnation = Uuid::new_v4();
+    registry::nodes::register(&pool, &settings.node_id, incarnation, &addr.to_string())
+        .await
+        .context("cannot register the node")?;
+
+    let (deliveries, records) = DeliveryLog::new();
+    let ctx = Arc::new(NodeContext {
+        node_id: settings.node_id.clone(),
+        settings,
+        incarnation,
+        pool: pool.clone(),
+        hub: Hub::default(),
+        deliveries,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        listener_up: AtomicBool::new(false),
+        unsent_at_shutdown: Mutex::new(Vec::new()),
+    });
+    tracing::info!(node_id = %ctx.node_id, %addr, "node started");
+
+    let recorder_stop = CancellationToken::new();
+    let recorder = tokio::spawn(deliveries::run(
+        pool,
+        ctx.node_id.clone(),
+        records,
+        recorder_stop.clone(),
+    ));
+
+    let wake = Arc::new(Notify::new());
+    spawn_supervised(&ctx, "listener", {
+        let (ctx, wake) = (ctx.clone(), wake.clone());
+        move |token| outbox::run_listener(ctx.clone(), wake.clone(), token)
+    });
+    spawn_supervised(&ctx, "claimer", {
+        let (ctx, wake) = (ctx.clone(), wake.clone());
+        move |token| outbox::run_claimer(ctx.clone(), wake.clone(), token)
+    });
+    spawn_supervised(&ctx, "heartbeat", {
+        let ctx = ctx.clone();
+        move |token| run_heartbeat(ctx.clone(), token)
+    });
+
+    let app = http::router(ctx.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let token = ctx.shutdown.clone();
+    let server = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    });
+
+    Ok(RunningNode {
+        ctx,
+        addr,
+        server,
+        recorder,
+        recorder_stop,
+    })
+}
+
+impl RunningNode {
+    pub fn node_id(&self) -> &NodeId {
+        &self.ctx.node_id
+    }
+
+    /// Stops the node cleanly: stops accepting, closes every socket with 1012,
+    /// writes the last delivery records, hands unfinished work back and removes
+    /// the node and its connections from the registry.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let grace = ctx.settings.shutdown_grace;
+        tracing::info!(node_id = %ctx.node_id, sessions = ctx.hub.len(), "stopping");
+        ctx.shutdown.cancel();
+        ctx.tasks.close();
+        if tokio::time::timeout(grace, ctx.tasks.wait()).await.is_err() {
+            tracing::warn!("sessions and tasks did not finish within the shutdown grace");
+        }
+        let _ = tokio::time::timeout(grace, self.server).await;
+        self.recorder_stop.cancel();
+        let _ = tokio::time::timeout(grace, self.recorder).await;
+        let unsent = std::mem::take(&mut *ctx.unsent_at_shutdown.lock().expect("unsent lock"));
+        registry::nodes::deregister(&ctx.pool, &ctx.node_id, ctx.incarnation, &unsent)
+            .await
+            .context("cannot deregister the node")?;
+        ctx.pool.close().await;
+        tracing::info!(node_id = %ctx.node_id, "stopped");
+        Ok(())
+    }
+
+    /// Ends the node as a crash would: tasks stop, nothing is cleaned up, the
+    /// registry rows stay behind. For tests of what others do about it.
+    pub async fn abort(self) {
+        self.ctx.shutdown.cancel();
+        self.server.abort();
+        self.recorder.abort();
+        self.ctx.pool.close().await;
+    }
+}
+
+/// Runs a background task under the node's tracker; a task that ends before
+/// shutdown, or panics, is logged and started again after a pause. No task
+/// dies silently.
+fn spawn_supervised<F, Fut>(ctx: &Arc<NodeContext>, name: &'static str, task: F)
+where
+    F: Fn(CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let token = ctx.shutdown.clone();
+    ctx.tasks.spawn(async move {
+        loop {
+            let outcome = std::panic::AssertUnwindSafe(task(token.clone()))
+                .catch_unwind()
+                .await;
+            if token.is_cancelled() {
+                return;
+            }
+            match outcome {
+                Ok(()) => tracing::error!(
+                    task = name,
+                    "background task ended unexpectedly; restarting"
+                ),
+                Err(_) => tracing::error!(task = name, "background task panicked; restarting"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = token.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Refreshes the node's and its live connections' `last_seen_at` every
+/// heartbeat interval.
+pub async fn heartbeat_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
+    let seen = ctx.hub.take_seen();
+    registry::nodes::heartbeat(&ctx.pool, &ctx.node_id, ctx.incarnation, &seen).await
+}
+
+async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
+    let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = token.cancelled() => return,
+        }
+        match heartbeat_once(&ctx).await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!(
+                node_id = %ctx.node_id,
+                "this node's registry row is gone or taken over: it was declared dead"
+            ),
+            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The JSON protocol (`pgrelay.v1`): one JSON object per text frame, with an
+//! `op` field. Frames are decoded once into [`ClientFrame`]; what the server
+//! sends is encoded here and nowhere else.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::message::StoredMessage;
+
+/// Everything a client may send.
+#[derive(Debug)]
+pub enum ClientFrame {
+    Subscribe {
+        topic: String,
+        since: Option<MessageId>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+    Ack {
+        id: MessageId,
+    },
+    Publish {
+        topic: String,
+        data: Box<RawValue>,
+    },
+}
+
+/// The union of all frames' fields. Decoded flat rather than as a tagged
+/// enum, because serde buffers tagged enums and a buffered value cannot be
+/// kept as raw JSON (`data` is relayed byte for byte).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrame {
+    op: String,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    since: Option<MessageId>,
+    #[serde(default)]
+    id: Option<MessageId>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+/// A message id as clients write it: a decimal string (a bare number is
+/// accepted too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageId(pub i64);
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Number(i64),
+        }
+        let id = match Raw::deserialize(deserializer)? {
+            Raw::Text(text) => text.parse::<i64>().map_err(|_| {
+                serde::de::Error::custom(format!("message id {text:?} is not a decimal id"))
+            })?,
+            Raw::Number(n) => n,
+        };
+        if id < 0 {
+            return Err(serde::de::Error::custom("message ids are not negative"));
+        }
+        Ok(MessageId(id))
+    }
+}
+
+impl ClientFrame {
+    /// # Errors
+    /// A description of what is wrong with the frame, for an `error` frame.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let raw: RawFrame = serde_json::from_str(text).map_err(|e| {
+            let e = e.to_string();
+            if e.contains("missing field `op`") {
+                "frame has no `op`".to_owned()
+            } else {
+                e
+            }
+        })?;
+        let allowed: &[&str] = match raw.op.as_str() {
+            "subscribe" => &["topic", "since"],
+            "unsubscribe" => &["topic"],
+            "ack" => &["id"],
+            "publish" => &["topic", "data"],
+            other => {
+                return Err(format!(
+                    "unknown op {other:?}: expected subscribe, unsubscribe, ack or publish"
+                ));
+            }
+        };
+        let present = [
+            ("topic", raw.topic.is_some()),
+            ("since", raw.since.is_some()),
+            ("id", raw.id.is_some()),
+            ("data", raw.data.is_some()),
+        ];
+        if let Some((field, _)) = present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
+            return Err(format!("`{field}` is not a field of {:?}", raw.op));
+        }
+        let missing = |field: &str| format!("{:?} needs `{field}`", raw.op);
+        Ok(match raw.op.as_str() {
+            "subscribe" => ClientFrame::Subscribe {
+                topic: raw.topic.ok_or_else(|| missing("topic"))?,
+                since: raw.since,
+            },
+            "unsubscribe" => ClientFrame::Unsubscribe {
+                topic: raw.topic.ok_or_else(|| missing("topic"))?,
+            },
+            "ack" => ClientFrame::Ack {
+                id: raw.id.ok_or_else(|| missing("id"))?,
+            },
+            _ => ClientFrame::Publish {
+                topic: raw.topic.ok_or_else(|| missing("topic"))?,
+                data: raw.data.ok_or_else(|| missing("data"))?,
+            },
+        })
+    }
+}
+
+/// Whom a delivered message was addressed to, as the client sees it.
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum To<'a> {
+    User(&'a str),
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    op: &'static str,
+    connection_id: &'a str,
+    node_id: &'a str,
+    heartbeat_ms: u64,
+}
+
+pub fn welcome(connection_id: &str, node_id: &str, heartbeat_ms: u64) -> String {
+    serde_json::to_string(&Welcome {
+        op: "welcome",
+        connection_id,
+        node_id,
+        heartbeat_ms,
+    })
+    .expect("serializable")
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    op: &'static str,
+    id: String,
+    to: To<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<&'a str>,
+    data: &'a RawValue,
+    created_at: String,
+}
+
+pub fn message(msg: &StoredMessage, to: To<'_>) -> String {
+    serde_json::to_string(&Message {
+        op: "message",
+        id: msg.id.to_string(),
+        to,
+        destination: msg.destination.as_deref(),
+        data: &msg.data,
+        created_at: msg
+            .created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    })
+    .expect("serializable")
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    op: &'static str,
+    code: &'a str,
+    message: &'a str,
+}
+
+pub fn error(code: &str, message: &str) -> String {
+    serde_json::to_string(&ErrorFrame {
+        op: "error",
+        code,
+        message,
+    })
+    .expect("serializable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn client_frames_decode() {
+        assert!(matches!(
+            ClientFrame::decode(r#"{"op":"ack","id":"456"}"#).unwrap(),
+            ClientFrame::Ack { id: MessageId(456) }
+        ));
+        assert!(matches!(
+            ClientFrame::decode(r#"{"op":"ack","id":456}"#).unwrap(),
+            ClientFrame::Ack { id: MessageId(456) }
+        ));
+        assert!(matches!(
+            ClientFrame::decode(r#"{"op":"subscribe","topic":"chat.room1","since":"123"}"#).unwrap(),
+            ClientFrame::Subscribe { topic, since: Some(MessageId(123)) } if topic == "chat.room1"
+        ));
+        match ClientFrame::decode(r#"{"op":"publish","topic":"t","data":{"a": 1}}"#).unwrap() {
+            ClientFrame::Publish { topic, data } => {
+                assert_eq!(topic, "t");
+                assert_eq!(data.get(), r#"{"a": 1}"#, "data is kept byte for byte");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_errors_with_a_reason() {
+        for bad in [
+            "",
+            "not json",
+            "[]",
+            r#"{"id":"1"}"#,
+            r#"{"op":"dance"}"#,
+            r#"{"op":"ack"}"#,
+            r#"{"op":"ack","id":"abc"}"#,
+            r#"{"op":"ack","id":"-1"}"#,
+            r#"{"op":"ack","id":"1","extra":true}"#,
+            r#"{"op":"ack","id":"1","topic":"t"}"#,
+            r#"{"op":"publish","topic":"t"}"#,
+        ] {
+            assert!(!ClientFrame::decode(bad).unwrap_err().is_empty(), "{bad}");
+        }
+        assert_eq!(
+            ClientFrame::decode(r#"{"id":"1"}"#).unwrap_err(),
+            "frame has no `op`"
+        );
+    }
+
+    #[test]
+    fn server_frames_follow_the_contract() {
+        let msg = StoredMessage::from_row(
+            456,
+            Some("/queue/x".into()),
+            r#"{"hi": 1}"#.into(),
+            chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+                .unwrap()
+                .into(),
+            None,
+        );
+        let frame: Value = serde_json::from_str(&message(&msg, To::User("alice"))).unwrap();
+        assert_eq!(
+            frame,
+            json!({"op":"message","id":"456","to":{"user":"alice"},"destination":"/queue/x",
+                   "data":{"hi":1},"created_at":"2026-11-27T10:00:00.000000Z"})
+        );
+        let welcome: Value = serde_json::from_str(&welcome("c1", "n1", 5000)).unwrap();
+        assert_eq!(
+            welcome,
+            json!({"op":"welcome","connection_id":"c1","node_id":"n1","heartbeat_ms":5000})
+        );
+        let error: Value = serde_json::from_str(&error("bad_frame", "oops")).unwrap();
+        assert_eq!(
+            error,
+            json!({"op":"error","code":"bad_frame","message":"oops"})
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! Connection rows: a socket is registered before its `welcome` is sent and
+//! removed when it closes.
+
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::config::NodeId;
+
+/// What a connection row records about its socket.
+pub struct NewConnection<'a> {
+    pub id: Uuid,
+    pub node_id: &'a NodeId,
+    pub user_id: &'a str,
+    pub protocol: &'a str,
+    pub remote_addr: &'a str,
+    pub user_agent: Option<&'a str>,
+    /// The client's cursor (`since`), when it resumes.
+    pub since: Option<i64>,
+}
+
+/// Registers a connection under its user's stream lock and returns the head
+/// of the user's stream: messages up to it are the client's backfill, later
+/// ones are routed to it live (see the migrations for why this is exact).
+pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // A sender holding the lock inside a long application transaction must not
+    // hang the handshake: give up, and let the client retry.
+    sqlx::query!("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
+    let head = sqlx::query_scalar!(
+        r#"SELECT relay.attach_connection($1, $2, $3, $4, $5, $6, $7) AS "head!""#,
+        conn.id,
+        conn.node_id.as_str(),
+        conn.user_id,
+        conn.protocol,
+        conn.remote_addr,
+        conn.user_agent,
+        conn.since,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(head)
+}
+
+/// Removes a closed connection's row and parks the messages that were routed
+/// to it but never written, for its user's next connection.
+pub async fn detach(
+    pool: &PgPool,
+    id: Uuid,
+    user_id: &str,
+    unsent: &[i64],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query!("DELETE FROM relay.connections WHERE id = $1", id)
+        .execute(&mut *tx)
+        .await?;
+    let users = vec![user_id.to_owned(); unsent.len()];
+    park(&mut tx, unsent, &users).await?;
+    tx.commit().await
+}
+
+/// Parks messages for users: each goes to the user's next connection.
+pub async fn park(
+    tx: &mut Transaction<'_, Postgres>,
+    message_ids: &[i64],
+    user_ids: &[String],
+) -> Result<(), sqlx::Error> {
+    if message_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query!(
+        r#"
+        INSERT INTO relay.outbox (node_id, message_id, user_id)
+        SELECT NULL, p.message_id, p.user_id
+          FROM unnest($1::bigint[], $2::text[]) AS p(message_id, user_id)
+          JOIN relay.messages m ON m.id = p.message_id
+         WHERE m.expires_at > now()
+        ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
+        "#,
+        message_ids,
+        user_ids
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Reading streams back: what a connecting, resuming or lagging client gets
+//! from the database rather than from the outbox. Every read is bounded by a
+//! stream head read under (or after) the stream lock, so it never passes a
+//! message that is still in flight.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::message::StoredMessage;
+
+/// Messages read per page.
+pub const PAGE: i64 = 256;
+
+/// The stream key of a user's messages.
+pub fn user_stream(user_id: &str) -> String {
+    format!("user:{user_id}")
+}
+
+/// The id of the newest message committed to `stream` (0 if none).
+pub async fn head(pool: &PgPool, stream: &str) -> Result<i64, sqlx::Error> {
+    let head = sqlx::query_scalar!("SELECT head FROM relay.streams WHERE stream = $1", stream)
+        .fetch_optional(pool)
+        .await?;
+    Ok(head.unwrap_or(0))
+}
+
+/// One page of `stream` after `after`, up to `head`, in id order: unexpired
+/// messages, without those addressed to other connections.
+pub async fn page(
+    pool: &PgPool,
+    stream: &str,
+    after: i64,
+    head: i64,
+    connection: Uuid,
+) -> Result<Vec<Arc<StoredMessage>>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT x.id AS "id!", x.destination, x.data AS "data!", x.created_at AS "created_at!",
+               x.target_connection
+          FROM (SELECT m.id, m.destination, m.data::text AS data, m.created_at, m.target_connection
+                  FROM relay.messages m
+                 WHERE m.stream = $1 AND m.id > $2 AND m.id <= $3 AND m.expires_at > now()
+                   AND (m.target_connection IS NULL OR m.target_connection = $4)
+                UNION ALL
+                SELECT m.id, m.destination, m.data::text, m.created_at, m.target_connection
+                  FROM relay.message_streams s
+                  JOIN relay.messages m ON m.id = s.message_id
+                 WHERE s.stream = $1 AND s.message_id > $2 AND s.message_id <= $3
+                   AND m.expires_at > now()) x
+         ORDER BY x.id
+         LIMIT $5
+        "#,
+        stream,
+        after,
+        head,
+        connection,
+        PAGE,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            StoredMessage::from_row(
+                r.id,
+                r.destination,
+                r.data,
+                r.created_at,
+                r.target_connection,
+            )
+        })
+        .collect())
+}
+
+/// One page of the messages parked for `user_id` after `after`, up to
+/// `head`, in id order.
+pub async fn parked_page(
+    pool: &PgPool,
+    user_id: &str,
+    after: i64,
+    head: i64,
+) -> Result<Vec<Arc<StoredMessage>>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"
+        SELECT m.id, m.destination, m.data::text AS "data!", m.created_at, m.target_connection
+          FROM relay.outbox o
+          JOIN relay.messages m ON m.id = o.message_id
+         WHERE o.node_id IS NULL AND o.user_id = $1 AND o.message_id > $2 AND o.message_id <= $3
+           AND m.expires_at > now()
+         ORDER BY o.message_id
+         LIMIT $4
+        "#,
+        user_id,
+        after,
+        head,
+        PAGE,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            StoredMessage::from_row(
+                r.id,
+                r.destination,
+                r.data,
+                r.created_at,
+                r.target_connection,
+            )
+        })
+        .collect())
+}

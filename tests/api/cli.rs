@@ -1,0 +1,128 @@
+//! The `pgrelay` binary: configuration errors, and a clean stop on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::helpers::*;
+
+fn pgrelay() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+    for var in [
+        "DATABASE_URL",
+        "PGRELAY_AUTH",
+        "PGRELAY_JWT_SECRET",
+        "PGRELAY_JWT_PUBLIC_KEY",
+        "PGRELAY_API_KEYS",
+    ] {
+        command.env_remove(var);
+    }
+    command.env("RUST_LOG", "off");
+    command
+}
+
+/// Runs to completion and returns (exit code, stderr).
+fn run(command: &mut Command) -> (i32, String) {
+    let output = command.stdin(Stdio::null()).output().expect("run pgrelay");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(code: i32, stderr: &str, mentions: &str) {
+    assert_ne!(code, 0, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+    assert!(lines[0].contains(mentions), "{stderr}");
+}
+
+#[test]
+fn bad_configuration_ends_with_one_line_and_a_non_zero_exit() {
+    let (code, stderr) = run(pgrelay().args(["serve"]));
+    assert_one_line_error(code, &stderr, "DATABASE_URL");
+
+    let (code, stderr) = run(pgrelay()
+        .args(["serve"])
+        .env("DATABASE_URL", "postgres://127.0.0.1:1/none"));
+    assert_one_line_error(code, &stderr, "no authentication configured");
+
+    let (code, stderr) = run(pgrelay()
+        .args(["serve", "--auth", "none"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"));
+    assert_one_line_error(code, &stderr, "cannot connect to the database");
+
+    let (code, stderr) = run(pgrelay()
+        .args(["serve", "--auth", "jwt"])
+        .env("DATABASE_URL", "postgres://127.0.0.1:1/none"));
+    assert_one_line_error(code, &stderr, "PGRELAY_JWT_SECRET");
+
+    let (code, stderr) = run(pgrelay().args(["serve", "--auth", "none", "--node-id", "bad.id"]));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("invalid node id"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_taken_port_is_a_one_line_error() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let url = db.url.clone();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        run(pgrelay()
+            .args(["serve", "--auth", "none", "--listen", &addr])
+            .env("DATABASE_URL", url))
+    })
+    .await
+    .unwrap();
+    assert_one_line_error(code, &stderr, "cannot listen on");
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_deregisters_and_exits_zero() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::from(pgrelay())
+        .args([
+            "serve",
+            "--auth",
+            "none",
+            "--node-id",
+            "sigterm-node",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("DATABASE_URL", &db.url)
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/v1/ws?user=rita");
+    let mut rita = eventually("the node to accept", || async {
+        Client::connect(&url, &[]).await.ok()
+    })
+    .await;
+    let registered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM relay.connections WHERE node_id = 'sigterm-node'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(registered, 1);
+
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let close = rita.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1012);
+    let status = within(Duration::from_secs(20), child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let (nodes, connections): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM relay.nodes), (SELECT count(*) FROM relay.connections)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((nodes, connections), (0, 0));
+    db.drop_database().await;
+}

@@ -1,0 +1,448 @@
+//! The test harness: databases, clusters of nodes, and clients.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use pgrelay::config::{Auth, NodeId, Settings};
+use pgrelay::node::{self, RunningNode};
+use pgrelay::pgtemp::{self, TempPostgres};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub const JWT_SECRET: &str = "test-secret-0123456789abcdef";
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+enum Server {
+    External(String),
+    Temporary(TempPostgres),
+}
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        if std::env::var("TEST_LOG").is_ok() {
+            pgrelay::telemetry::init(pgrelay::config::LogFormat::Text);
+        }
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Server::External(url),
+            _ => Server::Temporary(
+                TempPostgres::start(pgtemp::Options::default())
+                    .expect("start a throwaway PostgreSQL"),
+            ),
+        }
+    })
+}
+
+fn admin_url() -> String {
+    match server() {
+        Server::External(url) => url.clone(),
+        Server::Temporary(pg) => pg.url("postgres"),
+    }
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, database: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("DATABASE_URL is a URL");
+    parsed.set_path(&format!("/{database}"));
+    parsed.to_string()
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("connect to the test server");
+        drop_stale_databases(&admin).await;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let name = format!("pgrelay_t_{now}_{:08x}", rand::random::<u32>());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        admin.close().await;
+        let url = with_database(&admin_url(), &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&url)
+            .await
+            .expect("connect to the test database");
+        pgrelay::db::migrate(&pool).await.expect("migrate");
+        Self { name, url, pool }
+    }
+
+    pub async fn drop_database(self) {
+        self.pool.close().await;
+        if let Ok(admin) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+    }
+}
+
+/// Databases of tests that failed (and so were kept) in earlier runs.
+async fn drop_stale_databases(admin: &PgPool) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    if DONE.set(()).is_err() {
+        return;
+    }
+    let cutoff = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'pgrelay_t_%'",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap_or_default();
+    for name in names {
+        let created = name
+            .split('_')
+            .nth(2)
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0);
+        if created < cutoff {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(admin)
+            .await;
+        }
+    }
+}
+
+/// Which authentication a test cluster runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthKind {
+    None,
+    Jwt,
+}
+
+pub fn settings(db: &TestDb, auth: AuthKind, index: usize) -> Settings {
+    let mut settings = Settings::new(&db.url);
+    settings.node_id = NodeId::parse(&format!("node-{}", (b'a' + index as u8) as char)).unwrap();
+    settings.db_pool_size = 6;
+    settings.shutdown_grace = Duration::from_secs(5);
+    if auth == AuthKind::Jwt {
+        settings.auth = Auth::Jwt {
+            verifier: pgrelay::auth::JwtVerifier::hs256(JWT_SECRET.as_bytes()).unwrap(),
+            api_keys: pgrelay::auth::ApiKeys::new([API_KEY]).unwrap(),
+        };
+    }
+    settings
+}
+
+/// Several nodes on one fresh database.
+pub struct Cluster {
+    pub db: TestDb,
+    pub nodes: Vec<Option<RunningNode>>,
+    pub auth: AuthKind,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    pub async fn start(nodes: usize) -> Self {
+        Self::start_with(nodes, AuthKind::None, |_, _| {}).await
+    }
+
+    pub async fn start_with(
+        nodes: usize,
+        auth: AuthKind,
+        mut adjust: impl FnMut(usize, &mut Settings),
+    ) -> Self {
+        let db = TestDb::new().await;
+        let mut running = Vec::new();
+        for index in 0..nodes {
+            let mut s = settings(&db, auth, index);
+            adjust(index, &mut s);
+            running.push(Some(node::start(s).await.expect("start a node")));
+        }
+        Self {
+            db,
+            nodes: running,
+            auth,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn node(&self, index: usize) -> &RunningNode {
+        self.nodes[index].as_ref().expect("node is running")
+    }
+
+    pub fn node_id(&self, index: usize) -> String {
+        self.node(index).node_id().to_string()
+    }
+
+    pub fn url(&self, index: usize, path: &str) -> String {
+        format!("http://{}{path}", self.node(index).addr)
+    }
+
+    pub fn ws_url(&self, index: usize, query: &str) -> String {
+        format!("ws://{}/v1/ws?{query}", self.node(index).addr)
+    }
+
+    /// Connects `user` to node `index` and waits for its welcome.
+    pub async fn connect(&self, index: usize, user: &str) -> Client {
+        self.connect_query(index, user, "").await
+    }
+
+    /// Like [`Cluster::connect`], with extra query parameters (e.g. `since=5`).
+    pub async fn connect_query(&self, index: usize, user: &str, extra: &str) -> Client {
+        let query = match self.auth {
+            AuthKind::None => format!("user={}&{extra}", urlencode(user)),
+            AuthKind::Jwt => format!("token={}&{extra}", token(user, json!({}))),
+        };
+        Client::connect(&self.ws_url(index, &query), &[])
+            .await
+            .expect("connect")
+    }
+
+    /// `POST` to node `index` with the API key (when auth is on).
+    pub async fn post(&self, index: usize, path: &str, body: &Value) -> (u16, Value) {
+        let mut request = self.http.post(self.url(index, path)).json(body);
+        if self.auth == AuthKind::Jwt {
+            request = request.bearer_auth(API_KEY);
+        }
+        response(request.send().await.expect("POST")).await
+    }
+
+    pub async fn get(&self, index: usize, path: &str) -> (u16, Value) {
+        let mut request = self.http.get(self.url(index, path));
+        if self.auth == AuthKind::Jwt {
+            request = request.bearer_auth(API_KEY);
+        }
+        response(request.send().await.expect("GET")).await
+    }
+
+    pub async fn delete(&self, index: usize, path: &str) -> (u16, Value) {
+        let mut request = self.http.delete(self.url(index, path));
+        if self.auth == AuthKind::Jwt {
+            request = request.bearer_auth(API_KEY);
+        }
+        response(request.send().await.expect("DELETE")).await
+    }
+
+    /// Sends `data` to `user` through node `index`; returns the message id.
+    pub async fn send_to_user(&self, index: usize, user: &str, data: Value) -> i64 {
+        let (status, body) = self
+            .post(
+                index,
+                "/v1/messages",
+                &json!({ "to": { "user": user }, "data": data }),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Stops a node cleanly.
+    pub async fn stop_node(&mut self, index: usize) {
+        let node = self.nodes[index].take().expect("node is running");
+        node.stop().await.expect("clean stop");
+    }
+
+    /// Stops every node and drops the database.
+    pub async fn finish(mut self) {
+        for index in 0..self.nodes.len() {
+            if self.nodes[index].is_some() {
+                self.stop_node(index).await;
+            }
+        }
+        self.db.drop_database().await;
+    }
+}
+
+pub async fn response(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+pub fn urlencode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// An HS256 token for `user`, valid for an hour, with `extra` claims.
+pub fn token(user: &str, extra: Value) -> String {
+    let mut claims = json!({ "sub": user, "exp": chrono::Utc::now().timestamp() + 3600 });
+    claims
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A WebSocket client speaking the JSON protocol.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub connection_id: String,
+    pub node_id: String,
+}
+
+impl Client {
+    /// Connects and reads the welcome frame.
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Self, tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let mut client = Self {
+            ws,
+            connection_id: String::new(),
+            node_id: String::new(),
+        };
+        let welcome = client.next_frame().await;
+        assert_eq!(welcome["op"], "welcome", "{welcome}");
+        client.connection_id = welcome["connection_id"].as_str().unwrap().to_owned();
+        client.node_id = welcome["node_id"].as_str().unwrap().to_owned();
+        Ok(client)
+    }
+
+    /// The next JSON frame (control frames are skipped).
+    pub async fn next_frame(&mut self) -> Value {
+        within(WAIT, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        return serde_json::from_str(&text).expect("JSON frame");
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    other => panic!("expected a frame, got {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next `message` frame.
+    pub async fn next_message(&mut self) -> Value {
+        let frame = self.next_frame().await;
+        assert_eq!(frame["op"], "message", "{frame}");
+        frame
+    }
+
+    /// The ids of the next `n` messages.
+    pub async fn message_ids(&mut self, n: usize) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(id_of(&self.next_message().await));
+        }
+        ids
+    }
+
+    pub async fn send_json(&mut self, frame: Value) {
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// Waits for the server to close the socket; returns the close frame.
+    pub async fn closed(&mut self) -> Option<CloseFrame> {
+        within(WAIT, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Read until the server's answer so that the close is complete.
+        let _ = within(WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+pub fn id_of(frame: &Value) -> i64 {
+    frame["id"]
+        .as_str()
+        .expect("string id")
+        .parse()
+        .expect("decimal id")
+}
+
+/// Awaits `future`, failing the test after `limit`.
+pub async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .expect("timed out waiting")
+}
+
+/// Polls `check` until it returns Some, failing after [`WAIT`]. For state
+/// that another process writes (rows in the database) and that no event
+/// announces to the test.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real nodes (in-process servers on ephemeral ports, or
+//! the `pgrelay` binary) against a fresh PostgreSQL database per test, with
+//! real WebSocket and HTTP clients.
+//!
+//! The database server is `DATABASE_URL` when it is set, and otherwise a
+//! throwaway PostgreSQL started from this machine's binaries.
+
+mod helpers;
+
+mod cli;
+mod core;

@@ -174,15 +174,6 @@ impl RunningNode {
         tracing::info!(node_id = %ctx.node_id, "stopped");
         Ok(())
     }
-
-    /// Ends the node as a crash would: tasks stop, nothing is cleaned up, the
-    /// registry rows stay behind. For tests of what others do about it.
-    pub async fn abort(self) {
-        self.ctx.shutdown.cancel();
-        self.server.abort();
-        self.recorder.abort();
-        self.ctx.pool.close().await;
-    }
 }
 
 /// Runs a background task under the node's tracker; a task that ends before

@@ -238,7 +238,9 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
 /// Why a session ended.
 #[derive(Debug)]
 enum Exit {
-    /// The client closed, or the socket failed.
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The socket failed.
     Gone,
     /// We close, with this code and reason.
     Close { code: u16, reason: String },
@@ -493,7 +495,7 @@ impl Session {
                     .await
             }
             Message::Ping(_) | Message::Pong(_) => Ok(()),
-            Message::Close(_) => Err(Exit::Gone),
+            Message::Close(_) => Err(Exit::ClientClosed),
         }
     }
 
@@ -566,6 +568,11 @@ impl Session {
             Exit::Close { code, reason } => {
                 tracing::debug!(code, %reason, "closing");
                 let _ = close(&mut self.sink, *code, reason).await;
+            }
+            Exit::ClientClosed => {
+                tracing::debug!("client closed");
+                // Sends the close reply that the WebSocket layer has queued.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
             }
             Exit::Gone => tracing::debug!("client gone"),
         }

@@ -233,7 +233,10 @@ async fn registry_rows_appear_with_the_socket_and_go_with_it() {
     );
 
     let id = client.connection_id.clone();
-    client.close().await;
+    assert!(
+        client.close().await,
+        "the server answers a close with a close"
+    );
     eventually("the connection row to go", || async {
         let count: i64 =
             sqlx::query_scalar("SELECT count(*) FROM relay.connections WHERE id = $1::uuid")

@@ -401,13 +401,20 @@ impl Client {
         .await
     }
 
-    pub async fn close(mut self) {
+    /// Closes from the client side; true if the server answered with a close
+    /// frame (a clean close handshake).
+    pub async fn close(mut self) -> bool {
         let _ = self.ws.close(None).await;
-        // Read until the server's answer so that the close is complete.
-        let _ = within(WAIT, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
+        within(WAIT, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(_))) => return true,
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return false,
+                }
+            }
         })
-        .await;
+        .await
     }
 }
 

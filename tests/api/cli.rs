@@ -126,3 +126,36 @@ async fn sigterm_closes_sockets_deregisters_and_exits_zero() {
     assert_eq!((nodes, connections), (0, 0));
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn migrate_applies_the_schema_and_nodes_starting_together_share_it() {
+    let db = TestDb::empty().await;
+    let url = db.url.clone();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        run(pgrelay().args(["migrate"]).env("DATABASE_URL", url))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM relay._sqlx_migrations WHERE success")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(applied >= 1);
+    db.drop_database().await;
+
+    // Three nodes starting at once on an empty database: one migrates, all start.
+    let db = TestDb::empty().await;
+    let starts = (0..3).map(|i| pgrelay::node::start(settings(&db, AuthKind::None, i)));
+    let nodes = futures_util::future::join_all(starts).await;
+    for node in nodes {
+        node.expect("node started").stop().await.unwrap();
+    }
+    db.drop_database().await;
+
+    let (code, stderr) = run(pgrelay()
+        .args(["migrate"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x"));
+    assert_one_line_error(code, &stderr, "cannot connect to the database");
+}

@@ -70,6 +70,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
+        let db = Self::empty().await;
+        pgrelay::db::migrate(&db.pool).await.expect("migrate");
+        db
+    }
+
+    /// A fresh database without pgrelay's schema.
+    pub async fn empty() -> Self {
         let admin = PgPoolOptions::new()
             .max_connections(1)
             .connect(&admin_url())
@@ -92,7 +99,6 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect to the test database");
-        pgrelay::db::migrate(&pool).await.expect("migrate");
         Self { name, url, pool }
     }
 

@@ -84,6 +84,7 @@ CREATE TABLE relay.message_streams (
     message_id bigint NOT NULL,
     PRIMARY KEY (stream, message_id)
 );
+CREATE INDEX message_streams_message_id_idx ON relay.message_streams (message_id);
 
 CREATE VIEW relay.stream_messages AS
     SELECT stream, id AS message_id FROM relay.messages WHERE stream IS NOT NULL
@@ -102,10 +103,14 @@ CREATE TABLE relay.outbox (
     user_id        text,
     connection_ids uuid[],
     created_at     timestamptz NOT NULL DEFAULT now(),
-    CHECK (node_id IS NOT NULL OR (kind = 'deliver' AND user_id IS NOT NULL AND message_id IS NOT NULL))
+    -- The message's, so that the sweeper finds expired parked work by index.
+    expires_at     timestamptz,
+    CHECK (node_id IS NOT NULL OR (kind = 'deliver' AND user_id IS NOT NULL AND message_id IS NOT NULL
+                                   AND expires_at IS NOT NULL))
 );
 CREATE INDEX outbox_node_id_idx ON relay.outbox (node_id, id) WHERE node_id IS NOT NULL;
 CREATE UNIQUE INDEX outbox_parked_idx ON relay.outbox (user_id, message_id) WHERE node_id IS NULL;
+CREATE INDEX outbox_parked_expiry_idx ON relay.outbox (expires_at) WHERE node_id IS NULL;
 
 CREATE TABLE relay.deliveries (
     message_id    bigint      NOT NULL,
@@ -237,17 +242,19 @@ BEGIN
         SELECT r.i, r.user_id, c.node_id, c.id
           FROM rec r JOIN relay.connections c ON c.id = r.conn
     ), work AS (
-        SELECT l.node_id, ids[l.i] AS message_id, l.user_id, array_agg(l.conn) AS conns
+        SELECT l.node_id, l.i, l.user_id, array_agg(l.conn) AS conns
           FROM live l
          GROUP BY l.node_id, l.i, l.user_id
         UNION ALL
-        SELECT NULL, ids[r.i], r.user_id, NULL
+        SELECT NULL, r.i, r.user_id, NULL
           FROM rec r
          WHERE r.conn IS NULL
            AND NOT EXISTS (SELECT 1 FROM relay.connections c WHERE c.user_id = r.user_id)
     ), queued AS (
-        INSERT INTO relay.outbox (node_id, message_id, user_id, connection_ids)
-        SELECT w.node_id, w.message_id, w.user_id, w.conns FROM work w ORDER BY w.message_id
+        INSERT INTO relay.outbox (node_id, message_id, user_id, connection_ids, expires_at)
+        SELECT w.node_id, ids[w.i], w.user_id, w.conns, now() + coalesce(p_ttls[w.i], v_ttl)
+          FROM work w
+         ORDER BY ids[w.i]
         RETURNING node_id
     )
     SELECT array_agg(DISTINCT q.node_id) FILTER (WHERE q.node_id IS NOT NULL) INTO v_nodes FROM queued q;
@@ -342,8 +349,8 @@ $fn$;
 CREATE FUNCTION relay.release_node(p_node text) RETURNS void
 LANGUAGE sql
 AS $fn$
-    INSERT INTO relay.outbox (node_id, message_id, user_id)
-    SELECT NULL, o.message_id, o.user_id
+    INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+    SELECT NULL, o.message_id, o.user_id, m.expires_at
       FROM relay.outbox o
       JOIN relay.messages m ON m.id = o.message_id
      WHERE o.node_id = p_node AND o.kind = 'deliver' AND o.user_id IS NOT NULL
@@ -352,3 +359,33 @@ AS $fn$
     DELETE FROM relay.outbox WHERE node_id = p_node;
     DELETE FROM relay.connections WHERE node_id = p_node;
 $fn$;
+
+-- Idempotency-Key of the HTTP API: the same key (per API key) within the
+-- retention names the same messages.
+CREATE TABLE relay.idempotency_keys (
+    scope        text        NOT NULL,
+    key          text        NOT NULL,
+    request_hash bytea       NOT NULL,
+    message_ids  bigint[]    NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX idempotency_keys_created_at_idx ON relay.idempotency_keys (created_at);
+
+-- Which node runs the sweeper (it also holds an advisory lock: the lock decides,
+-- this row shows).
+CREATE TABLE relay.sweeper (
+    singleton    boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    node_id      text        NOT NULL,
+    since        timestamptz NOT NULL DEFAULT now(),
+    last_run_at  timestamptz,
+    last_report  jsonb
+);
+
+-- High churn: vacuum the hot tables early and often, so that space freed by
+-- claims and retention is reused instead of growing the files.
+ALTER TABLE relay.outbox SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.05);
+ALTER TABLE relay.messages SET (autovacuum_vacuum_scale_factor = 0.02);
+ALTER TABLE relay.deliveries SET (autovacuum_vacuum_scale_factor = 0.02);
+ALTER TABLE relay.connections SET (autovacuum_vacuum_scale_factor = 0.05);
+ALTER TABLE relay.streams SET (autovacuum_vacuum_scale_factor = 0.05);

@@ -144,6 +144,14 @@ impl ApiKeys {
         self.digests.is_empty()
     }
 
+    /// The scope of a key's idempotency keys: a digest prefix, so that the
+    /// key itself is never stored.
+    pub fn scope_of(presented: &str) -> String {
+        let digest = digest(presented);
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        format!("key:{hex}")
+    }
+
     pub fn accepts(&self, presented: &str) -> bool {
         let presented = digest(presented);
         // Visit every key whatever matches, so timing says nothing about which.

@@ -149,6 +149,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
 
+    /// How often the sweeper (one node at a time) reaps and applies retention.
+    #[arg(long, env = "PGRELAY_SWEEP_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
     /// Outbox rescan interval: the safety net for lost NOTIFY wake-ups.
     #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
@@ -198,6 +202,7 @@ pub struct Settings {
     pub retention: Duration,
     pub default_ttl: Duration,
     pub db_pool_size: u32,
+    pub sweep_interval: Duration,
     pub poll_interval: Duration,
     pub send_queue: usize,
     pub shutdown_grace: Duration,
@@ -218,6 +223,7 @@ impl Settings {
             retention: Duration::from_secs(72 * 3600),
             default_ttl: Duration::from_secs(24 * 3600),
             db_pool_size: 16,
+            sweep_interval: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),
@@ -308,6 +314,7 @@ impl Settings {
             retention: args.retention,
             default_ttl: args.default_ttl,
             db_pool_size: args.db_pool_size,
+            sweep_interval: args.sweep_interval,
             poll_interval: args.poll_interval,
             send_queue: args.send_queue,
             shutdown_grace: args.shutdown_grace,

@@ -22,15 +22,22 @@ use crate::node::NodeContext;
 
 /// The node's routes: HTTP API, WebSocket endpoint, health, and the page at `/`.
 pub fn router(ctx: Arc<NodeContext>) -> Router {
-    // A batch may hold many messages, each up to the message limit; anything
-    // bigger is refused before it is read.
-    let body_limit = (ctx.settings.max_message_bytes + 4096) * 16;
+    // Bodies are bounded by the message limit (a batch by many of them);
+    // anything bigger is refused before it is read.
+    let body_limit = (ctx.settings.max_message_bytes + 4096) * 2;
+    let batch_limit = (ctx.settings.max_message_bytes + 4096)
+        .saturating_mul(256)
+        .min(256 << 20);
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/v1/ws", any(crate::session::upgrade))
         .route("/v1/messages", post(messages::submit))
+        .route(
+            "/v1/messages/batch",
+            post(messages::submit_batch).layer(DefaultBodyLimit::max(batch_limit)),
+        )
         .route("/v1/messages/{id}", get(messages::get_one))
         .route(
             "/v1/users/{user}/connections",

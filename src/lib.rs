@@ -10,7 +10,8 @@
 //! - [`session`] and [`protocol`]: one client socket and the frames it speaks;
 //! - [`deliveries`]: the batched delivery log (`relay.deliveries`);
 //! - [`registry`]: nodes and connections in `relay.nodes` / `relay.connections`;
-//! - [`stream`]: reading a stream back for backfill and resume.
+//! - [`stream`]: reading a stream back for backfill and resume;
+//! - [`sweeper`]: retention and cleanup, on one node at a time.
 //!
 //! Around them: [`config`], [`auth`], [`db`], [`node`] (lifecycle), [`cli`],
 //! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests).
@@ -32,4 +33,5 @@ pub mod registry;
 pub mod router;
 pub mod session;
 pub mod stream;
+pub mod sweeper;
 pub mod telemetry;

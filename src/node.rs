@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::config::{NodeId, Settings};
 use crate::deliveries::DeliveryLog;
 use crate::hub::Hub;
-use crate::{db, deliveries, http, outbox, registry};
+use crate::{db, deliveries, http, outbox, registry, sweeper};
 
 /// Everything the node's tasks and handlers share.
 pub struct NodeContext {
@@ -120,6 +120,10 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
     spawn_supervised(&ctx, "claimer", {
         let (ctx, wake) = (ctx.clone(), wake.clone());
         move |token| outbox::run_claimer(ctx.clone(), wake.clone(), token)
+    });
+    spawn_supervised(&ctx, "sweeper", {
+        let ctx = ctx.clone();
+        move |token| sweeper::run(ctx.clone(), token)
     });
     spawn_supervised(&ctx, "heartbeat", {
         let ctx = ctx.clone();

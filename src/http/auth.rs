@@ -7,12 +7,15 @@ use axum::http::header;
 use axum::http::request::Parts;
 
 use super::Problem;
-use crate::auth::bearer;
+use crate::auth::{ApiKeys, bearer};
 use crate::config::Auth;
 use crate::node::NodeContext;
 
 /// Proof that the request carries a valid API key (or that auth is `none`).
-pub struct ApiCaller;
+pub struct ApiCaller {
+    /// What the caller's idempotency keys are scoped to.
+    pub scope: String,
+}
 
 impl FromRequestParts<Arc<NodeContext>> for ApiCaller {
     type Rejection = Problem;
@@ -22,7 +25,9 @@ impl FromRequestParts<Arc<NodeContext>> for ApiCaller {
         ctx: &Arc<NodeContext>,
     ) -> Result<Self, Self::Rejection> {
         let Auth::Jwt { api_keys, .. } = &ctx.settings.auth else {
-            return Ok(ApiCaller);
+            return Ok(ApiCaller {
+                scope: "anonymous".into(),
+            });
         };
         let presented = parts
             .headers
@@ -30,7 +35,9 @@ impl FromRequestParts<Arc<NodeContext>> for ApiCaller {
             .and_then(|v| v.to_str().ok())
             .and_then(bearer);
         match presented {
-            Some(key) if api_keys.accepts(key) => Ok(ApiCaller),
+            Some(key) if api_keys.accepts(key) => Ok(ApiCaller {
+                scope: ApiKeys::scope_of(key),
+            }),
             Some(_) => Err(Problem::unauthorized("the API key is not valid")),
             None => Err(Problem::unauthorized(
                 "an API key is required: send `Authorization: Bearer <api key>`",

@@ -5,17 +5,18 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::{ApiCaller, Problem};
 use crate::message::{MAX_DESTINATION_BYTES, NewMessage, Target};
 use crate::node::NodeContext;
-use crate::router::{self, Source};
+use crate::router::{self, EnqueueError, Source};
 
 /// A submission never waits longer than this for the database: past it, the
 /// caller gets 503 (the contract promises an answer within 5 s).
@@ -79,32 +80,170 @@ fn decode<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Problem> {
         .map_err(|e| Problem::bad_request("bad_json", format!("the body is not valid: {e}")))
 }
 
-/// Stores and routes one message; answers 202 with its id once committed.
+/// Most messages in one `POST /v1/messages/batch`.
+pub const MAX_BATCH: usize = 1000;
+
+/// `POST /v1/messages`: stores and routes one message; answers 202 with its
+/// id once committed (200 with the same body for a replayed Idempotency-Key).
 pub async fn submit(
     State(ctx): State<Arc<NodeContext>>,
-    _caller: ApiCaller,
+    caller: ApiCaller,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
     let message = parse_message(decode(&body)?, &ctx)?;
-    let ids = store(&ctx, &[message]).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": ids[0].to_string() })),
-    ))
+    let key = idempotency_key(&headers)?;
+    let (status, ids) = store(&ctx, &caller, key, "single", &body, &[message]).await?;
+    Ok((status, Json(json!({ "id": ids[0].to_string() }))))
 }
 
-async fn store(ctx: &NodeContext, messages: &[NewMessage]) -> Result<Vec<i64>, Problem> {
-    match tokio::time::timeout(
-        SUBMIT_TIMEOUT,
-        router::enqueue(&ctx.pool, messages, Source::Http),
-    )
-    .await
-    {
-        Ok(result) => Ok(result?),
+/// `POST /v1/messages/batch`: an array of messages, stored in one
+/// transaction: all of them or none.
+pub async fn submit_batch(
+    State(ctx): State<Arc<NodeContext>>,
+    caller: ApiCaller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), Problem> {
+    let items: Vec<SubmitBody> = decode(&body)?;
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(Problem::bad_request(
+            "bad_batch",
+            format!("a batch holds 1 to {MAX_BATCH} messages"),
+        ));
+    }
+    let mut messages = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let message = parse_message(item, &ctx).map_err(|mut problem| {
+            problem.detail = format!("messages[{index}]: {}", problem.detail);
+            problem
+        })?;
+        messages.push(message);
+    }
+    let key = idempotency_key(&headers)?;
+    let (status, ids) = store(&ctx, &caller, key, "batch", &body, &messages).await?;
+    let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+    Ok((status, Json(json!({ "ids": ids }))))
+}
+
+/// The `Idempotency-Key` header, if any.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
+    match key {
+        Some(key) => Ok(Some(key.to_owned())),
+        None => Err(Problem::bad_request(
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// Stores messages, honouring an idempotency key: the first request with a
+/// key stores and answers 202; a later one with the same key and the same
+/// body answers 200 with the same ids and stores nothing; the same key with
+/// another body is a 409.
+async fn store(
+    ctx: &NodeContext,
+    caller: &ApiCaller,
+    key: Option<String>,
+    kind: &str,
+    body: &Bytes,
+    messages: &[NewMessage],
+) -> Result<(StatusCode, Vec<i64>), Problem> {
+    let work = async {
+        let Some(key) = key else {
+            let ids = router::enqueue(&ctx.pool, messages, Source::Http).await?;
+            return Ok((StatusCode::ACCEPTED, ids));
+        };
+        let hash = request_hash(kind, body);
+        let mut tx = ctx.pool.begin().await.map_err(EnqueueError::from)?;
+        // Waits for a concurrent request with the same key to finish first.
+        let claimed = sqlx::query_scalar!(
+            r#"
+            INSERT INTO relay.idempotency_keys (scope, key, request_hash, message_ids)
+            VALUES ($1, $2, $3, '{}')
+            ON CONFLICT (scope, key) DO NOTHING
+            RETURNING true AS "claimed!"
+            "#,
+            caller.scope,
+            key,
+            &hash[..],
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(EnqueueError::from)?;
+        if claimed.is_some() {
+            let ids = router::enqueue_with(&mut *tx, messages, Source::Http).await?;
+            sqlx::query!(
+                "UPDATE relay.idempotency_keys SET message_ids = $3 WHERE scope = $1 AND key = $2",
+                caller.scope,
+                key,
+                &ids
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(EnqueueError::from)?;
+            tx.commit().await.map_err(EnqueueError::from)?;
+            return Ok((StatusCode::ACCEPTED, ids));
+        }
+        tx.rollback().await.map_err(EnqueueError::from)?;
+        let earlier = sqlx::query!(
+            "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
+            caller.scope,
+            key
+        )
+        .fetch_optional(&ctx.pool)
+        .await
+        .map_err(EnqueueError::from)?;
+        match earlier {
+            Some(earlier) if earlier.request_hash == hash => {
+                Ok((StatusCode::OK, earlier.message_ids))
+            }
+            _ => Err(StoreError::Problem(Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request",
+            ))),
+        }
+    };
+    match tokio::time::timeout(SUBMIT_TIMEOUT, work).await {
+        Ok(Ok(stored)) => Ok(stored),
+        Ok(Err(StoreError::Enqueue(error))) => Err(error.into()),
+        Ok(Err(StoreError::Problem(problem))) => Err(problem),
         Err(_) => Err(Problem::unavailable(
             "the database did not answer in time; the message may not have been stored",
         )),
     }
+}
+
+enum StoreError {
+    Enqueue(EnqueueError),
+    Problem(Problem),
+}
+
+impl From<EnqueueError> for StoreError {
+    fn from(error: EnqueueError) -> Self {
+        StoreError::Enqueue(error)
+    }
+}
+
+/// What "the same request" means: the same endpoint and the same JSON,
+/// whatever its key order and whitespace.
+fn request_hash(kind: &str, body: &Bytes) -> [u8; 32] {
+    let canonical = serde_json::from_slice::<Value>(body)
+        .map(|value| value.to_string())
+        .unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(kind.as_bytes());
+    hasher.update([0]);
+    hasher.update(canonical.as_bytes());
+    hasher.finalize().into()
 }
 
 #[derive(Serialize)]

@@ -72,8 +72,8 @@ pub async fn park(
     }
     sqlx::query!(
         r#"
-        INSERT INTO relay.outbox (node_id, message_id, user_id)
-        SELECT NULL, p.message_id, p.user_id
+        INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+        SELECT NULL, p.message_id, p.user_id, m.expires_at
           FROM unnest($1::bigint[], $2::text[]) AS p(message_id, user_id)
           JOIN relay.messages m ON m.id = p.message_id
          WHERE m.expires_at > now()

@@ -165,6 +165,8 @@ pub fn settings(db: &TestDb, auth: AuthKind, index: usize) -> Settings {
     settings.node_id = NodeId::parse(&format!("node-{}", (b'a' + index as u8) as char)).unwrap();
     settings.db_pool_size = 6;
     settings.shutdown_grace = Duration::from_secs(5);
+    // Tests sweep explicitly (sweeper::sweep_once) unless they test the task.
+    settings.sweep_interval = Duration::from_secs(3600);
     if auth == AuthKind::Jwt {
         settings.auth = Auth::Jwt {
             verifier: pgrelay::auth::JwtVerifier::hs256(JWT_SECRET.as_bytes()).unwrap(),

@@ -9,3 +9,5 @@ mod helpers;
 
 mod cli;
 mod core;
+mod guarantees;
+mod random;

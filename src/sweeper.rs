@@ -1,0 +1,225 @@
+//! The sweeper: the cluster's housekeeping, run by exactly one node at a time.
+//!
+//! It removes what retention no longer keeps, in bounded batches (never one
+//! unbounded DELETE, never a long lock), drops parked work whose message
+//! expired, and forgets old idempotency keys.
+//!
+//! Which node sweeps is decided by a session advisory lock held on a
+//! dedicated connection: when the holder dies, its connection dies, the lock
+//! is released and another node takes over. `relay.sweeper` shows who holds
+//! it.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeId;
+use crate::node::NodeContext;
+
+/// Rows removed per statement: small enough that no statement holds locks for
+/// long, large enough to keep up with heavy traffic.
+pub const BATCH: i64 = 5000;
+/// One sweep stops after this long, leaving the rest for the next.
+const TIME_BUDGET: Duration = Duration::from_secs(2);
+/// The advisory lock (two-key form, in a key space of its own).
+const LOCK_CLASS: i32 = 0x7067_726c; // "pgrl"
+const LOCK_SWEEPER: i32 = 1;
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    /// Messages past retention removed, with their deliveries.
+    pub messages_removed: u64,
+    /// Delivery rows removed.
+    pub deliveries_removed: u64,
+    /// Parked work dropped because its message expired.
+    pub parked_expired: u64,
+    /// Idempotency keys past retention forgotten.
+    pub idempotency_keys_removed: u64,
+}
+
+/// One sweep. Safe to run anywhere at any time (also concurrently: every
+/// step is an idempotent, bounded delete); the leader election only keeps
+/// the cluster from doing the work twice.
+pub async fn sweep_once(pool: &PgPool, retention: Duration) -> Result<SweepReport, sqlx::Error> {
+    let started = Instant::now();
+    let retention_secs = retention.as_secs_f64();
+    let mut report = SweepReport::default();
+
+    // Oldest first, by id (ids follow time): each batch looks at the BATCH
+    // oldest messages only, so a sweep with nothing to do costs one short
+    // index scan.
+    loop {
+        let removed = sqlx::query!(
+            r#"
+            WITH oldest AS (
+                SELECT id FROM relay.messages
+                 WHERE id IN (SELECT id FROM relay.messages ORDER BY id LIMIT $2)
+                   AND created_at < now() - make_interval(secs => $1)
+            ), gone_deliveries AS (
+                DELETE FROM relay.deliveries WHERE message_id IN (SELECT id FROM oldest) RETURNING 1
+            ), gone_streams AS (
+                DELETE FROM relay.message_streams WHERE message_id IN (SELECT id FROM oldest) RETURNING 1
+            ), gone_work AS (
+                DELETE FROM relay.outbox WHERE message_id IN (SELECT id FROM oldest) RETURNING 1
+            ), gone AS (
+                DELETE FROM relay.messages WHERE id IN (SELECT id FROM oldest) RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM gone) AS "messages!",
+                   (SELECT count(*) FROM gone_deliveries) AS "deliveries!",
+                   (SELECT count(*) FROM gone_streams) + (SELECT count(*) FROM gone_work) AS "other!"
+            "#,
+            retention_secs,
+            BATCH,
+        )
+        .fetch_one(pool)
+        .await?;
+        report.messages_removed += removed.messages as u64;
+        report.deliveries_removed += removed.deliveries as u64;
+        if removed.messages < BATCH || started.elapsed() > TIME_BUDGET {
+            break;
+        }
+    }
+
+    loop {
+        let expired = sqlx::query!(
+            r#"
+            DELETE FROM relay.outbox
+             WHERE id IN (SELECT id FROM relay.outbox
+                           WHERE node_id IS NULL AND expires_at <= now()
+                           ORDER BY expires_at
+                           LIMIT $1)
+            "#,
+            BATCH
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+        report.parked_expired += expired;
+        if expired < BATCH as u64 || started.elapsed() > TIME_BUDGET {
+            break;
+        }
+    }
+
+    report.idempotency_keys_removed = sqlx::query!(
+        r#"
+        DELETE FROM relay.idempotency_keys
+         WHERE (scope, key) IN (SELECT scope, key FROM relay.idempotency_keys
+                                 WHERE created_at < now() - make_interval(secs => $1)
+                                 ORDER BY created_at
+                                 LIMIT $2)
+        "#,
+        retention_secs,
+        BATCH
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(report)
+}
+
+/// Leadership: a dedicated connection holding the sweeper's advisory lock.
+struct Leadership {
+    connection: Option<PgConnection>,
+}
+
+impl Leadership {
+    /// Whether this node holds the lock now, taking it if it is free.
+    async fn check(&mut self, ctx: &NodeContext) -> Result<bool, sqlx::Error> {
+        if let Some(connection) = self.connection.as_mut() {
+            // Still ours if the connection that holds it still answers.
+            match sqlx::query!("SELECT 1 AS alive")
+                .fetch_one(&mut *connection)
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(error) => {
+                    self.connection = None;
+                    tracing::warn!(%error, "lost the sweeper lock connection; no longer the sweeper");
+                    return Err(error);
+                }
+            }
+        }
+        let options = crate::db::connect_options(
+            &ctx.settings.database_url,
+            &format!("pgrelay {} sweeper", ctx.node_id),
+        )?;
+        let mut connection = PgConnection::connect_with(&options).await?;
+        let acquired = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock($1, $2) AS "acquired!""#,
+            LOCK_CLASS,
+            LOCK_SWEEPER
+        )
+        .fetch_one(&mut connection)
+        .await?;
+        if !acquired {
+            let _ = connection.close().await;
+            return Ok(false);
+        }
+        announce(&ctx.pool, &ctx.node_id).await?;
+        tracing::info!(node_id = %ctx.node_id, "this node is now the sweeper");
+        self.connection = Some(connection);
+        Ok(true)
+    }
+}
+
+async fn announce(pool: &PgPool, node_id: &NodeId) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        INSERT INTO relay.sweeper (node_id) VALUES ($1)
+        ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id, since = now(),
+                                              last_run_at = NULL, last_report = NULL
+        "#,
+        node_id.as_str()
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The sweeper task: every `sweep_interval`, sweeps if this node holds the
+/// lock (or can take it).
+pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
+    let mut leadership = Leadership { connection: None };
+    let mut interval = tokio::time::interval(ctx.settings.sweep_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = token.cancelled() => break,
+        }
+        match leadership.check(&ctx).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::warn!(%error, "sweeper election failed; retrying");
+                continue;
+            }
+        }
+        match sweep_once(&ctx.pool, ctx.settings.retention).await {
+            Ok(report) => {
+                if report != SweepReport::default() {
+                    tracing::info!(?report, "swept");
+                }
+                let recorded = sqlx::query!(
+                    "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE node_id = $1",
+                    ctx.node_id.as_str(),
+                    serde_json::to_value(report).expect("serializable"),
+                )
+                .execute(&ctx.pool)
+                .await;
+                if let Err(error) = recorded {
+                    tracing::warn!(%error, "could not record the sweep");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "sweep failed; retrying next interval"),
+        }
+    }
+    if let Some(connection) = leadership.connection.take() {
+        // Closing the connection releases the lock for the next node.
+        let _ = connection.close().await;
+    }
+}

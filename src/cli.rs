@@ -69,7 +69,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = Settings::from_args(*args).map_err(anyhow::Error::msg)?;
             let node = node::start(settings).await?;
-            dev::wait_for_signal().await;
+            tokio::select! {
+                () = dev::wait_for_signal() => {}
+                () = node.stopping() => {}
+            }
             node.stop().await
         }
         Command::Migrate(args) => {

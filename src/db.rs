@@ -13,6 +13,25 @@ use crate::config::Settings;
 /// 503: well inside the contract's 5 s.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The longest any background database operation may take. A connection
+/// whose server vanished without a reset (a network cut) would otherwise hang
+/// a task until TCP gives up, many minutes later.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a database operation under [`OP_TIMEOUT`]; a timeout is an I/O error,
+/// which callers treat as "the database is unavailable".
+pub async fn bounded<T>(
+    operation: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(OP_TIMEOUT, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "database operation timed out",
+        ))),
+    }
+}
+
 /// The migrations, tracked in `relay._sqlx_migrations` (set in `sqlx.toml`,
 /// which sqlx-cli reads too) so that they never mix with the application's own
 /// sqlx migrations in `public`.

@@ -179,7 +179,7 @@ pub async fn run(
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            match write_batch(&pool, &node_id, &batch).await {
+            match crate::db::bounded(write_batch(&pool, &node_id, &batch)).await {
                 Ok(()) => {
                     batch.clear();
                     break;

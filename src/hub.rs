@@ -139,6 +139,11 @@ impl Hub {
         }
     }
 
+    /// The ids of every registered session.
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.lock().keys().copied().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::config::{NodeId, Settings};
 use crate::deliveries::DeliveryLog;
-use crate::hub::Hub;
+use crate::hub::{Control, Hub};
 use crate::{db, deliveries, http, outbox, registry, sweeper};
 
 /// Everything the node's tasks and handlers share.
@@ -37,15 +37,45 @@ pub struct NodeContext {
     pub tasks: TaskTracker,
     /// Whether the LISTEN connection is up (for `/readyz`).
     pub listener_up: AtomicBool,
-    /// Messages sessions had taken but not written when the node stopped:
-    /// parked in bulk by the final deregistration.
-    unsent_at_shutdown: Mutex<Vec<(i64, String)>>,
+    /// The address this node serves on, as registered.
+    pub listen_addr: SocketAddr,
+    /// Set when closed sessions could not be removed from the registry (the
+    /// database was away): the next heartbeat reconciles.
+    registry_dirty: AtomicBool,
+    /// Messages closed sessions had taken but not written, to park for their
+    /// users: at shutdown in bulk, or once the database answers again.
+    unparked: Mutex<Vec<(i64, String)>>,
+    /// Why the node stopped itself, if it did.
+    fatal: Mutex<Option<String>>,
 }
 
 impl NodeContext {
-    pub fn stash_unsent(&self, user_id: &str, message_ids: &[i64]) {
-        let mut unsent = self.unsent_at_shutdown.lock().expect("unsent lock");
-        unsent.extend(message_ids.iter().map(|id| (*id, user_id.to_owned())));
+    /// Leaves a closed session's cleanup to the node: its unwritten messages
+    /// are parked, and its row removed, by the final deregistration or the
+    /// next heartbeat.
+    pub fn defer_cleanup(&self, user_id: &str, message_ids: &[i64]) {
+        let mut unparked = self.unparked.lock().expect("unparked lock");
+        unparked.extend(message_ids.iter().map(|id| (*id, user_id.to_owned())));
+        self.registry_dirty.store(true, Ordering::Release);
+    }
+
+    fn defer_cleanup_again(&self, unparked: Vec<(i64, String)>) {
+        self.unparked
+            .lock()
+            .expect("unparked lock")
+            .extend(unparked);
+        self.registry_dirty.store(true, Ordering::Release);
+    }
+
+    fn take_unparked(&self) -> Vec<(i64, String)> {
+        std::mem::take(&mut *self.unparked.lock().expect("unparked lock"))
+    }
+
+    /// Stops the node from within, e.g. when another process took its id.
+    fn fail(&self, reason: String) {
+        tracing::error!(node_id = %self.node_id, %reason, "stopping the node");
+        *self.fatal.lock().expect("fatal lock") = Some(reason);
+        self.shutdown.cancel();
     }
 }
 
@@ -100,7 +130,10 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         listener_up: AtomicBool::new(false),
-        unsent_at_shutdown: Mutex::new(Vec::new()),
+        listen_addr: addr,
+        registry_dirty: AtomicBool::new(false),
+        unparked: Mutex::new(Vec::new()),
+        fatal: Mutex::new(None),
     });
     tracing::info!(node_id = %ctx.node_id, %addr, "node started");
 
@@ -170,13 +203,31 @@ impl RunningNode {
         let _ = tokio::time::timeout(grace, self.server).await;
         self.recorder_stop.cancel();
         let _ = tokio::time::timeout(grace, self.recorder).await;
-        let unsent = std::mem::take(&mut *ctx.unsent_at_shutdown.lock().expect("unsent lock"));
-        registry::nodes::deregister(&ctx.pool, &ctx.node_id, ctx.incarnation, &unsent)
+        let unparked = ctx.take_unparked();
+        let fatal = ctx.fatal.lock().expect("fatal lock").take();
+        // A node whose id was taken over must not remove the other's rows.
+        if fatal.is_none() {
+            db::bounded(registry::nodes::deregister(
+                &ctx.pool,
+                &ctx.node_id,
+                ctx.incarnation,
+                &unparked,
+            ))
             .await
             .context("cannot deregister the node")?;
+        }
         ctx.pool.close().await;
         tracing::info!(node_id = %ctx.node_id, "stopped");
-        Ok(())
+        match fatal {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when the node begins to stop by itself (see [`RunningNode::stop`]
+    /// for the rest of the way).
+    pub async fn stopping(&self) {
+        self.ctx.shutdown.cancelled().await;
     }
 }
 
@@ -212,11 +263,71 @@ where
     });
 }
 
-/// Refreshes the node's and its live connections' `last_seen_at` every
-/// heartbeat interval.
-pub async fn heartbeat_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// Registered and refreshed.
+    Alive,
+    /// The node had been declared dead (its row was reaped): its sockets were
+    /// closed so that clients reconnect, and it registered again.
+    Reregistered,
+    /// Another process runs under this node id: this one stops.
+    TakenOver,
+}
+
+/// Refreshes the node's `last_seen_at` and that of its live connections, and
+/// repairs the registry if closed sessions could not be removed earlier.
+pub async fn heartbeat_once(ctx: &NodeContext) -> Result<Heartbeat, sqlx::Error> {
     let seen = ctx.hub.take_seen();
-    registry::nodes::heartbeat(&ctx.pool, &ctx.node_id, ctx.incarnation, &seen).await
+    let alive = db::bounded(registry::nodes::heartbeat(
+        &ctx.pool,
+        &ctx.node_id,
+        ctx.incarnation,
+        &seen,
+    ))
+    .await?;
+    if alive {
+        if ctx.registry_dirty.swap(false, Ordering::AcqRel) {
+            let unparked = ctx.take_unparked();
+            let live = ctx.hub.ids();
+            let repaired = db::bounded(registry::nodes::reconcile(
+                &ctx.pool,
+                &ctx.node_id,
+                &live,
+                &unparked,
+            ))
+            .await;
+            if let Err(error) = repaired {
+                ctx.defer_cleanup_again(unparked);
+                return Err(error);
+            }
+        }
+        return Ok(Heartbeat::Alive);
+    }
+    let owner = db::bounded(registry::nodes::owner(&ctx.pool, &ctx.node_id)).await?;
+    if owner.is_some_and(|incarnation| incarnation != ctx.incarnation) {
+        ctx.fail(format!(
+            "another process registered as node {}",
+            ctx.node_id
+        ));
+        return Ok(Heartbeat::TakenOver);
+    }
+    // Declared dead while alive (a long pause, a network cut): the sweeper
+    // removed its connections and parked its work. Its clients must reconnect
+    // (with `since`, they miss nothing) to be registered again.
+    tracing::error!(node_id = %ctx.node_id, "this node was declared dead; closing its sockets and registering again");
+    ctx.hub.control_all(Control::Close {
+        code: 1012,
+        reason: "node re-registering; reconnect with since".into(),
+    });
+    db::bounded(registry::nodes::register(
+        &ctx.pool,
+        &ctx.node_id,
+        ctx.incarnation,
+        &ctx.listen_addr.to_string(),
+    ))
+    .await?;
+    Ok(Heartbeat::Reregistered)
 }
 
 async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
@@ -228,11 +339,8 @@ async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
             () = token.cancelled() => return,
         }
         match heartbeat_once(&ctx).await {
-            Ok(true) => {}
-            Ok(false) => tracing::error!(
-                node_id = %ctx.node_id,
-                "this node's registry row is gone or taken over: it was declared dead"
-            ),
+            Ok(Heartbeat::TakenOver) => return,
+            Ok(_) => {}
             Err(error) => tracing::warn!(%error, "heartbeat failed"),
         }
     }

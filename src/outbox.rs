@@ -132,7 +132,7 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        match claim_once(&ctx).await {
+        match crate::db::bounded(claim_once(&ctx)).await {
             Ok(claimed) => {
                 backoff = Duration::from_millis(100);
                 if claimed.rows as i64 == CLAIM_BATCH {
@@ -197,7 +197,7 @@ pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cance
                         () = tokio::time::sleep(backoff) => {}
                         () = token.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             },

@@ -199,7 +199,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         user_agent: params.user_agent.as_deref(),
         since: params.since,
     };
-    let head = match connections::attach(&ctx.pool, &registration).await {
+    let head = match crate::db::bounded(connections::attach(&ctx.pool, &registration)).await {
         Ok(head) => head,
         Err(error) => {
             ctx.hub.remove(id);
@@ -585,7 +585,7 @@ impl Session {
         }
         if self.ctx.shutdown.is_cancelled() {
             // The node deregisters all of its connections at once.
-            self.ctx.stash_unsent(&self.user, &self.unsent);
+            self.ctx.defer_cleanup(&self.user, &self.unsent);
             return;
         }
         if let Err(error) =

@@ -1,6 +1,9 @@
 //! The sweeper: the cluster's housekeeping, run by exactly one node at a time.
 //!
-//! It removes what retention no longer keeps, in bounded batches (never one
+//! It reaps dead nodes: a node silent for longer than the node timeout stops
+//! being a routing target, its connections are removed and its unfinished
+//! work is parked for its users' next connections (G6). It removes what
+//! retention no longer keeps, in bounded batches (never one
 //! unbounded DELETE, never a long lock), drops parked work whose message
 //! expired, and forgets old idempotency keys.
 //!
@@ -31,6 +34,12 @@ const LOCK_SWEEPER: i32 = 1;
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
+    /// Dead nodes removed from the registry.
+    pub nodes_reaped: u64,
+    /// Their connections (and those of nodes that no longer exist).
+    pub connections_reaped: u64,
+    /// Outbox rows of dead nodes handed back (parked for their users).
+    pub work_handed_back: u64,
     /// Messages past retention removed, with their deliveries.
     pub messages_removed: u64,
     /// Delivery rows removed.
@@ -44,10 +53,21 @@ pub struct SweepReport {
 /// One sweep. Safe to run anywhere at any time (also concurrently: every
 /// step is an idempotent, bounded delete); the leader election only keeps
 /// the cluster from doing the work twice.
-pub async fn sweep_once(pool: &PgPool, retention: Duration) -> Result<SweepReport, sqlx::Error> {
+///
+/// `reap_after`: reap nodes silent for this long; None skips reaping (the
+/// sweeper does that right after a database outage, when every node's last
+/// heartbeat looks old until the nodes have had time to send the next one).
+pub async fn sweep_once(
+    pool: &PgPool,
+    retention: Duration,
+    reap_after: Option<Duration>,
+) -> Result<SweepReport, sqlx::Error> {
     let started = Instant::now();
     let retention_secs = retention.as_secs_f64();
     let mut report = SweepReport::default();
+    if let Some(node_timeout) = reap_after {
+        reap(pool, node_timeout, &mut report).await?;
+    }
 
     // Oldest first, by id (ids follow time): each batch looks at the BATCH
     // oldest messages only, so a sweep with nothing to do costs one short
@@ -121,6 +141,77 @@ pub async fn sweep_once(pool: &PgPool, retention: Duration) -> Result<SweepRepor
     Ok(report)
 }
 
+/// Reaps nodes silent for longer than `node_timeout`, and the leftovers of
+/// nodes that no longer exist (rows written by a node after it was reaped).
+async fn reap(
+    pool: &PgPool,
+    node_timeout: Duration,
+    report: &mut SweepReport,
+) -> Result<(), sqlx::Error> {
+    let timeout = node_timeout.as_secs_f64();
+    let suspects = sqlx::query_scalar!(
+        r#"
+        SELECT id AS "id!" FROM relay.nodes WHERE last_seen_at < now() - make_interval(secs => $1)
+        UNION
+        SELECT DISTINCT c.node_id FROM relay.connections c
+         WHERE NOT EXISTS (SELECT 1 FROM relay.nodes n WHERE n.id = c.node_id)
+        UNION
+        SELECT DISTINCT o.node_id FROM relay.outbox o
+         WHERE o.node_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM relay.nodes n WHERE n.id = o.node_id)
+        LIMIT 100
+        "#,
+        timeout
+    )
+    .fetch_all(pool)
+    .await?;
+    for node_id in suspects {
+        let mut tx = pool.begin().await?;
+        // Checked again under the row lock: a node may have come back.
+        let node = sqlx::query!(
+            r#"
+            SELECT id, last_seen_at < now() - make_interval(secs => $2) AS "dead!"
+              FROM relay.nodes WHERE id = $1 FOR UPDATE
+            "#,
+            node_id,
+            timeout
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if node.as_ref().is_some_and(|n| !n.dead) {
+            tx.rollback().await?;
+            continue;
+        }
+        let counts = sqlx::query!(
+            r#"
+            SELECT (SELECT count(*) FROM relay.connections WHERE node_id = $1) AS "connections!",
+                   (SELECT count(*) FROM relay.outbox WHERE node_id = $1) AS "work!"
+            "#,
+            node_id
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query!("SELECT relay.release_node($1)", node_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query!("DELETE FROM relay.nodes WHERE id = $1", node_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if node.is_some() {
+            report.nodes_reaped += 1;
+        }
+        report.connections_reaped += counts.connections as u64;
+        report.work_handed_back += counts.work as u64;
+        tracing::warn!(
+            %node_id,
+            connections = counts.connections,
+            work = counts.work,
+            "reaped a dead node: its connections are removed and its work parked"
+        );
+    }
+    Ok(())
+}
+
 /// Leadership: a dedicated connection holding the sweeper's advisory lock.
 struct Leadership {
     connection: Option<PgConnection>,
@@ -184,6 +275,10 @@ async fn announce(pool: &PgPool, node_id: &NodeId) -> Result<(), sqlx::Error> {
 /// lock (or can take it).
 pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
     let mut leadership = Leadership { connection: None };
+    // Since when this node has swept without a database error: reaping waits
+    // for a node timeout of health, so that nodes get to heartbeat after an
+    // outage before anyone is judged by their last heartbeat.
+    let mut healthy_since: Option<Instant> = None;
     let mut interval = tokio::time::interval(ctx.settings.sweep_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,15 +286,24 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
             _ = interval.tick() => {}
             () = token.cancelled() => break,
         }
-        match leadership.check(&ctx).await {
+        match crate::db::bounded(leadership.check(&ctx)).await {
             Ok(true) => {}
-            Ok(false) => continue,
+            Ok(false) => {
+                // Not the sweeper, but the database answers: health counts
+                // from here, so a takeover can reap at once.
+                healthy_since.get_or_insert_with(Instant::now);
+                continue;
+            }
             Err(error) => {
+                healthy_since = None;
                 tracing::warn!(%error, "sweeper election failed; retrying");
                 continue;
             }
         }
-        match sweep_once(&ctx.pool, ctx.settings.retention).await {
+        let healthy_for = healthy_since.get_or_insert_with(Instant::now).elapsed();
+        let reap_after =
+            (healthy_for >= ctx.settings.node_timeout).then_some(ctx.settings.node_timeout);
+        match crate::db::bounded(sweep_once(&ctx.pool, ctx.settings.retention, reap_after)).await {
             Ok(report) => {
                 if report != SweepReport::default() {
                     tracing::info!(?report, "swept");
@@ -215,7 +319,10 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
                     tracing::warn!(%error, "could not record the sweep");
                 }
             }
-            Err(error) => tracing::warn!(%error, "sweep failed; retrying next interval"),
+            Err(error) => {
+                healthy_since = None;
+                tracing::warn!(%error, "sweep failed; retrying next interval");
+            }
         }
     }
     if let Some(connection) = leadership.connection.take() {

@@ -92,3 +92,35 @@ pub async fn deregister(
     .await?;
     tx.commit().await
 }
+
+/// The incarnation registered under `node_id`, if any.
+pub async fn owner(pool: &PgPool, node_id: &NodeId) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        "SELECT incarnation FROM relay.nodes WHERE id = $1",
+        node_id.as_str()
+    )
+    .fetch_optional(pool)
+    .await
+}
+
+/// Makes the registry match the node's live sessions again after closed
+/// sessions could not be removed (the database was away): removes the rows
+/// of sockets that are gone, and parks what they had not written.
+pub async fn reconcile(
+    pool: &PgPool,
+    node_id: &NodeId,
+    live_sessions: &[Uuid],
+    unparked: &[(i64, String)],
+) -> Result<(), sqlx::Error> {
+    let (message_ids, user_ids): (Vec<i64>, Vec<String>) = unparked.iter().cloned().unzip();
+    let mut tx = pool.begin().await?;
+    sqlx::query!(
+        "DELETE FROM relay.connections WHERE node_id = $1 AND NOT (id = ANY($2))",
+        node_id.as_str(),
+        live_sessions
+    )
+    .execute(&mut *tx)
+    .await?;
+    super::connections::park(&mut tx, &message_ids, &user_ids).await?;
+    tx.commit().await
+}

@@ -285,6 +285,14 @@ impl Cluster {
         node.stop().await.expect("clean stop");
     }
 
+    /// Stops every node (some may end with an error) and drops the database.
+    pub async fn finish_allowing_failures(mut self) {
+        for node in self.nodes.iter_mut().filter_map(Option::take) {
+            let _ = node.stop().await;
+        }
+        self.db.drop_database().await;
+    }
+
     /// Stops every node and drops the database.
     pub async fn finish(mut self) {
         for index in 0..self.nodes.len() {
@@ -366,6 +374,14 @@ impl Client {
             }
         })
         .await
+    }
+
+    /// The next frame of any kind; None once the socket is closed or broken.
+    pub async fn next_raw(&mut self) -> Option<Message> {
+        match self.ws.next().await {
+            Some(Ok(message)) => Some(message),
+            _ => None,
+        }
     }
 
     /// The next `message` frame.
@@ -459,5 +475,104 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `pgrelay serve` process.
+pub struct NodeProcess {
+    child: tokio::process::Child,
+    pub node_id: String,
+    pub addr: String,
+    pub log: std::path::PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts `pgrelay serve` (auth none, JSON logs) on a free port and waits
+    /// until it serves.
+    pub async fn start(database_url: &str, node_id: &str, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join("pgrelay-test-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{node_id}-{:08x}.log", rand::random::<u32>()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        command
+            .args([
+                "serve",
+                "--auth",
+                "none",
+                "--node-id",
+                node_id,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("DATABASE_URL", database_url)
+            .env("PGRELAY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,pgrelay=debug")
+            .env_remove("PGRELAY_AUTH")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn pgrelay");
+        let addr = eventually(&format!("{node_id} to start"), || {
+            let log = log.clone();
+            let exited = child.try_wait().ok().flatten();
+            async move {
+                assert!(
+                    exited.is_none(),
+                    "{node_id} exited: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                let text = std::fs::read_to_string(&log).ok()?;
+                text.lines()
+                    .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                    .find(|line| line["message"] == "node started")
+                    .and_then(|line| line["addr"].as_str().map(str::to_owned))
+            }
+        })
+        .await;
+        Self {
+            child,
+            node_id: node_id.to_owned(),
+            addr,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/v1/ws?{query}", self.addr)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    /// The log lines, parsed.
+    pub fn log_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// SIGKILL: a crash, nothing cleaned up.
+    pub async fn kill(mut self) {
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, and the exit code.
+    pub async fn terminate(mut self) -> Option<i32> {
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        within(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap()
+            .code()
     }
 }

@@ -9,5 +9,6 @@ mod helpers;
 
 mod cli;
 mod core;
+mod faults;
 mod guarantees;
 mod random;

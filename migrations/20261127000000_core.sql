@@ -3,7 +3,8 @@
 --
 -- The ordering protocol, in one place:
 --
--- Every message belongs to one or more *streams* ('user:<id>' for now). A writer
+-- Every message belongs to one or more *streams* ('user:<id>', 'topic:<name>',
+-- or 'broadcast'). A writer
 -- locks the stream rows in `relay.streams` (in sorted order, so writers never
 -- deadlock each other) *before* it draws message ids, and holds the lock until it
 -- commits. Within one stream, ids are therefore drawn and committed in the same
@@ -72,10 +73,15 @@ CREATE TABLE relay.messages (
     target            jsonb       NOT NULL,
     target_connection uuid,
     destination       text,
-    data              jsonb       NOT NULL,
+    -- JSON messages (HTTP, SQL, the JSON protocol) keep their data here...
+    data              jsonb,
+    -- ...and STOMP SEND bodies are kept byte for byte, with their content type.
+    body              bytea,
+    content_type      text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     expires_at        timestamptz NOT NULL,
-    source            text        NOT NULL CHECK (source IN ('http', 'sql', 'ws'))
+    source            text        NOT NULL CHECK (source IN ('http', 'sql', 'ws')),
+    CHECK (data IS NOT NULL OR body IS NOT NULL)
 );
 CREATE INDEX messages_stream_id_idx ON relay.messages (stream, id) WHERE stream IS NOT NULL;
 
@@ -112,6 +118,27 @@ CREATE INDEX outbox_node_id_idx ON relay.outbox (node_id, id) WHERE node_id IS N
 CREATE UNIQUE INDEX outbox_parked_idx ON relay.outbox (user_id, message_id) WHERE node_id IS NULL;
 CREATE INDEX outbox_parked_expiry_idx ON relay.outbox (expires_at) WHERE node_id IS NULL;
 
+-- Which connection listens to which topic: writers route a topic message to
+-- every node that has a row here for it (one outbox row per node).
+CREATE TABLE relay.subscriptions (
+    connection_id uuid        NOT NULL,
+    topic         text        NOT NULL,
+    node_id       text        NOT NULL,
+    subscribed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (connection_id, topic)
+);
+CREATE INDEX subscriptions_topic_idx ON relay.subscriptions (topic, node_id);
+CREATE INDEX subscriptions_node_id_idx ON relay.subscriptions (node_id);
+
+-- The topic names pgrelay accepts: 1-256 bytes of dot-separated segments,
+-- none empty, without whitespace or the pattern characters * and >.
+CREATE FUNCTION relay.valid_topic(p_topic text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $fn$
+    SELECT p_topic IS NOT NULL AND octet_length(p_topic) <= 256
+       AND p_topic ~ '^[^.*>[:space:][:cntrl:]]+(\.[^.*>[:space:][:cntrl:]]+)*$'
+$fn$;
+
 CREATE TABLE relay.deliveries (
     message_id    bigint      NOT NULL,
     connection_id uuid        NOT NULL,
@@ -133,14 +160,17 @@ CREATE VIEW relay.message_states AS
       FROM relay.messages m;
 
 -- Stores messages and routes them, in the caller's transaction. Internal: the
--- stable entry points are relay.send_to_user() and the HTTP API. All arrays are
--- indexed by message; a NULL ttl means relay.config.default_ttl.
+-- stable entry points are relay.send_to_user(), relay.publish() and the HTTP
+-- API. All arrays are indexed by message; a NULL ttl means
+-- relay.config.default_ttl. A message has `data` (JSON) or a raw `body`.
 CREATE FUNCTION relay.enqueue(
-    p_targets      jsonb[],
-    p_destinations text[],
-    p_data         jsonb[],
-    p_ttls         interval[],
-    p_source       text
+    p_targets       jsonb[],
+    p_destinations  text[],
+    p_data          jsonb[],
+    p_ttls          interval[],
+    p_source        text,
+    p_bodies        bytea[] DEFAULT NULL,
+    p_content_types text[] DEFAULT NULL
 ) RETURNS bigint[]
 LANGUAGE plpgsql
 AS $fn$
@@ -148,32 +178,42 @@ DECLARE
     n          integer := coalesce(cardinality(p_targets), 0);
     v_ttl      interval;
     ids        bigint[];
-    rec_msg    integer[];
+    rec_msg    integer[];  -- user recipients: message index, user, connection
     rec_user   text[];
     rec_conn   uuid[];
+    top_msg    integer[];  -- topic targets: message index, topic
+    top_name   text[];
+    bc_msg     integer[];  -- broadcast targets: message index
+    ms_msg     integer[];  -- every (message index, stream) pair
+    ms_stream  text[];
     v_missing  text;
-    v_empty    integer;
     v_nodes    text[];
     v_node     text;
 BEGIN
     IF n = 0 THEN
         RETURN '{}';
     END IF;
-    IF coalesce(cardinality(p_destinations), n) <> n OR coalesce(cardinality(p_data), 0) <> n
-       OR coalesce(cardinality(p_ttls), n) <> n THEN
+    IF coalesce(cardinality(p_destinations), n) <> n OR coalesce(cardinality(p_data), n) <> n
+       OR coalesce(cardinality(p_ttls), n) <> n OR coalesce(cardinality(p_bodies), n) <> n
+       OR coalesce(cardinality(p_content_types), n) <> n THEN
         RAISE EXCEPTION 'relay.enqueue: argument arrays differ in length' USING ERRCODE = '22023';
     END IF;
     SELECT default_ttl INTO STRICT v_ttl FROM relay.config;
 
     FOR i IN 1..n LOOP
-        IF p_targets[i] ? 'topic' OR p_targets[i] ? 'broadcast' THEN
-            RAISE EXCEPTION 'topics and broadcast are not supported yet' USING ERRCODE = '0A000';
-        ELSIF NOT (p_targets[i] ? 'user' OR p_targets[i] ? 'users' OR p_targets[i] ? 'connection') THEN
+        IF NOT (p_targets[i] ? 'user' OR p_targets[i] ? 'users' OR p_targets[i] ? 'connection'
+                OR p_targets[i] ? 'topic' OR p_targets[i] ? 'broadcast') THEN
             RAISE EXCEPTION 'relay.enqueue: unknown target %', p_targets[i] USING ERRCODE = '22023';
+        END IF;
+        IF p_targets[i] ? 'topic' AND NOT relay.valid_topic(p_targets[i]->>'topic') THEN
+            RAISE EXCEPTION 'invalid topic name %', p_targets[i]->>'topic' USING ERRCODE = '22023';
+        END IF;
+        IF p_data[i] IS NULL AND p_bodies[i] IS NULL THEN
+            RAISE EXCEPTION 'relay.enqueue: a message needs data or a body' USING ERRCODE = '22023';
         END IF;
     END LOOP;
 
-    -- Recipients: (message index, user, connection for connection-addressed ones).
+    -- User recipients: (message index, user, connection for connection-addressed ones).
     SELECT array_agg(r.i ORDER BY r.i, r.user_id),
            array_agg(r.user_id ORDER BY r.i, r.user_id),
            array_agg(r.conn ORDER BY r.i, r.user_id)
@@ -193,6 +233,14 @@ BEGIN
               JOIN relay.connections c ON c.id = (t.target->>'connection')::uuid
              WHERE t.target ? 'connection'
       ) r;
+    SELECT array_agg(t.i::integer ORDER BY t.i), array_agg(t.target->>'topic' ORDER BY t.i)
+      INTO top_msg, top_name
+      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+     WHERE t.target ? 'topic';
+    SELECT array_agg(t.i::integer ORDER BY t.i)
+      INTO bc_msg
+      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+     WHERE t.target ? 'broadcast';
 
     SELECT t.target->>'connection' INTO v_missing
       FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
@@ -201,37 +249,48 @@ BEGIN
     IF v_missing IS NOT NULL THEN
         RAISE EXCEPTION 'connection % not found', v_missing USING ERRCODE = 'P0002';
     END IF;
-    SELECT count(*) INTO v_empty FROM generate_series(1, n) AS g
-     WHERE NOT (g = ANY (coalesce(rec_msg, '{}')));
-    IF v_empty > 0 THEN
+
+    SELECT array_agg(x.i ORDER BY x.i, x.stream), array_agg(x.stream ORDER BY x.i, x.stream)
+      INTO ms_msg, ms_stream
+      FROM (
+            SELECT r.i, 'user:' || r.user_id AS stream FROM unnest(rec_msg, rec_user) AS r(i, user_id)
+            UNION ALL
+            SELECT t.i, 'topic:' || t.name FROM unnest(top_msg, top_name) AS t(i, name)
+            UNION ALL
+            SELECT b.i, 'broadcast' FROM unnest(bc_msg) AS b(i)
+      ) x;
+    IF EXISTS (SELECT 1 FROM generate_series(1, n) AS g WHERE NOT (g = ANY (coalesce(ms_msg, '{}')))) THEN
         RAISE EXCEPTION 'relay.enqueue: a message has no recipient' USING ERRCODE = '22023';
     END IF;
 
     -- The stream locks, in sorted order, before any id is drawn (see the top of this file).
     INSERT INTO relay.streams AS s (stream)
-    SELECT DISTINCT 'user:' || u FROM unnest(rec_user) AS u ORDER BY 1
+    SELECT DISTINCT st FROM unnest(ms_stream) AS st ORDER BY 1
     ON CONFLICT (stream) DO UPDATE SET head = s.head;
 
     SELECT array_agg(nextval('relay.message_id_seq') ORDER BY g) INTO ids FROM generate_series(1, n) AS g;
 
-    INSERT INTO relay.messages (id, stream, target, target_connection, destination, data, expires_at, source)
+    INSERT INTO relay.messages (id, stream, target, target_connection, destination, data, body, content_type,
+                                expires_at, source)
     SELECT ids[t.i], st.stream, t.target, (t.target->>'connection')::uuid, p_destinations[t.i], p_data[t.i],
-           now() + coalesce(p_ttls[t.i], v_ttl), p_source
+           p_bodies[t.i], p_content_types[t.i], now() + coalesce(p_ttls[t.i], v_ttl), p_source
       FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
-      JOIN (SELECT r.i, CASE WHEN count(*) = 1 THEN 'user:' || min(r.user_id) END AS stream
-              FROM unnest(rec_msg, rec_user) AS r(i, user_id)
-             GROUP BY r.i) st ON st.i = t.i
+      JOIN (SELECT m.i, CASE WHEN count(*) = 1 THEN min(m.stream) END AS stream
+              FROM unnest(ms_msg, ms_stream) AS m(i, stream)
+             GROUP BY m.i) st ON st.i = t.i
      ORDER BY t.i;
 
     INSERT INTO relay.message_streams (stream, message_id)
-    SELECT 'user:' || r.user_id, ids[r.i]
-      FROM unnest(rec_msg, rec_user) AS r(i, user_id)
-     WHERE r.i IN (SELECT m.i FROM unnest(rec_msg) AS m(i) GROUP BY m.i HAVING count(*) > 1);
+    SELECT m.stream, ids[m.i]
+      FROM unnest(ms_msg, ms_stream) AS m(i, stream)
+     WHERE m.i IN (SELECT c.i FROM unnest(ms_msg) AS c(i) GROUP BY c.i HAVING count(*) > 1);
 
-    -- Route: the connections that exist now (we hold the stream locks, so none
-    -- can register unseen), grouped into one row per node, message and user.
-    -- Users with no connection get a parked row. Rows go in in message id order,
-    -- so that a node claiming its rows in outbox id order keeps stream order.
+    -- Route, under the stream locks (no connection or subscription can register
+    -- unseen): users' connections grouped into one row per node, message and
+    -- user, or a parked row for a user with no connection; one row per node
+    -- with subscribers for a topic message; one row per node for a broadcast.
+    -- Rows go in in message id order, so that a node claiming its rows in outbox
+    -- id order keeps stream order.
     WITH rec AS (
         SELECT * FROM unnest(rec_msg, rec_user, rec_conn) AS r(i, user_id, conn)
     ), live AS (
@@ -250,6 +309,13 @@ BEGIN
           FROM rec r
          WHERE r.conn IS NULL
            AND NOT EXISTS (SELECT 1 FROM relay.connections c WHERE c.user_id = r.user_id)
+        UNION ALL
+        SELECT DISTINCT s.node_id, t.i, NULL::text, NULL::uuid[]
+          FROM unnest(top_msg, top_name) AS t(i, name)
+          JOIN relay.subscriptions s ON s.topic = t.name
+        UNION ALL
+        SELECT nd.id, b.i, NULL::text, NULL::uuid[]
+          FROM unnest(bc_msg) AS b(i) CROSS JOIN relay.nodes nd
     ), queued AS (
         INSERT INTO relay.outbox (node_id, message_id, user_id, connection_ids, expires_at)
         SELECT w.node_id, ids[w.i], w.user_id, w.conns, now() + coalesce(p_ttls[w.i], v_ttl)
@@ -260,9 +326,9 @@ BEGIN
     SELECT array_agg(DISTINCT q.node_id) FILTER (WHERE q.node_id IS NOT NULL) INTO v_nodes FROM queued q;
 
     UPDATE relay.streams s SET head = v.head
-      FROM (SELECT 'user:' || r.user_id AS stream, max(ids[r.i]) AS head
-              FROM unnest(rec_msg, rec_user) AS r(i, user_id)
-             GROUP BY 1) v
+      FROM (SELECT m.stream, max(ids[m.i]) AS head
+              FROM unnest(ms_msg, ms_stream) AS m(i, stream)
+             GROUP BY m.stream) v
      WHERE s.stream = v.stream;
 
     -- One wake-up per node per transaction; the payload carries nothing,
@@ -304,20 +370,61 @@ BEGIN
 END
 $fn$;
 
+-- Publishes `data` to every connection subscribed to `topic`, in the caller's
+-- transaction.
 CREATE FUNCTION relay.publish(topic text, data jsonb, ttl interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql
 AS $fn$
+DECLARE
+    cfg relay.config%ROWTYPE;
 BEGIN
-    RAISE EXCEPTION 'relay.publish: topics are not supported yet' USING ERRCODE = '0A000';
+    SELECT * INTO STRICT cfg FROM relay.config;
+    IF NOT relay.valid_topic(topic) THEN
+        RAISE EXCEPTION 'relay.publish: invalid topic name %', topic USING ERRCODE = '22023';
+    END IF;
+    IF data IS NULL THEN
+        RAISE EXCEPTION 'relay.publish: data must not be NULL (use ''null''::jsonb)' USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(data::text) > cfg.max_message_bytes THEN
+        RAISE EXCEPTION 'relay.publish: data is % bytes, over the limit of %', octet_length(data::text), cfg.max_message_bytes
+            USING ERRCODE = '54000';
+    END IF;
+    IF ttl IS NOT NULL AND (ttl <= interval '0' OR ttl > cfg.retention) THEN
+        RAISE EXCEPTION 'relay.publish: ttl must be positive and at most the retention (%)', cfg.retention
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN (relay.enqueue(ARRAY[jsonb_build_object('topic', topic)], ARRAY[NULL::text], ARRAY[data], ARRAY[ttl], 'sql'))[1];
+END
+$fn$;
+
+-- Registers a subscription under its topic's stream lock and returns the
+-- stream's head: messages up to it are before the subscription (a `since`
+-- backfill gets them), later ones are routed to the subscriber's node.
+CREATE FUNCTION relay.attach_subscription(p_connection uuid, p_node text, p_topic text) RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_head bigint;
+BEGIN
+    INSERT INTO relay.streams AS s (stream) VALUES ('topic:' || p_topic)
+    ON CONFLICT (stream) DO UPDATE SET head = s.head
+    RETURNING s.head INTO v_head;
+    INSERT INTO relay.subscriptions (connection_id, topic, node_id)
+    VALUES (p_connection, p_topic, p_node)
+    ON CONFLICT DO NOTHING;
+    RETURN v_head;
 END
 $fn$;
 
 -- Registers a connection under its user's stream lock and returns the stream's
 -- head: messages up to it are the client's backfill, later ones arrive live.
+-- Also returns the broadcast stream's head: broadcasts up to it were sent
+-- before this connection existed.
 CREATE FUNCTION relay.attach_connection(
-    p_id uuid, p_node text, p_user text, p_protocol text, p_remote text, p_agent text, p_since bigint
-) RETURNS bigint
+    p_id uuid, p_node text, p_user text, p_protocol text, p_remote text, p_agent text, p_since bigint,
+    OUT user_head bigint, OUT broadcast_head bigint
+)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
@@ -338,7 +445,8 @@ BEGIN
     IF p_since IS NOT NULL THEN
         DELETE FROM relay.outbox WHERE node_id IS NULL AND user_id = p_user AND message_id <= v_head;
     END IF;
-    RETURN v_head;
+    user_head := v_head;
+    broadcast_head := coalesce((SELECT head FROM relay.streams WHERE stream = 'broadcast'), 0);
 END
 $fn$;
 
@@ -357,6 +465,7 @@ AS $fn$
        AND m.target_connection IS NULL AND m.expires_at > now()
     ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING;
     DELETE FROM relay.outbox WHERE node_id = p_node;
+    DELETE FROM relay.subscriptions WHERE node_id = p_node;
     DELETE FROM relay.connections WHERE node_id = p_node;
 $fn$;
 
@@ -388,4 +497,5 @@ ALTER TABLE relay.outbox SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_
 ALTER TABLE relay.messages SET (autovacuum_vacuum_scale_factor = 0.02);
 ALTER TABLE relay.deliveries SET (autovacuum_vacuum_scale_factor = 0.02);
 ALTER TABLE relay.connections SET (autovacuum_vacuum_scale_factor = 0.05);
+ALTER TABLE relay.subscriptions SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE relay.streams SET (autovacuum_vacuum_scale_factor = 0.05);

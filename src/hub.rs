@@ -12,12 +12,15 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::message::StoredMessage;
+use crate::message::{StoredMessage, StreamKey};
 
-/// A message routed to a session, with its frame already encoded.
+/// A message routed to sessions, with its JSON-protocol frame encoded once
+/// for all of them.
 #[derive(Debug)]
 pub struct Envelope {
     pub message: Arc<StoredMessage>,
+    /// The stream it came through: a user's, a topic's, or the broadcast.
+    pub stream: StreamKey,
     pub frame: Utf8Bytes,
 }
 
@@ -71,6 +74,9 @@ impl Inbox {
 pub struct Hub {
     /// Never held across an await: every operation is a map lookup.
     sessions: Mutex<HashMap<Uuid, SessionHandle>>,
+    /// Topic → its subscribed sessions here, so that one outbox row per topic
+    /// message fans out to every local subscriber.
+    topics: Mutex<HashMap<Arc<str>, HashMap<Uuid, SessionHandle>>>,
     /// Sessions that showed signs of life since the last heartbeat write.
     seen: Mutex<HashSet<Uuid>>,
 }
@@ -96,29 +102,63 @@ impl Hub {
         }
     }
 
-    pub fn remove(&self, id: Uuid) {
+    /// Removes a session, and its subscriptions to `topics`.
+    pub fn remove(&self, id: Uuid, topics: &[Arc<str>]) {
         self.lock().remove(&id);
+        for topic in topics {
+            self.unsubscribe(id, topic);
+        }
         self.seen.lock().expect("hub lock").remove(&id);
+    }
+
+    /// Adds a session to a topic's local subscribers. Done *before* the
+    /// subscription's row commits, like [`Hub::register`].
+    pub fn subscribe(&self, id: Uuid, topic: &Arc<str>) -> bool {
+        let Some(handle) = self.lock().get(&id).cloned() else {
+            return false;
+        };
+        let mut topics = self.topics.lock().expect("hub lock");
+        topics.entry(topic.clone()).or_default().insert(id, handle);
+        true
+    }
+
+    pub fn unsubscribe(&self, id: Uuid, topic: &str) {
+        let mut topics = self.topics.lock().expect("hub lock");
+        if let Some(subscribers) = topics.get_mut(topic) {
+            subscribers.remove(&id);
+            if subscribers.is_empty() {
+                topics.remove(topic);
+            }
+        }
     }
 
     pub fn offer(&self, id: Uuid, envelope: &Arc<Envelope>) -> Offer {
         let Some(handle) = self.lock().get(&id).cloned() else {
             return Offer::Gone;
         };
-        // Once lagging, drop everything until the session has caught up: a
-        // message queued after a gap would otherwise be delivered before the
-        // messages of the gap.
-        if handle.lagging.load(Ordering::Acquire) {
-            return Offer::Lagging;
-        }
-        match handle.mailbox.try_send(envelope.clone()) {
-            Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                handle.lagging.store(true, Ordering::Release);
-                Offer::Lagging
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
-        }
+        offer_to(&handle, envelope)
+    }
+
+    /// Offers a topic message to every local subscriber; returns how many
+    /// took it (queued or lagging).
+    pub fn offer_topic(&self, topic: &str, envelope: &Arc<Envelope>) -> usize {
+        let topics = self.topics.lock().expect("hub lock");
+        let Some(subscribers) = topics.get(topic) else {
+            return 0;
+        };
+        subscribers
+            .values()
+            .filter(|h| offer_to(h, envelope) != Offer::Gone)
+            .count()
+    }
+
+    /// Offers a broadcast to every session here.
+    pub fn offer_all(&self, envelope: &Arc<Envelope>) -> usize {
+        let sessions = self.lock();
+        sessions
+            .values()
+            .filter(|h| offer_to(h, envelope) != Offer::Gone)
+            .count()
     }
 
     /// Sends a control instruction; false if the session is not here.
@@ -165,13 +205,39 @@ impl Hub {
     }
 }
 
+fn offer_to(handle: &SessionHandle, envelope: &Arc<Envelope>) -> Offer {
+    // Once lagging, drop everything until the session has caught up: a
+    // message queued after a gap would otherwise be delivered before the
+    // messages of the gap.
+    if handle.lagging.load(Ordering::Acquire) {
+        return Offer::Lagging;
+    }
+    match handle.mailbox.try_send(envelope.clone()) {
+        Ok(()) => Offer::Queued,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            handle.lagging.store(true, Ordering::Release);
+            Offer::Lagging
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn envelope(id: i64) -> Arc<Envelope> {
         Arc::new(Envelope {
-            message: StoredMessage::from_row(id, None, "1".into(), chrono::Utc::now(), None),
+            message: StoredMessage::from_row(
+                id,
+                None,
+                Some("1".into()),
+                None,
+                None,
+                chrono::Utc::now(),
+                None,
+            ),
+            stream: StreamKey::Broadcast,
             frame: Utf8Bytes::from_static("{}"),
         })
     }
@@ -200,7 +266,7 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(hub.offer(id, &envelope(1)), Offer::Gone);
         let _inbox = hub.register(id, 2);
-        hub.remove(id);
+        hub.remove(id, &[]);
         assert_eq!(hub.offer(id, &envelope(1)), Offer::Gone);
         assert!(!hub.control(
             id,

@@ -7,13 +7,15 @@
 //!   recipients, in one transaction (`relay.enqueue` in the migrations);
 //! - [`outbox`]: each node's LISTEN wake-up and claim loop over its work;
 //! - [`hub`]: the node's live sessions, where claimed messages are handed over;
-//! - [`session`] and [`protocol`]: one client socket and the frames it speaks;
+//! - [`session`] and [`protocol`]: one client socket and the frames it speaks
+//!   (the JSON protocol, STOMP);
 //! - [`deliveries`]: the batched delivery log (`relay.deliveries`);
-//! - [`registry`]: nodes and connections in `relay.nodes` / `relay.connections`;
+//! - [`registry`]: nodes, connections and topic subscriptions in `relay.nodes`,
+//!   `relay.connections` and `relay.subscriptions`;
 //! - [`stream`]: reading a stream back for backfill and resume;
 //! - [`sweeper`]: retention and cleanup, on one node at a time.
 //!
-//! Around them: [`config`], [`auth`], [`db`], [`node`] (lifecycle), [`cli`],
+//! Around them: [`config`], [`auth`], [`topic`] (names and patterns), [`db`], [`node`] (lifecycle), [`cli`],
 //! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests).
 
 pub mod auth;
@@ -35,3 +37,4 @@ pub mod session;
 pub mod stream;
 pub mod sweeper;
 pub mod telemetry;
+pub mod topic;

@@ -1,8 +1,11 @@
 //! Messages as pgrelay stores and delivers them, and the targets they are
 //! addressed to.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use base64::Engine;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -74,6 +77,7 @@ impl Target {
             }
             "topic" => {
                 let topic = value.as_str().ok_or("`to.topic` must be a string")?;
+                crate::topic::validate(topic).map_err(|e| format!("`to.topic`: {e}"))?;
                 Ok(Target::Topic(topic.to_owned()))
             }
             "broadcast" => match value {
@@ -97,14 +101,134 @@ impl Target {
     }
 }
 
+/// What a message carries.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// JSON data (HTTP API, SQL, the JSON protocol): stored as jsonb.
+    Json(Arc<RawValue>),
+    /// A STOMP SEND body, kept byte for byte with its content type.
+    Raw {
+        bytes: Bytes,
+        content_type: Option<String>,
+    },
+}
+
+impl Payload {
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(raw) => raw.get().len(),
+            Payload::Raw { bytes, .. } => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body as STOMP carries it, and its content type.
+    pub fn body(&self) -> (Bytes, Option<&str>) {
+        match self {
+            Payload::Json(raw) => (
+                Bytes::copy_from_slice(raw.get().as_bytes()),
+                Some("application/json"),
+            ),
+            Payload::Raw {
+                bytes,
+                content_type,
+            } => (bytes.clone(), content_type.as_deref()),
+        }
+    }
+
+    /// The payload as the JSON protocol and the HTTP API show it: JSON as it
+    /// is, a JSON body as its JSON, a text body as a string, and anything
+    /// else as base64 (`body_base64`, with `data` null).
+    pub fn presentation(&self) -> Presentation<'_> {
+        match self {
+            Payload::Json(raw) => Presentation::Data(Cow::Borrowed(raw.as_ref())),
+            Payload::Raw {
+                bytes,
+                content_type,
+            } => {
+                let json_type = content_type
+                    .as_deref()
+                    .map(|t| {
+                        t.split(';')
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_ascii_lowercase()
+                    })
+                    .is_some_and(|t| t == "application/json" || t.ends_with("+json"));
+                if json_type
+                    && let Ok(text) = std::str::from_utf8(bytes)
+                    && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
+                {
+                    return Presentation::Data(Cow::Owned(raw.to_owned()));
+                }
+                match std::str::from_utf8(bytes) {
+                    Ok(text) => Presentation::Text(text),
+                    Err(_) => Presentation::Base64(
+                        base64::engine::general_purpose::STANDARD.encode(bytes),
+                    ),
+                }
+            }
+        }
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        match self {
+            Payload::Json(_) => None,
+            Payload::Raw { content_type, .. } => content_type.as_deref(),
+        }
+    }
+}
+
+/// See [`Payload::presentation`].
+pub enum Presentation<'a> {
+    Data(Cow<'a, RawValue>),
+    Text(&'a str),
+    Base64(String),
+}
+
 /// A message to store: what the HTTP API (or a client) submitted, validated.
 #[derive(Debug)]
 pub struct NewMessage {
     pub target: Target,
     pub destination: Option<String>,
-    pub data: Box<RawValue>,
+    pub payload: Payload,
     /// None: the configured default TTL.
     pub ttl_secs: Option<u64>,
+}
+
+/// The stream a delivered message came through, as a session tracks it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StreamKey {
+    User(Arc<str>),
+    Topic(Arc<str>),
+    Broadcast,
+}
+
+impl StreamKey {
+    /// The key in `relay.streams` and `relay.messages.stream`.
+    pub fn key(&self) -> String {
+        match self {
+            StreamKey::User(user) => format!("user:{user}"),
+            StreamKey::Topic(topic) => format!("topic:{topic}"),
+            StreamKey::Broadcast => "broadcast".to_owned(),
+        }
+    }
+
+    /// Reads a non-user stream key (user streams come with their user).
+    pub fn parse(key: &str) -> Option<Self> {
+        if key == "broadcast" {
+            Some(StreamKey::Broadcast)
+        } else if let Some(topic) = key.strip_prefix("topic:") {
+            Some(StreamKey::Topic(topic.into()))
+        } else {
+            key.strip_prefix("user:")
+                .map(|user| StreamKey::User(user.into()))
+        }
+    }
 }
 
 /// A stored message on its way to sockets.
@@ -112,28 +236,42 @@ pub struct NewMessage {
 pub struct StoredMessage {
     pub id: i64,
     pub destination: Option<String>,
-    pub data: Box<RawValue>,
+    pub payload: Payload,
     pub created_at: DateTime<Utc>,
     /// Set when the message is for one connection only.
     pub target_connection: Option<Uuid>,
 }
 
 impl StoredMessage {
-    /// Builds a message from a row, where `data` is the jsonb column as text.
+    /// Builds a message from a row, where `data` is the jsonb column as text
+    /// (or NULL for a raw body).
     pub fn from_row(
         id: i64,
         destination: Option<String>,
-        data: String,
+        data: Option<String>,
+        body: Option<Vec<u8>>,
+        content_type: Option<String>,
         created_at: DateTime<Utc>,
         target_connection: Option<Uuid>,
     ) -> Arc<Self> {
-        // PostgreSQL wrote this text from a jsonb value: it is JSON.
-        let data = RawValue::from_string(data)
-            .unwrap_or_else(|_| RawValue::from_string("null".to_owned()).expect("null is JSON"));
+        let payload = match (data, body) {
+            // PostgreSQL wrote this text from a jsonb value: it is JSON.
+            (Some(data), _) => Payload::Json(
+                RawValue::from_string(data)
+                    .map(Arc::from)
+                    .unwrap_or_else(|_| {
+                        Arc::from(RawValue::from_string("null".to_owned()).expect("JSON"))
+                    }),
+            ),
+            (None, body) => Payload::Raw {
+                bytes: Bytes::from(body.unwrap_or_default()),
+                content_type,
+            },
+        };
         Arc::new(Self {
             id,
             destination,
-            data,
+            payload,
             created_at,
             target_connection,
         })
@@ -190,5 +328,56 @@ mod tests {
             .map(|i| format!("u{i}"))
             .collect();
         assert!(Target::from_json(&json!({ "users": too_many })).is_err());
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    fn raw(bytes: &[u8], content_type: Option<&str>) -> Payload {
+        Payload::Raw {
+            bytes: Bytes::copy_from_slice(bytes),
+            content_type: content_type.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn payloads_are_presented_without_losing_bytes() {
+        let json_body = raw(
+            br#"{"b": 1,  "a": 2}"#,
+            Some("application/json;charset=utf-8"),
+        );
+        match json_body.presentation() {
+            Presentation::Data(raw) => assert_eq!(raw.get(), r#"{"b": 1,  "a": 2}"#),
+            _ => panic!("a JSON body is JSON"),
+        }
+        assert!(matches!(
+            raw(b"hello", Some("text/plain")).presentation(),
+            Presentation::Text("hello")
+        ));
+        assert!(matches!(
+            raw(b"{not json", Some("application/json")).presentation(),
+            Presentation::Text(_)
+        ));
+        match raw(&[0, 159, 146, 150], None).presentation() {
+            Presentation::Base64(b) => assert_eq!(b, "AJ+Slg=="),
+            _ => panic!("binary is base64"),
+        }
+        let binary = raw(&[0, 1, 2], Some("application/octet-stream"));
+        let (bytes, content_type) = binary.body();
+        assert_eq!(&bytes[..], &[0, 1, 2]);
+        assert_eq!(content_type, Some("application/octet-stream"));
+    }
+
+    #[test]
+    fn stream_keys_round_trip() {
+        for key in [
+            StreamKey::User("a:b".into()),
+            StreamKey::Topic("chat.x".into()),
+            StreamKey::Broadcast,
+        ] {
+            assert_eq!(StreamKey::parse(&key.key()), Some(key));
+        }
     }
 }

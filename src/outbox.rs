@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Control, Envelope, Offer};
-use crate::message::StoredMessage;
+use crate::message::{StoredMessage, StreamKey};
 use crate::node::NodeContext;
 use crate::protocol::json;
 
@@ -54,8 +54,8 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         )
         SELECT c.id AS "outbox_id!", c.kind AS "kind!", c.message_id, c.user_id,
                c.connection_ids AS "connection_ids?: Vec<uuid::Uuid>",
-               m.id AS "id?", m.destination, m.data::text AS "data?", m.created_at AS "created_at?",
-               m.target_connection, (m.expires_at <= now()) AS "expired?"
+               m.id AS "id?", m.stream, m.destination, m.data::text AS data, m.body, m.content_type,
+               m.created_at AS "created_at?", m.target_connection, (m.expires_at <= now()) AS "expired?"
           FROM claimed c
           LEFT JOIN relay.messages m ON m.id = c.message_id
          ORDER BY c.id
@@ -87,9 +87,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
             continue;
         }
         // The message itself is gone (retention) or expired: never delivered.
-        let (Some(id), Some(data), Some(created_at), Some(user_id)) =
-            (row.id, row.data, row.created_at, row.user_id)
-        else {
+        let (Some(id), Some(created_at)) = (row.id, row.created_at) else {
             claimed.expired += 1;
             continue;
         };
@@ -97,19 +95,43 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
             claimed.expired += 1;
             continue;
         }
-        let message =
-            StoredMessage::from_row(id, row.destination, data, created_at, row.target_connection);
+        // A row with a user is for that user's connections; one without is a
+        // topic message or a broadcast, for every local subscriber.
+        let stream = match (
+            &row.user_id,
+            row.stream.as_deref().and_then(StreamKey::parse),
+        ) {
+            (Some(user), _) => StreamKey::User(user.as_str().into()),
+            (None, Some(stream @ (StreamKey::Topic(_) | StreamKey::Broadcast))) => stream,
+            _ => continue,
+        };
+        let message = StoredMessage::from_row(
+            id,
+            row.destination,
+            row.data,
+            row.body,
+            row.content_type,
+            created_at,
+            row.target_connection,
+        );
         let envelope = Arc::new(Envelope {
-            frame: json::message(&message, json::To::User(&user_id)).into(),
+            frame: json::message(&message, json::To::of(&stream)).into(),
             message,
+            stream,
         });
-        let mut reached = false;
-        for connection in connections {
-            reached |= ctx.hub.offer(connection, &envelope) != Offer::Gone;
-        }
-        if reached {
+        let reached = match &envelope.stream {
+            StreamKey::User(_) => connections
+                .iter()
+                .filter(|c| ctx.hub.offer(**c, &envelope) != Offer::Gone)
+                .count(),
+            StreamKey::Topic(topic) => ctx.hub.offer_topic(topic, &envelope),
+            StreamKey::Broadcast => ctx.hub.offer_all(&envelope),
+        };
+        if reached > 0 {
             claimed.handed_over += 1;
-        } else if envelope.message.target_connection.is_none() {
+        } else if let (StreamKey::User(_), Some(user_id)) = (&envelope.stream, row.user_id)
+            && envelope.message.target_connection.is_none()
+        {
             // Every connection it was routed to has closed since: the user
             // gets it on their next connect.
             park_messages.push(id);

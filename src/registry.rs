@@ -1,5 +1,7 @@
 //! The cluster's registry in PostgreSQL: which nodes are alive
-//! (`relay.nodes`) and which sockets each holds (`relay.connections`).
+//! (`relay.nodes`), which sockets each holds (`relay.connections`) and which
+//! topics those listen to (`relay.subscriptions`).
 
 pub mod connections;
 pub mod nodes;
+pub mod subscriptions;

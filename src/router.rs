@@ -5,7 +5,7 @@
 
 use sqlx::{PgExecutor, PgPool};
 
-use crate::message::NewMessage;
+use crate::message::{NewMessage, Payload};
 
 /// Where a message was submitted, recorded in `relay.messages.source`.
 #[derive(Clone, Copy, Debug)]
@@ -75,11 +75,27 @@ pub async fn enqueue_with<'e>(
     let mut targets = Vec::with_capacity(messages.len());
     let mut destinations = Vec::with_capacity(messages.len());
     let mut data = Vec::with_capacity(messages.len());
+    let mut bodies = Vec::with_capacity(messages.len());
+    let mut content_types = Vec::with_capacity(messages.len());
     let mut ttls = Vec::with_capacity(messages.len());
     for message in messages {
         targets.push(message.target.to_json().to_string());
         destinations.push(message.destination.clone());
-        data.push(message.data.get().to_owned());
+        match &message.payload {
+            Payload::Json(raw) => {
+                data.push(Some(raw.get().to_owned()));
+                bodies.push(None);
+                content_types.push(None);
+            }
+            Payload::Raw {
+                bytes,
+                content_type,
+            } => {
+                data.push(None);
+                bodies.push(Some(bytes.to_vec()));
+                content_types.push(content_type.clone());
+            }
+        }
         // 0 stands for "the configured default" (arrays of NULLs are awkward to bind).
         ttls.push(message.ttl_secs.map_or(0, |s| s as i64));
     }
@@ -92,13 +108,17 @@ pub async fn enqueue_with<'e>(
             ARRAY(SELECT make_interval(secs => NULLIF(t.s, 0))
                     FROM unnest($4::bigint[]) WITH ORDINALITY AS t(s, i)
                    ORDER BY t.i),
-            $5) AS "ids!"
+            $5,
+            $6::bytea[],
+            $7::text[]) AS "ids!"
         "#,
         &targets,
         &destinations as &[Option<String>],
-        &data,
+        &data as &[Option<String>],
         &ttls,
         source.as_str(),
+        &bodies as &[Option<Vec<u8>>],
+        &content_types as &[Option<String>],
     )
     .fetch_one(executor)
     .await?;

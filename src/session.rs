@@ -1,23 +1,28 @@
 //! One client socket, from upgrade to close.
 //!
-//! A session registers its connection, sends `welcome`, then its backfill (the
-//! stream after `since`, or what was parked for the user), then whatever the
-//! outbox claimer routes to it. It keeps a cursor: the id of the last message
-//! of its stream it wrote. Messages at or below the cursor are duplicates (a
-//! claim that was retried) and are dropped, so the client sees each id once
-//! and in order.
+//! A session registers its connection, confirms it (`welcome`, or STOMP's
+//! CONNECTED), sends its backfill (the user's stream after `since`, or what was
+//! parked for the user), then whatever the outbox claimer routes to it. It
+//! keeps a cursor per stream (the user's, each subscribed topic's, the
+//! broadcast): the id of the last message of that stream it took. Messages
+//! at or below a cursor are duplicates (a claim that was retried, a message
+//! routed here for another subscriber before this one subscribed) and are
+//! dropped, so the client sees each id once and in order.
+//!
+//! The protocol-specific halves live in [`json`] and [`stomp`].
 
-use std::collections::{HashSet, VecDeque};
-use std::convert::Infallible;
+mod json;
+mod stomp;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -28,24 +33,27 @@ use crate::auth::{Identity, bearer};
 use crate::config::Auth;
 use crate::deliveries::Record;
 use crate::http::Problem;
-use crate::hub::{Control, Envelope, Inbox};
-use crate::message::StoredMessage;
+use crate::hub::{Envelope, Inbox};
+use crate::message::{NewMessage, StoredMessage, StreamKey};
 use crate::node::NodeContext;
 use crate::protocol::Protocol;
-use crate::protocol::json::{self, ClientFrame, To};
 use crate::registry::connections::{self, NewConnection};
-use crate::stream;
+use crate::registry::subscriptions;
+use crate::router::{self, EnqueueError, Source};
+use crate::{db, stream};
 
 /// Bad frames tolerated per minute before the client is closed.
 const BAD_FRAMES_PER_MINUTE: usize = 10;
-/// Delivered-but-unacked ids remembered per connection, to validate acks.
-const UNACKED_REMEMBERED: usize = 10_000;
+/// Topic subscriptions one connection may hold.
+const MAX_SUBSCRIPTIONS: usize = 100;
 /// Live messages written per flush.
 const WRITE_BATCH: usize = 64;
 /// A write that takes longer than this means the client is not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Room for the JSON around a message's data in an inbound frame.
-const FRAME_OVERHEAD: usize = 4096;
+/// Room for the protocol around a message's data in an inbound frame.
+const FRAME_OVERHEAD: usize = 16 * 1024;
+/// Most unsent message ids a session remembers for parking.
+const MAX_UNSENT: usize = 100_000;
 
 #[derive(Deserialize)]
 struct WsQuery {
@@ -55,7 +63,8 @@ struct WsQuery {
 }
 
 /// `GET /v1/ws`: authenticates, then upgrades. Everything wrong with the
-/// request is answered with problem+json before the upgrade.
+/// request is answered with problem+json before the upgrade. A STOMP client
+/// may instead authenticate in its CONNECT frame.
 pub async fn upgrade(
     State(ctx): State<Arc<NodeContext>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -63,7 +72,7 @@ pub async fn upgrade(
     uri: Uri,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let ws = match ws {
+    let mut ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
             return Problem::bad_request(
@@ -91,53 +100,53 @@ pub async fn upgrade(
         }
     };
 
-    let requested: Vec<String> = ws
+    let offered: Vec<String> = ws
         .requested_protocols()
         .filter_map(|p| p.to_str().ok())
-        .flat_map(|p| p.split(','))
-        .map(|p| p.trim().to_owned())
+        .flat_map(|p| p.split(',').map(str::to_owned).collect::<Vec<_>>())
         .collect();
-    let wants_json = requested.iter().any(|p| p == "pgrelay.v1");
-    if !wants_json && requested.iter().any(|p| p.ends_with(".stomp")) {
-        return Problem::bad_request(
-            "unsupported_protocol",
-            "STOMP is not supported by this version of pgrelay",
-        )
-        .into_response();
+    let (protocol, confirmed) = Protocol::select(offered.iter().map(String::as_str));
+    if let Some(name) = confirmed {
+        ws.set_selected_protocol(HeaderValue::from_static(name));
     }
-    let protocol = Protocol::Json;
 
+    // The identity, when the request carries one. A STOMP client may present
+    // it later, in CONNECT; a JSON client must present it now.
     let identity = match &ctx.settings.auth {
         Auth::None => match query.user.as_deref() {
             Some(user) => match Identity::unauthenticated(user) {
-                Ok(identity) => identity,
+                Ok(identity) => Some(identity),
                 Err(e) => return Problem::bad_request("bad_user", e).into_response(),
             },
-            None => {
-                return Problem::bad_request(
-                    "missing_user",
-                    "auth is `none`: name the user with ?user=<id>",
-                )
-                .into_response();
-            }
+            None => None,
         },
         Auth::Jwt { verifier, .. } => {
             let from_header = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(bearer);
-            let Some(token) = from_header.or(query.token.as_deref()) else {
-                return Problem::unauthorized(
-                    "a token is required: `Authorization: Bearer <jwt>` or ?token=<jwt>",
-                )
-                .into_response();
-            };
-            match verifier.verify(token) {
-                Ok(identity) => identity,
-                Err(e) => return Problem::unauthorized(e).into_response(),
+            match from_header.or(query.token.as_deref()) {
+                Some(token) => match verifier.verify(token) {
+                    Ok(identity) => Some(identity),
+                    Err(e) => return Problem::unauthorized(e).into_response(),
+                },
+                None => None,
             }
         }
     };
+    if identity.is_none() && protocol == Protocol::Json {
+        return match ctx.settings.auth {
+            Auth::None => Problem::bad_request(
+                "missing_user",
+                "auth is `none`: name the user with ?user=<id>",
+            )
+            .into_response(),
+            Auth::Jwt { .. } => Problem::unauthorized(
+                "a token is required: `Authorization: Bearer <jwt>` or ?token=<jwt>",
+            )
+            .into_response(),
+        };
+    }
 
     let params = SessionParams {
         identity,
@@ -150,11 +159,6 @@ pub async fn upgrade(
             .map(|s| s.chars().take(512).collect()),
     };
     let limit = ctx.settings.max_message_bytes + FRAME_OVERHEAD;
-    let ws = if wants_json {
-        ws.protocols(["pgrelay.v1"])
-    } else {
-        ws
-    };
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
@@ -166,12 +170,16 @@ pub async fn upgrade(
 
 /// Who connected, and how.
 pub struct SessionParams {
-    pub identity: Identity,
+    /// None for a STOMP client that authenticates in CONNECT.
+    pub identity: Option<Identity>,
     pub since: Option<i64>,
     pub protocol: Protocol,
     pub remote_addr: String,
     pub user_agent: Option<String>,
 }
+
+type Sink = SplitSink<WebSocket, Message>;
+type Incoming = SplitStream<WebSocket>;
 
 /// Runs a session to its end.
 pub async fn run(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams) {
@@ -179,7 +187,7 @@ pub async fn run(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams
     let span = tracing::info_span!(
         "session",
         connection_id = %id,
-        user_id = %params.identity.user_id,
+        user_id = tracing::field::Empty,
         protocol = params.protocol.as_str(),
     );
     start(ctx, socket, params, id).instrument(span).await;
@@ -187,7 +195,20 @@ pub async fn run(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams
 
 async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, id: Uuid) {
     let (mut sink, mut incoming) = socket.split();
-    let user = params.identity.user_id.clone();
+    let (identity, proto) = match params.protocol {
+        Protocol::Json => (
+            params.identity.clone().expect("checked at upgrade"),
+            Proto::Json,
+        ),
+        Protocol::Stomp => {
+            match stomp::handshake(&ctx, &mut sink, &mut incoming, params.identity.clone()).await {
+                Some((identity, state)) => (identity, Proto::Stomp(Box::new(state))),
+                None => return,
+            }
+        }
+    };
+    tracing::Span::current().record("user_id", tracing::field::display(&identity.user_id));
+    let user = identity.user_id.clone();
     // In the hub before the row commits: see Hub::register.
     let mut inbox = ctx.hub.register(id, ctx.settings.send_queue);
     let registration = NewConnection {
@@ -199,11 +220,20 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         user_agent: params.user_agent.as_deref(),
         since: params.since,
     };
-    let head = match crate::db::bounded(connections::attach(&ctx.pool, &registration)).await {
-        Ok(head) => head,
+    let heads = match db::bounded(connections::attach(&ctx.pool, &registration)).await {
+        Ok(heads) => heads,
         Err(error) => {
-            ctx.hub.remove(id);
+            ctx.hub.remove(id, &[]);
             tracing::warn!(%error, "could not register the connection");
+            if let Proto::Stomp(state) = &proto {
+                let _ = stomp::send_error(
+                    &mut sink,
+                    state.version,
+                    "cannot register the connection now",
+                    None,
+                )
+                .await;
+            }
             let _ = close(
                 &mut sink,
                 1013,
@@ -213,25 +243,38 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
             return;
         }
     };
-    tracing::debug!(head, since = ?params.since, "connected");
+    tracing::debug!(head = heads.user, since = ?params.since, "connected");
 
     let now = Instant::now();
+    let origin = if params.since.is_some() {
+        Origin::Stream
+    } else {
+        Origin::Parked
+    };
     let mut session = Session {
-        stream: stream::user_stream(&user),
         ctx,
         id,
+        identity,
+        user_stream: StreamKey::User(user.clone()),
         user,
         sink,
-        cursor: params.since.unwrap_or(0),
+        proto,
+        user_cursor: heads.user,
+        broadcast_cursor: heads.broadcast,
+        topics: HashMap::new(),
+        pending_backfill: Some(Backfill {
+            origin,
+            from: params.since.unwrap_or(0),
+            head: heads.user,
+        }),
+        held: VecDeque::new(),
         unacked: Unacked::default(),
         bad_frames: VecDeque::new(),
         last_inbound: now,
         last_marked: now,
         unsent: Vec::new(),
     };
-    let Err(exit) = session
-        .serve(&mut inbox, &mut incoming, params.since.is_some(), head)
-        .await;
+    let Err(exit) = session.serve(&mut inbox, &mut incoming).await;
     session.finish(inbox, exit).await;
 }
 
@@ -253,38 +296,79 @@ impl Exit {
             reason: reason.into(),
         }
     }
+
+    fn unavailable() -> Self {
+        Exit::close(1013, "database unavailable; reconnect with since")
+    }
 }
 
-/// Where a written message came from; decides what a failed write means.
+/// Where a message came from; decides what a failed write means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
-    /// Routed here by the outbox: parked for the user if it cannot be written.
+    /// Routed here by the outbox: a user message is parked for the user if it
+    /// cannot be written.
     Live,
     /// Parked for the user: stays parked until a write succeeds.
     Parked,
-    /// Read from the stream: the client gets it again by resuming with `since`.
+    /// Read from a stream: the client gets it again by resuming.
     Stream,
 }
 
-struct Outgoing {
+/// A message taken from a stream, on its way to the socket.
+struct Item {
     message: Arc<StoredMessage>,
-    frame: Utf8Bytes,
+    stream: StreamKey,
+    /// The JSON protocol's frame, when already encoded (shared by every
+    /// recipient of a topic message).
+    frame: Option<Utf8Bytes>,
     origin: Origin,
+}
+
+/// Frames ready to write for one message.
+struct Ready {
+    message: Arc<StoredMessage>,
+    stream: StreamKey,
+    frames: Vec<Message>,
+    origin: Origin,
+}
+
+/// A backfill to run: the user's stream (or parked messages) up to `head`.
+#[derive(Clone, Copy)]
+struct Backfill {
+    origin: Origin,
+    from: i64,
+    head: i64,
+}
+
+enum Proto {
+    Json,
+    Stomp(Box<stomp::State>),
 }
 
 struct Session {
     ctx: Arc<NodeContext>,
     id: Uuid,
+    identity: Identity,
     user: Arc<str>,
-    stream: String,
-    sink: SplitSink<WebSocket, Message>,
-    /// The last id of the user's stream written to this socket.
-    cursor: i64,
+    user_stream: StreamKey,
+    sink: Sink,
+    proto: Proto,
+    /// The last id of the user's stream taken (written, or held for STOMP).
+    user_cursor: i64,
+    broadcast_cursor: i64,
+    /// Subscribed topics and their cursors.
+    topics: HashMap<Arc<str>, i64>,
+    /// The backfill not yet run: at once for JSON; for STOMP at the first
+    /// `/user/` subscription, which is where user messages can go.
+    pending_backfill: Option<Backfill>,
+    /// STOMP: user messages no subscription matches yet, in order.
+    held: VecDeque<Item>,
     unacked: Unacked,
     bad_frames: VecDeque<Instant>,
     last_inbound: Instant,
     last_marked: Instant,
-    /// Live messages that could not be written: parked when the session ends.
+    /// Live user messages that could not be written: parked when the
+    /// session ends.
     unsent: Vec<i64>,
 }
 
@@ -292,26 +376,24 @@ impl Session {
     async fn serve(
         &mut self,
         inbox: &mut Inbox,
-        incoming: &mut SplitStream<WebSocket>,
-        resuming: bool,
-        head: i64,
-    ) -> Result<Infallible, Exit> {
+        incoming: &mut Incoming,
+    ) -> Result<std::convert::Infallible, Exit> {
+        match &self.proto {
+            Proto::Json => {
+                self.json_welcome().await?;
+                if let Some(backfill) = self.pending_backfill.take() {
+                    self.backfill(self.user_stream.clone(), backfill).await?;
+                }
+            }
+            Proto::Stomp(_) => self.stomp_connected().await?,
+        }
         let heartbeat = self.ctx.settings.heartbeat_interval;
-        let welcome = json::welcome(
-            &self.id.to_string(),
-            self.ctx.node_id.as_str(),
-            heartbeat.as_millis() as u64,
-        );
-        self.send(Message::Text(welcome.into())).await?;
-        let origin = if resuming {
-            Origin::Stream
-        } else {
-            Origin::Parked
-        };
-        self.backfill(origin, head).await?;
-
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stomp_beat = self.stomp_heartbeat_out();
+        let mut beat = tokio::time::interval(stomp_beat.unwrap_or(Duration::from_secs(3600)));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.reset();
         loop {
             if inbox.is_lagging() {
                 self.catch_up(inbox).await?;
@@ -322,7 +404,7 @@ impl Session {
                     return Err(Exit::close(1012, "node shutting down; reconnect with since"));
                 }
                 Some(control) = inbox.control.recv() => match control {
-                    Control::Close { code, reason } => return Err(Exit::Close { code, reason }),
+                    crate::hub::Control::Close { code, reason } => return Err(Exit::Close { code, reason }),
                 },
                 inbound = incoming.next() => match inbound {
                     Some(Ok(message)) => self.on_inbound(message).await?,
@@ -340,94 +422,221 @@ impl Session {
                             Err(_) => break,
                         }
                     }
-                    self.write_live(batch).await?;
+                    self.deliver_live(batch).await?;
                 }
                 _ = ping.tick() => {
-                    if self.last_inbound.elapsed() > heartbeat * 2 {
+                    if self.last_inbound.elapsed() > self.silence_limit() {
                         return Err(Exit::close(1001, "heartbeat timeout"));
                     }
-                    self.send(Message::Ping(Bytes::new())).await?;
+                    self.send(Message::Ping(Default::default())).await?;
+                }
+                _ = beat.tick(), if stomp_beat.is_some() => {
+                    self.send(Message::Text(Utf8Bytes::from_static("\n"))).await?;
                 }
             }
         }
     }
 
-    /// Writes the stream (or the parked messages) up to `head`, page by page.
-    async fn backfill(&mut self, origin: Origin, head: i64) -> Result<(), Exit> {
+    /// How long the client may stay silent: two heartbeat intervals (ours,
+    /// or the one it promised in STOMP's heart-beat header).
+    fn silence_limit(&self) -> Duration {
+        let promised = match &self.proto {
+            Proto::Stomp(state) => state.heartbeat_in,
+            Proto::Json => None,
+        };
+        promised.unwrap_or(self.ctx.settings.heartbeat_interval) * 2 + Duration::from_millis(100)
+    }
+
+    fn stomp_heartbeat_out(&self) -> Option<Duration> {
+        match &self.proto {
+            Proto::Stomp(state) => state.heartbeat_out,
+            Proto::Json => None,
+        }
+    }
+
+    /// Writes a stream, or the user's parked messages, from `from` up to
+    /// `head`, page by page; then the stream's cursor stands at `head`.
+    async fn backfill(&mut self, stream: StreamKey, backfill: Backfill) -> Result<(), Exit> {
+        let mut after = backfill.from;
         loop {
-            let page = match origin {
-                Origin::Parked => {
-                    stream::parked_page(&self.ctx.pool, &self.user, self.cursor, head).await
-                }
-                _ => stream::page(&self.ctx.pool, &self.stream, self.cursor, head, self.id).await,
+            let pool = &self.ctx.pool;
+            let page = if backfill.origin == Origin::Parked {
+                db::bounded(stream::parked_page(pool, &self.user, after, backfill.head)).await
+            } else {
+                db::bounded(stream::page(
+                    pool,
+                    &stream.key(),
+                    after,
+                    backfill.head,
+                    self.id,
+                ))
+                .await
             };
             let page = page.map_err(|error| {
                 tracing::warn!(%error, "reading the backfill failed");
-                Exit::close(1013, "database unavailable; reconnect with since")
+                Exit::unavailable()
             })?;
             let Some(last) = page.last() else { break };
-            self.cursor = last.id;
+            after = last.id;
             let full = page.len() as i64 == stream::PAGE;
-            let batch = page
+            let items = page
                 .into_iter()
-                .map(|message| Outgoing {
-                    frame: json::message(&message, To::User(&self.user)).into(),
+                .map(|message| Item {
                     message,
-                    origin,
+                    stream: stream.clone(),
+                    frame: None,
+                    origin: backfill.origin,
                 })
                 .collect();
-            self.write(batch).await?;
+            self.deliver(items).await?;
             if !full {
                 break;
             }
         }
-        self.cursor = head;
+        let cursor = self.cursor(&stream);
+        if let Some(cursor) = cursor {
+            *cursor = (*cursor).max(backfill.head);
+        }
         Ok(())
     }
 
     /// Recovers from a full mailbox: what is queued precedes the gap, and the
-    /// stream read after it covers every message that was dropped.
+    /// streams read after it cover every message that was dropped.
     async fn catch_up(&mut self, inbox: &mut Inbox) -> Result<(), Exit> {
         let mut queued = Vec::new();
         while let Ok(envelope) = inbox.messages.try_recv() {
             queued.push(envelope);
         }
-        self.write_live(queued).await?;
+        self.deliver_live(queued).await?;
         inbox.clear_lagging();
-        let head = stream::head(&self.ctx.pool, &self.stream)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%error, "reading the stream head failed");
-                Exit::close(1013, "database unavailable; reconnect with since")
-            })?;
-        tracing::debug!(from = self.cursor, head, "catching up after a full mailbox");
-        self.backfill(Origin::Stream, head).await
-    }
-
-    async fn write_live(&mut self, batch: Vec<Arc<Envelope>>) -> Result<(), Exit> {
-        let mut fresh = Vec::with_capacity(batch.len());
-        for envelope in batch {
-            if envelope.message.id > self.cursor {
-                self.cursor = envelope.message.id;
-                fresh.push(Outgoing {
-                    message: envelope.message.clone(),
-                    frame: envelope.frame.clone(),
-                    origin: Origin::Live,
-                });
+        let mut streams = vec![
+            (self.user_stream.clone(), self.user_cursor),
+            (StreamKey::Broadcast, self.broadcast_cursor),
+        ];
+        streams.extend(
+            self.topics
+                .iter()
+                .map(|(t, c)| (StreamKey::Topic(t.clone()), *c)),
+        );
+        for (stream, cursor) in streams {
+            let head = db::bounded(stream::head(&self.ctx.pool, &stream.key()))
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "reading a stream head failed");
+                    Exit::unavailable()
+                })?;
+            if head > cursor {
+                tracing::debug!(stream = %stream.key(), from = cursor, head, "catching up after a full mailbox");
+                let backfill = Backfill {
+                    origin: Origin::Stream,
+                    from: cursor,
+                    head,
+                };
+                self.backfill(stream, backfill).await?;
             }
         }
-        self.write(fresh).await
+        Ok(())
+    }
+
+    fn cursor(&mut self, stream: &StreamKey) -> Option<&mut i64> {
+        match stream {
+            StreamKey::User(_) => Some(&mut self.user_cursor),
+            StreamKey::Broadcast => Some(&mut self.broadcast_cursor),
+            StreamKey::Topic(topic) => self.topics.get_mut(topic),
+        }
+    }
+
+    /// Live messages: each is taken only if it is past its stream's cursor.
+    async fn deliver_live(&mut self, batch: Vec<Arc<Envelope>>) -> Result<(), Exit> {
+        let mut items = Vec::with_capacity(batch.len());
+        for envelope in batch {
+            let Some(cursor) = self.cursor(&envelope.stream) else {
+                continue; // a topic unsubscribed since
+            };
+            if envelope.message.id <= *cursor {
+                continue;
+            }
+            *cursor = envelope.message.id;
+            items.push(Item {
+                message: envelope.message.clone(),
+                stream: envelope.stream.clone(),
+                frame: Some(envelope.frame.clone()),
+                origin: Origin::Live,
+            });
+        }
+        self.deliver(items).await
+    }
+
+    /// Turns items into frames (or holds them, for STOMP) and writes them.
+    async fn deliver(&mut self, items: Vec<Item>) -> Result<(), Exit> {
+        let mut ready = Vec::with_capacity(items.len());
+        for item in items {
+            match &mut self.proto {
+                Proto::Json => {
+                    let frame = item.frame.unwrap_or_else(|| {
+                        crate::protocol::json::message(
+                            &item.message,
+                            crate::protocol::json::To::of(&item.stream),
+                        )
+                        .into()
+                    });
+                    ready.push(Ready {
+                        message: item.message,
+                        stream: item.stream,
+                        frames: vec![Message::Text(frame)],
+                        origin: item.origin,
+                    });
+                }
+                Proto::Stomp(state) => {
+                    let frames = state.frames_for(&item.message, &item.stream);
+                    if !frames.is_empty() {
+                        ready.push(Ready {
+                            message: item.message,
+                            stream: item.stream,
+                            frames,
+                            origin: item.origin,
+                        });
+                    } else if matches!(item.stream, StreamKey::User(_)) {
+                        self.hold(item);
+                    }
+                }
+            }
+        }
+        self.write(ready).await
+    }
+
+    /// Keeps a user message until a subscription wants it; the oldest are let
+    /// go past the send queue's size (parked for the user if live).
+    fn hold(&mut self, item: Item) {
+        self.held.push_back(item);
+        if self.held.len() > self.ctx.settings.send_queue
+            && let Some(oldest) = self.held.pop_front()
+        {
+            self.note_unsent(&oldest.message, &oldest.stream, oldest.origin);
+        }
+    }
+
+    fn note_unsent(&mut self, message: &StoredMessage, stream: &StreamKey, origin: Origin) {
+        if origin == Origin::Live
+            && matches!(stream, StreamKey::User(_))
+            && message.target_connection.is_none()
+            && self.unsent.len() < MAX_UNSENT
+        {
+            self.unsent.push(message.id);
+        }
     }
 
     /// Writes and flushes a batch, then records the deliveries.
-    async fn write(&mut self, batch: Vec<Outgoing>) -> Result<(), Exit> {
+    async fn write(&mut self, batch: Vec<Ready>) -> Result<(), Exit> {
         if batch.is_empty() {
             return Ok(());
         }
         let sink = &mut self.sink;
         let written = tokio::time::timeout(WRITE_TIMEOUT, async {
             for item in &batch {
-                sink.feed(Message::Text(item.frame.clone())).await?;
+                for frame in &item.frames {
+                    sink.feed(frame.clone()).await?;
+                }
             }
             sink.flush().await
         })
@@ -444,19 +653,16 @@ impl Session {
             )),
         };
         if let Some(exit) = failure {
-            self.unsent.extend(
-                batch
-                    .iter()
-                    .filter(|item| {
-                        item.origin == Origin::Live && item.message.target_connection.is_none()
-                    })
-                    .map(|item| item.message.id),
-            );
+            for item in &batch {
+                self.note_unsent(&item.message, &item.stream, item.origin);
+            }
             return Err(exit);
         }
         let at = chrono::Utc::now();
         for item in batch {
-            self.unacked.insert(item.message.id);
+            if matches!(self.proto, Proto::Json) {
+                self.unacked.insert(item.message.id);
+            }
             self.ctx
                 .deliveries
                 .record(Record::Delivered {
@@ -483,87 +689,128 @@ impl Session {
     }
 
     async fn on_inbound(&mut self, message: Message) -> Result<(), Exit> {
-        self.last_inbound = Instant::now();
-        if self.last_marked.elapsed() >= self.ctx.settings.heartbeat_interval / 2 {
-            self.ctx.hub.mark_seen(self.id);
-            self.last_marked = self.last_inbound;
+        let heartbeat = self.ctx.settings.heartbeat_interval;
+        let is_data = matches!(message, Message::Text(_) | Message::Binary(_));
+        // A STOMP client that promised heart-beats must send them: WebSocket
+        // pongs (which its library sends on its own) do not count.
+        let promised = matches!(&self.proto, Proto::Stomp(state) if state.heartbeat_in.is_some());
+        if is_data || !promised {
+            self.last_inbound = Instant::now();
+            if self.last_marked.elapsed() >= heartbeat / 2 {
+                self.ctx.hub.mark_seen(self.id);
+                self.last_marked = self.last_inbound;
+            }
         }
         match message {
-            Message::Text(text) => self.on_text(&text).await,
-            Message::Binary(_) => {
-                self.bad_frame("binary frames are not part of the pgrelay.v1 protocol")
-                    .await
-            }
+            Message::Text(text) => match self.proto {
+                Proto::Json => self.json_text(&text).await,
+                Proto::Stomp(_) => self.stomp_input(text.as_bytes()).await,
+            },
+            Message::Binary(bytes) => match self.proto {
+                Proto::Json => {
+                    self.json_bad_frame("binary frames are not part of the pgrelay.v1 protocol")
+                        .await
+                }
+                Proto::Stomp(_) => self.stomp_input(&bytes).await,
+            },
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Close(_) => Err(Exit::ClientClosed),
         }
     }
 
-    async fn on_text(&mut self, text: &str) -> Result<(), Exit> {
-        match ClientFrame::decode(text) {
-            Err(reason) => self.bad_frame(&reason).await,
-            Ok(ClientFrame::Ack { id }) => {
-                if self.unacked.take(id.0) {
-                    self.ctx
-                        .deliveries
-                        .record(Record::Acked {
-                            message_id: id.0,
-                            connection_id: self.id,
-                            at: chrono::Utc::now(),
-                        })
-                        .await;
-                    Ok(())
-                } else {
-                    self.send_error(
-                        "unknown_message",
-                        &format!(
-                            "message {} was not delivered on this connection, or is already acked",
-                            id.0
-                        ),
-                    )
-                    .await
-                }
-            }
-            Ok(
-                ClientFrame::Subscribe { .. }
-                | ClientFrame::Unsubscribe { .. }
-                | ClientFrame::Publish { .. },
-            ) => {
-                self.send_error(
-                    "unsupported",
-                    "topics are not supported by this version of pgrelay",
-                )
-                .await
-            }
+    /// Subscribes this connection to `topic`: in the hub first, then in the
+    /// registry (under the topic's stream lock). Returns the topic's head:
+    /// messages after it arrive live.
+    async fn subscribe_topic(&mut self, topic: &Arc<str>) -> Result<i64, SubscribeError> {
+        if let Some(cursor) = self.topics.get(topic) {
+            return Ok(*cursor);
         }
-    }
-
-    /// Answers a bad frame with an `error` frame; too many in a minute close
-    /// the connection.
-    async fn bad_frame(&mut self, reason: &str) -> Result<(), Exit> {
-        let now = Instant::now();
-        while self
-            .bad_frames
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        if self.topics.len() >= MAX_SUBSCRIPTIONS {
+            return Err(SubscribeError::TooMany);
+        }
+        self.ctx.hub.subscribe(self.id, topic);
+        match db::bounded(subscriptions::attach(
+            &self.ctx.pool,
+            self.id,
+            &self.ctx.node_id,
+            topic,
+        ))
+        .await
         {
-            self.bad_frames.pop_front();
+            Ok(head) => {
+                self.topics.insert(topic.clone(), head);
+                Ok(head)
+            }
+            Err(error) => {
+                self.ctx.hub.unsubscribe(self.id, topic);
+                tracing::warn!(%error, %topic, "could not register a subscription");
+                Err(SubscribeError::Unavailable)
+            }
         }
-        self.bad_frames.push_back(now);
-        self.send_error("bad_frame", reason).await?;
-        if self.bad_frames.len() > BAD_FRAMES_PER_MINUTE {
-            return Err(Exit::close(1008, "too many bad frames"));
-        }
-        Ok(())
     }
 
-    async fn send_error(&mut self, code: &str, message: &str) -> Result<(), Exit> {
-        self.send(Message::Text(json::error(code, message).into()))
-            .await
+    async fn unsubscribe_topic(&mut self, topic: &str) {
+        if self.topics.remove(topic).is_none() {
+            return;
+        }
+        self.ctx.hub.unsubscribe(self.id, topic);
+        if let Err(error) = db::bounded(subscriptions::detach(&self.ctx.pool, self.id, topic)).await
+        {
+            // Harmless: the row goes with the connection's, and what is routed
+            // here meanwhile is dropped (no cursor for the topic).
+            tracing::warn!(%error, %topic, "could not remove a subscription row");
+        }
     }
 
-    /// Closes the socket if we are the ones closing, and deregisters.
+    /// Stores a message this client sends (JSON publish, STOMP SEND).
+    async fn submit(&self, message: NewMessage) -> Result<i64, EnqueueError> {
+        let messages = [message];
+        let stored = router::enqueue(&self.ctx.pool, &messages, Source::WebSocket);
+        match tokio::time::timeout(db::OP_TIMEOUT, stored).await {
+            Ok(result) => result.map(|ids| ids[0]),
+            Err(_) => Err(EnqueueError::Unavailable(sqlx::Error::Io(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the database did not answer in time",
+                ),
+            ))),
+        }
+    }
+
+    /// Deregisters, then closes the socket (if we are the ones closing) or
+    /// completes the client's close. Deregistering first means that once a
+    /// client's close completes, every message routed to this connection has
+    /// been written or parked for the user: a reconnect, even without `since`,
+    /// cannot race it.
     async fn finish(mut self, mut inbox: Inbox, exit: Exit) {
+        let topics: Vec<Arc<str>> = self.topics.keys().cloned().collect();
+        self.ctx.hub.remove(self.id, &topics);
+        inbox.messages.close();
+        while let Ok(envelope) = inbox.messages.try_recv() {
+            if matches!(envelope.stream, StreamKey::User(_))
+                && envelope.message.id > self.user_cursor
+            {
+                self.note_unsent(&envelope.message, &envelope.stream, Origin::Live);
+            }
+        }
+        let held: Vec<Item> = self.held.drain(..).collect();
+        for item in held {
+            self.note_unsent(&item.message, &item.stream, item.origin);
+        }
+        let detached = db::bounded(connections::detach(
+            &self.ctx.pool,
+            self.id,
+            &self.ctx.node_id,
+            &self.user,
+            &self.unsent,
+        ))
+        .await;
+        if let Err(error) = detached {
+            // The heartbeat removes the row once the database answers again;
+            // until then, work routed to it is parked by the claimer.
+            tracing::warn!(%error, "could not remove the connection row");
+            self.ctx.defer_cleanup(&self.user, &self.unsent);
+        }
         match &exit {
             Exit::Close { code, reason } => {
                 tracing::debug!(code, %reason, "closing");
@@ -576,31 +823,29 @@ impl Session {
             }
             Exit::Gone => tracing::debug!("client gone"),
         }
-        self.ctx.hub.remove(self.id);
-        inbox.messages.close();
-        while let Ok(envelope) = inbox.messages.try_recv() {
-            if envelope.message.id > self.cursor && envelope.message.target_connection.is_none() {
-                self.unsent.push(envelope.message.id);
+    }
+}
+
+/// Why a subscription was refused.
+enum SubscribeError {
+    TooMany,
+    Unavailable,
+}
+
+impl SubscribeError {
+    fn describe(&self) -> String {
+        match self {
+            SubscribeError::TooMany => {
+                format!("a connection may hold at most {MAX_SUBSCRIPTIONS} subscriptions")
             }
-        }
-        if self.ctx.shutdown.is_cancelled() {
-            // The node deregisters all of its connections at once.
-            self.ctx.defer_cleanup(&self.user, &self.unsent);
-            return;
-        }
-        if let Err(error) =
-            connections::detach(&self.ctx.pool, self.id, &self.user, &self.unsent).await
-        {
-            tracing::warn!(%error, "could not remove the connection row");
+            SubscribeError::Unavailable => {
+                "the subscription could not be registered now; try again".into()
+            }
         }
     }
 }
 
-async fn close(
-    sink: &mut SplitSink<WebSocket, Message>,
-    code: u16,
-    reason: &str,
-) -> Result<(), axum::Error> {
+async fn close(sink: &mut Sink, code: u16, reason: &str) -> Result<(), axum::Error> {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
@@ -623,6 +868,9 @@ struct Unacked {
     ids: HashSet<i64>,
     order: VecDeque<i64>,
 }
+
+/// Delivered-but-unacked ids remembered per connection, to validate acks.
+const UNACKED_REMEMBERED: usize = 10_000;
 
 impl Unacked {
     fn insert(&mut self, id: i64) {

@@ -13,11 +13,6 @@ use crate::message::StoredMessage;
 /// Messages read per page.
 pub const PAGE: i64 = 256;
 
-/// The stream key of a user's messages.
-pub fn user_stream(user_id: &str) -> String {
-    format!("user:{user_id}")
-}
-
 /// The id of the newest message committed to `stream` (0 if none).
 pub async fn head(pool: &PgPool, stream: &str) -> Result<i64, sqlx::Error> {
     let head = sqlx::query_scalar!("SELECT head FROM relay.streams WHERE stream = $1", stream)
@@ -26,8 +21,9 @@ pub async fn head(pool: &PgPool, stream: &str) -> Result<i64, sqlx::Error> {
     Ok(head.unwrap_or(0))
 }
 
-/// One page of `stream` after `after`, up to `head`, in id order: unexpired
-/// messages, without those addressed to other connections.
+/// One page of the stream keyed `stream` (see `StreamKey::key`) after
+/// `after`, up to `head`, in id order: unexpired messages, without those
+/// addressed to other connections.
 pub async fn page(
     pool: &PgPool,
     stream: &str,
@@ -37,14 +33,16 @@ pub async fn page(
 ) -> Result<Vec<Arc<StoredMessage>>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"
-        SELECT x.id AS "id!", x.destination, x.data AS "data!", x.created_at AS "created_at!",
+        SELECT x.id AS "id!", x.destination, x.data, x.body, x.content_type, x.created_at AS "created_at!",
                x.target_connection
-          FROM (SELECT m.id, m.destination, m.data::text AS data, m.created_at, m.target_connection
+          FROM (SELECT m.id, m.destination, m.data::text AS data, m.body, m.content_type, m.created_at,
+                       m.target_connection
                   FROM relay.messages m
                  WHERE m.stream = $1 AND m.id > $2 AND m.id <= $3 AND m.expires_at > now()
                    AND (m.target_connection IS NULL OR m.target_connection = $4)
                 UNION ALL
-                SELECT m.id, m.destination, m.data::text, m.created_at, m.target_connection
+                SELECT m.id, m.destination, m.data::text, m.body, m.content_type, m.created_at,
+                       m.target_connection
                   FROM relay.message_streams s
                   JOIN relay.messages m ON m.id = s.message_id
                  WHERE s.stream = $1 AND s.message_id > $2 AND s.message_id <= $3
@@ -67,6 +65,8 @@ pub async fn page(
                 r.id,
                 r.destination,
                 r.data,
+                r.body,
+                r.content_type,
                 r.created_at,
                 r.target_connection,
             )
@@ -84,7 +84,8 @@ pub async fn parked_page(
 ) -> Result<Vec<Arc<StoredMessage>>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"
-        SELECT m.id, m.destination, m.data::text AS "data!", m.created_at, m.target_connection
+        SELECT m.id, m.destination, m.data::text AS data, m.body, m.content_type, m.created_at,
+               m.target_connection
           FROM relay.outbox o
           JOIN relay.messages m ON m.id = o.message_id
          WHERE o.node_id IS NULL AND o.user_id = $1 AND o.message_id > $2 AND o.message_id <= $3
@@ -106,6 +107,8 @@ pub async fn parked_page(
                 r.id,
                 r.destination,
                 r.data,
+                r.body,
+                r.content_type,
                 r.created_at,
                 r.target_connection,
             )

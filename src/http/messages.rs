@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{ApiCaller, Problem};
-use crate::message::{MAX_DESTINATION_BYTES, NewMessage, Target};
+use crate::message::{
+    MAX_DESTINATION_BYTES, NewMessage, Payload, Presentation, StoredMessage, Target,
+};
 use crate::node::NodeContext;
 use crate::router::{self, EnqueueError, Source};
 
@@ -70,7 +72,7 @@ fn parse_message(body: SubmitBody, ctx: &NodeContext) -> Result<NewMessage, Prob
     Ok(NewMessage {
         target,
         destination: body.destination,
-        data,
+        payload: Payload::Json(Arc::from(data)),
         ttl_secs: body.ttl_s,
     })
 }
@@ -266,7 +268,8 @@ pub async fn get_one(
     };
     let message = sqlx::query!(
         r#"
-        SELECT m.id, m.target, m.destination, m.data, m.created_at, m.expires_at, s.state AS "state!"
+        SELECT m.id, m.target, m.destination, m.data::text AS data, m.body, m.content_type,
+               m.created_at, m.expires_at, s.state AS "state!"
           FROM relay.messages m
           JOIN relay.message_states s ON s.id = m.id
          WHERE m.id = $1
@@ -290,14 +293,45 @@ pub async fn get_one(
     .fetch_all(&ctx.pool)
     .await
     .map_err(Problem::from_db)?;
-    Ok(Json(json!({
+    let stored = StoredMessage::from_row(
+        message.id,
+        None,
+        message.data,
+        message.body,
+        message.content_type,
+        message.created_at,
+        None,
+    );
+    let mut body = json!({
         "id": message.id.to_string(),
         "to": message.target,
         "destination": message.destination,
-        "data": message.data,
         "created_at": message.created_at,
         "expires_at": message.expires_at,
         "state": message.state,
         "deliveries": deliveries,
-    })))
+    });
+    let object = body.as_object_mut().expect("an object");
+    match stored.payload.presentation() {
+        Presentation::Data(raw) => {
+            object.insert(
+                "data".into(),
+                serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            );
+        }
+        Presentation::Text(text) => {
+            object.insert("data".into(), Value::String(text.to_owned()));
+        }
+        Presentation::Base64(encoded) => {
+            object.insert("data".into(), Value::Null);
+            object.insert("body_base64".into(), Value::String(encoded));
+        }
+    }
+    if let Some(content_type) = stored.payload.content_type() {
+        object.insert(
+            "content_type".into(),
+            Value::String(content_type.to_owned()),
+        );
+    }
+    Ok(Json(body))
 }

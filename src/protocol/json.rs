@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::message::StoredMessage;
+use crate::message::{Presentation, StoredMessage, StreamKey};
 
 /// Everything a client may send.
 #[derive(Debug)]
@@ -126,6 +126,18 @@ impl ClientFrame {
 #[serde(rename_all = "lowercase")]
 pub enum To<'a> {
     User(&'a str),
+    Topic(&'a str),
+    Broadcast(bool),
+}
+
+impl<'a> To<'a> {
+    pub fn of(stream: &'a StreamKey) -> Self {
+        match stream {
+            StreamKey::User(user) => To::User(user),
+            StreamKey::Topic(topic) => To::Topic(topic),
+            StreamKey::Broadcast => To::Broadcast(true),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -153,20 +165,58 @@ struct Message<'a> {
     to: To<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     destination: Option<&'a str>,
-    data: &'a RawValue,
+    data: DataField<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
     created_at: String,
 }
 
+#[derive(Serialize)]
+#[serde(untagged)]
+enum DataField<'a> {
+    Raw(&'a RawValue),
+    Text(&'a str),
+    Null(Option<()>),
+}
+
 pub fn message(msg: &StoredMessage, to: To<'_>) -> String {
+    let presentation = msg.payload.presentation();
+    let (data, body_base64) = match &presentation {
+        Presentation::Data(raw) => (DataField::Raw(raw), None),
+        Presentation::Text(text) => (DataField::Text(text), None),
+        Presentation::Base64(encoded) => (DataField::Null(None), Some(encoded.clone())),
+    };
     serde_json::to_string(&Message {
         op: "message",
         id: msg.id.to_string(),
         to,
         destination: msg.destination.as_deref(),
-        data: &msg.data,
+        data,
+        body_base64,
+        content_type: msg.payload.content_type(),
         created_at: msg
             .created_at
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    })
+    .expect("serializable")
+}
+
+#[derive(Serialize)]
+struct TopicFrame<'a> {
+    op: &'static str,
+    topic: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+}
+
+/// `subscribed`, `unsubscribed`, and `published` (with the new message's id).
+pub fn topic_frame(op: &'static str, topic: &str, id: Option<i64>) -> String {
+    serde_json::to_string(&TopicFrame {
+        op,
+        topic,
+        id: id.map(|id| id.to_string()),
     })
     .expect("serializable")
 }
@@ -243,7 +293,9 @@ mod tests {
         let msg = StoredMessage::from_row(
             456,
             Some("/queue/x".into()),
-            r#"{"hi": 1}"#.into(),
+            Some(r#"{"hi": 1}"#.into()),
+            None,
+            None,
             chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
                 .unwrap()
                 .into(),
@@ -255,6 +307,23 @@ mod tests {
             json!({"op":"message","id":"456","to":{"user":"alice"},"destination":"/queue/x",
                    "data":{"hi":1},"created_at":"2026-11-27T10:00:00.000000Z"})
         );
+        let topic: Value = serde_json::from_str(&message(&msg, To::Topic("chat.a"))).unwrap();
+        assert_eq!(topic["to"], json!({"topic": "chat.a"}));
+        let broadcast: Value = serde_json::from_str(&message(&msg, To::Broadcast(true))).unwrap();
+        assert_eq!(broadcast["to"], json!({"broadcast": true}));
+        let binary = StoredMessage::from_row(
+            7,
+            None,
+            None,
+            Some(vec![0, 255]),
+            Some("application/octet-stream".into()),
+            chrono::Utc::now(),
+            None,
+        );
+        let frame: Value = serde_json::from_str(&message(&binary, To::User("a"))).unwrap();
+        assert_eq!(frame["data"], Value::Null);
+        assert_eq!(frame["body_base64"], "AP8=");
+        assert_eq!(frame["content_type"], "application/octet-stream");
         let welcome: Value = serde_json::from_str(&welcome("c1", "n1", 5000)).unwrap();
         assert_eq!(
             welcome,

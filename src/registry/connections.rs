@@ -18,18 +18,27 @@ pub struct NewConnection<'a> {
     pub since: Option<i64>,
 }
 
-/// Registers a connection under its user's stream lock and returns the head
-/// of the user's stream: messages up to it are the client's backfill, later
-/// ones are routed to it live (see the migrations for why this is exact).
-pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<i64, sqlx::Error> {
+/// Where a new connection starts in its streams.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    /// Messages of the user's stream up to here are the client's backfill;
+    /// later ones are routed to it live (see the migrations for why this is exact).
+    pub user: i64,
+    /// Broadcasts up to here were sent before the connection existed.
+    pub broadcast: i64,
+}
+
+/// Registers a connection under its user's stream lock.
+pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // A sender holding the lock inside a long application transaction must not
     // hang the handshake: give up, and let the client retry.
     sqlx::query!("SET LOCAL lock_timeout = '5s'")
         .execute(&mut *tx)
         .await?;
-    let head = sqlx::query_scalar!(
-        r#"SELECT relay.attach_connection($1, $2, $3, $4, $5, $6, $7) AS "head!""#,
+    let heads = sqlx::query!(
+        r#"SELECT user_head AS "user_head!", broadcast_head AS "broadcast_head!"
+             FROM relay.attach_connection($1, $2, $3, $4, $5, $6, $7)"#,
         conn.id,
         conn.node_id.as_str(),
         conn.user_id,
@@ -41,18 +50,44 @@ pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<i64, sqlx
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(head)
+    Ok(Heads {
+        user: heads.user_head,
+        broadcast: heads.broadcast_head,
+    })
 }
 
-/// Removes a closed connection's row and parks the messages that were routed
-/// to it but never written, for its user's next connection.
+/// Removes a closed connection's rows and parks, for its user's next
+/// connection, the messages that were routed to it but never written: those
+/// its session had taken (`unsent`) and those still waiting in the outbox.
 pub async fn detach(
     pool: &PgPool,
     id: Uuid,
+    node_id: &NodeId,
     user_id: &str,
     unsent: &[i64],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    sqlx::query!(
+        r#"
+        INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+        SELECT NULL, o.message_id, o.user_id, o.expires_at
+          FROM relay.outbox o
+          JOIN relay.messages m ON m.id = o.message_id
+         WHERE o.node_id = $1 AND o.kind = 'deliver' AND o.user_id IS NOT NULL AND $2 = ANY (o.connection_ids)
+           AND m.target_connection IS NULL AND m.expires_at > now()
+        ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
+        "#,
+        node_id.as_str(),
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "DELETE FROM relay.subscriptions WHERE connection_id = $1",
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query!("DELETE FROM relay.connections WHERE id = $1", id)
         .execute(&mut *tx)
         .await?;

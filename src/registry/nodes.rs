@@ -115,6 +115,13 @@ pub async fn reconcile(
     let (message_ids, user_ids): (Vec<i64>, Vec<String>) = unparked.iter().cloned().unzip();
     let mut tx = pool.begin().await?;
     sqlx::query!(
+        "DELETE FROM relay.subscriptions WHERE node_id = $1 AND NOT (connection_id = ANY($2))",
+        node_id.as_str(),
+        live_sessions
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
         "DELETE FROM relay.connections WHERE node_id = $1 AND NOT (id = ANY($2))",
         node_id.as_str(),
         live_sessions

@@ -346,7 +346,8 @@ async fn send_to_user_commits_and_rolls_back_with_the_callers_transaction() {
         "SELECT relay.send_to_user('', '1')",
         "SELECT relay.send_to_user('dan', '1', NULL, '-1 hour')",
         "SELECT relay.send_to_user('dan', to_jsonb(repeat('x', 70000)))",
-        "SELECT relay.publish('topic', '1')",
+        "SELECT relay.publish('a..b', '1')",
+        "SELECT relay.publish('chat', NULL)",
     ] {
         let mut tx = app.begin().await.unwrap();
         let result = sqlx::query(bad).execute(&mut *tx).await;

@@ -576,3 +576,146 @@ impl NodeProcess {
             .code()
     }
 }
+
+/// A frame the server sent, parsed the simple way (for tests).
+#[derive(Debug, Clone)]
+pub struct StompReply {
+    pub command: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Whether it came as a binary WebSocket message.
+    pub binary: bool,
+}
+
+impl StompReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn parse(bytes: &[u8], binary: bool) -> Self {
+        let split = bytes
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .expect("a blank line after the headers");
+        let head = std::str::from_utf8(&bytes[..split]).expect("UTF-8 headers");
+        let mut lines = head.lines();
+        let command = lines.next().unwrap().to_owned();
+        let headers: Vec<(String, String)> = lines
+            .map(|l| {
+                let (k, v) = l.split_once(':').unwrap();
+                (
+                    k.to_owned(),
+                    v.replace("\\c", ":")
+                        .replace("\\n", "\n")
+                        .replace("\\\\", "\\"),
+                )
+            })
+            .collect();
+        let rest = &bytes[split + 2..];
+        let length = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.parse::<usize>().unwrap())
+            .unwrap_or_else(|| rest.iter().position(|b| *b == 0).unwrap());
+        assert_eq!(rest[length], 0, "NUL after the body");
+        Self {
+            command,
+            headers,
+            body: rest[..length].to_vec(),
+            binary,
+        }
+    }
+}
+
+/// A STOMP client over WebSocket, speaking raw frames.
+pub struct StompClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl StompClient {
+    /// Opens the socket with a STOMP subprotocol (no CONNECT yet).
+    pub async fn open(url: &str) -> Self {
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("v12.stomp, v11.stomp, v10.stomp"),
+        );
+        let (ws, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connect");
+        assert_eq!(response.headers()["sec-websocket-protocol"], "v12.stomp");
+        Self { ws }
+    }
+
+    /// Opens and sends CONNECT with these headers; returns the client and
+    /// the server's answer (CONNECTED, or ERROR).
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> (Self, StompReply) {
+        let mut client = Self::open(url).await;
+        let mut frame = String::from("CONNECT\naccept-version:1.0,1.1,1.2\nhost:test\n");
+        for (k, v) in headers {
+            frame.push_str(&format!("{k}:{v}\n"));
+        }
+        frame.push_str("\n\0");
+        client.send_raw(frame.as_bytes()).await;
+        let reply = client.next().await;
+        (client, reply)
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let message = match std::str::from_utf8(bytes) {
+            Ok(text) if !bytes[..bytes.len().saturating_sub(1)].contains(&0) => Message::text(text),
+            _ => Message::binary(bytes.to_vec()),
+        };
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// Sends a frame built from parts (headers unescaped: keep them simple).
+    pub async fn send(&mut self, command: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let mut frame = format!("{command}\n").into_bytes();
+        for (k, v) in headers {
+            frame.extend_from_slice(format!("{k}:{v}\n").as_bytes());
+        }
+        if !body.is_empty() {
+            frame.extend_from_slice(format!("content-length:{}\n", body.len()).as_bytes());
+        }
+        frame.push(b'\n');
+        frame.extend_from_slice(body);
+        frame.push(0);
+        self.send_raw(&frame).await;
+    }
+
+    /// The next frame (heart-beats skipped).
+    pub async fn next(&mut self) -> StompReply {
+        within(WAIT, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(text))) if text.trim().is_empty() => continue,
+                    Some(Ok(Message::Text(text))) => {
+                        return StompReply::parse(text.as_bytes(), false);
+                    }
+                    Some(Ok(Message::Binary(bytes))) => return StompReply::parse(&bytes, true),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    other => panic!("expected a STOMP frame, got {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits for the close; returns its code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        within(WAIT, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+    }
+}

@@ -12,3 +12,5 @@ mod core;
 mod faults;
 mod guarantees;
 mod random;
+mod stomp;
+mod topics;

@@ -13,4 +13,5 @@ mod faults;
 mod guarantees;
 mod random;
 mod stomp;
+mod stompjs;
 mod topics;

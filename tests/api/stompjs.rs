@@ -1,0 +1,95 @@
+//! Real STOMP clients: @stomp/stompjs under Node.js against two nodes. The
+//! scenarios are in tests/stomp/scenarios.mjs; the packages are pinned in its
+//! package-lock.json and installed (`npm ci`) on first use.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn stomp_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/stomp")
+}
+
+/// Installs the pinned packages once per test run.
+fn installed() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        if stomp_dir().join("node_modules/@stomp/stompjs").exists() {
+            return;
+        }
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(stomp_dir())
+            .status()
+            .expect("these tests need Node.js 20 and npm on the PATH");
+        assert!(status.success(), "npm ci in tests/stomp failed");
+    });
+}
+
+async fn scenario(name: &str) {
+    installed();
+    let cluster = Cluster::start_with(2, AuthKind::None, |_, settings| {
+        settings.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    let config = json!({
+        "ws": [cluster.ws_url(0, "").trim_end_matches('?'), cluster.ws_url(1, "").trim_end_matches('?')],
+        "http": [cluster.url(0, ""), cluster.url(1, "")],
+    });
+    let output = tokio::process::Command::new("node")
+        .arg("scenarios.mjs")
+        .arg(name)
+        .arg(config.to_string())
+        .current_dir(stomp_dir())
+        .output();
+    let output = within(Duration::from_secs(60), output)
+        .await
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scenario {name} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(&format!("ok {name}")), "{stdout}");
+    cluster.finish().await;
+}
+
+#[tokio::test]
+async fn stompjs_user_queue_across_nodes() {
+    scenario("user-queue").await;
+}
+
+#[tokio::test]
+async fn stompjs_topic_across_nodes() {
+    scenario("topic").await;
+}
+
+#[tokio::test]
+async fn stompjs_receipts() {
+    scenario("receipts").await;
+}
+
+#[tokio::test]
+async fn stompjs_each_ack_mode() {
+    scenario("ack-modes").await;
+}
+
+#[tokio::test]
+async fn stompjs_heart_beats_keep_an_idle_session_alive() {
+    scenario("heartbeats").await;
+}
+
+#[tokio::test]
+async fn stompjs_a_silent_client_is_dropped() {
+    scenario("silent-client").await;
+}
+
+#[tokio::test]
+async fn stompjs_an_error_on_a_malformed_frame() {
+    scenario("malformed").await;
+}

@@ -335,4 +335,43 @@ mod tests {
             json!({"op":"error","code":"bad_frame","message":"oops"})
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        proptest! {
+            /// Frames a client encodes with any JSON library decode to what
+            /// was meant, whatever the strings hold.
+            #[test]
+            fn client_frames_round_trip(topic in "\\PC{1,40}", id in 0i64..i64::MAX, n in any::<i64>()) {
+                let ack = json!({"op": "ack", "id": id.to_string()}).to_string();
+                let acked = matches!(ClientFrame::decode(&ack), Ok(ClientFrame::Ack { id: MessageId(got) }) if got == id);
+                prop_assert!(acked, "ack {}", id);
+                let sub = json!({"op": "subscribe", "topic": topic, "since": id.to_string()}).to_string();
+                match ClientFrame::decode(&sub) {
+                    Ok(ClientFrame::Subscribe { topic: got, since }) => {
+                        prop_assert_eq!(got, topic.clone());
+                        prop_assert_eq!(since, Some(MessageId(id)));
+                    }
+                    other => prop_assert!(false, "{other:?}"),
+                }
+                let data = json!({"n": n, "s": topic});
+                let publish = json!({"op": "publish", "topic": topic, "data": data}).to_string();
+                match ClientFrame::decode(&publish) {
+                    Ok(ClientFrame::Publish { data: got, .. }) => {
+                        prop_assert_eq!(serde_json::from_str::<serde_json::Value>(got.get()).unwrap(), data);
+                    }
+                    other => prop_assert!(false, "{other:?}"),
+                }
+            }
+
+            /// Arbitrary text is an error or a frame, never a panic.
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+                let _ = ClientFrame::decode(&text);
+            }
+        }
+    }
 }

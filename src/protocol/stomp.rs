@@ -540,4 +540,81 @@ mod tests {
         assert_eq!(heart_beat(None), Some((0, 0)));
         assert_eq!(heart_beat(Some("x")), None);
     }
+
+    /// Found by the fuzzer (fuzz/regressions): frames at the header limit,
+    /// with NUL in header values' neighbourhood, decode and round-trip.
+    #[test]
+    fn fuzz_regression_frames_at_the_header_limit() {
+        let input = include_bytes!("../../fuzz/regressions/stomp-64-headers");
+        let frames = decode(input, Version::V1_2, &Limits::new(4096)).unwrap();
+        assert!(!frames.is_empty());
+        for frame in frames {
+            let headers: Vec<(&str, &str)> = frame
+                .headers
+                .iter()
+                .filter(|(n, _)| n != "content-length")
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let again = encode(&frame.command, &headers, &frame.body, Version::V1_2);
+            let mut limits = Limits::new(4096);
+            limits.max_headers += 1;
+            let decoded = decode(&again, Version::V1_2, &limits).unwrap();
+            assert_eq!(decoded[0].body, frame.body);
+        }
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn command() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(CLIENT_COMMANDS[2..].to_vec())
+        }
+
+        proptest! {
+            /// Whatever a 1.2 frame's headers and body hold (colons, line
+            /// breaks, backslashes, NUL bytes in the body), encoding then
+            /// decoding gives it back.
+            #[test]
+            fn encode_then_decode_round_trips(
+                command in command(),
+                headers in prop::collection::vec(("[a-z][a-z:\\\r\n-]{0,12}", "\\PC{0,40}"), 0..8),
+                body in prop::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                let bytes = encode(command, &pairs, &body, Version::V1_2);
+                let frames = decode(&bytes, Version::V1_2, &Limits::new(1024)).unwrap();
+                prop_assert_eq!(frames.len(), 1);
+                let frame = &frames[0];
+                prop_assert_eq!(frame.command.as_str(), command);
+                prop_assert_eq!(&frame.body[..], &body[..]);
+                let mut expected: Vec<(String, String)> = headers.clone();
+                if !body.is_empty() {
+                    expected.push(("content-length".into(), body.len().to_string()));
+                }
+                prop_assert_eq!(&frame.headers, &expected);
+            }
+
+            /// Several frames and heart-beats in one message decode in order.
+            #[test]
+            fn frames_in_a_row(bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..50), 1..5)) {
+                let mut bytes = Vec::new();
+                for body in &bodies {
+                    bytes.extend(encode("SEND", &[("destination", "/topic/x")], body, Version::V1_2));
+                    bytes.extend_from_slice(b"\n");
+                }
+                let frames = decode(&bytes, Version::V1_2, &Limits::new(1024)).unwrap();
+                let decoded: Vec<Vec<u8>> = frames.iter().map(|f| f.body.to_vec()).collect();
+                prop_assert_eq!(decoded, bodies);
+            }
+
+            /// Arbitrary input is an error or frames, never a panic.
+            #[test]
+            fn arbitrary_input_never_panics(input in prop::collection::vec(any::<u8>(), 0..2000)) {
+                for version in [Version::V1_0, Version::V1_1, Version::V1_2] {
+                    let _ = decode(&input, version, &Limits::new(256));
+                }
+            }
+        }
+    }
 }

@@ -423,7 +423,7 @@ $fn$;
 -- before this connection existed.
 CREATE FUNCTION relay.attach_connection(
     p_id uuid, p_node text, p_user text, p_protocol text, p_remote text, p_agent text, p_since bigint,
-    OUT user_head bigint, OUT broadcast_head bigint
+    OUT user_head bigint, OUT broadcast_head bigint, OUT parked boolean
 )
 LANGUAGE plpgsql
 AS $fn$
@@ -447,6 +447,9 @@ BEGIN
     END IF;
     user_head := v_head;
     broadcast_head := coalesce((SELECT head FROM relay.streams WHERE stream = 'broadcast'), 0);
+    -- Most connects have nothing waiting: they can skip the backfill query.
+    parked := p_since IS NULL
+              AND EXISTS (SELECT 1 FROM relay.outbox WHERE node_id IS NULL AND user_id = p_user);
 END
 $fn$;
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::bench::BenchArgs;
 use crate::config::{LogFormat, ServeArgs, Settings};
 use crate::dev::{self, DevArgs};
 use crate::{db, node, telemetry};
@@ -28,6 +29,8 @@ enum Command {
     Migrate(MigrateArgs),
     /// Run a two-node demo cluster (with a throwaway PostgreSQL if DATABASE_URL is unset).
     Dev(DevArgs),
+    /// Benchmark a two-node cluster on a throwaway PostgreSQL (see README "Performance").
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +71,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
             let settings = Settings::from_args(*args).map_err(anyhow::Error::msg)?;
+            // Every socket is a file: take what the system allows.
+            crate::bench::raise_fd_limit();
             let node = node::start(settings).await?;
             tokio::select! {
                 () = dev::wait_for_signal() => {}
@@ -90,5 +95,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await,
+        Command::Bench(args) => crate::bench::run(*args).await,
     }
 }

@@ -157,6 +157,14 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
 
+    /// Most messages stored in one transaction by group commit.
+    #[arg(long, env = "PGRELAY_SUBMIT_BATCH", default_value_t = 256)]
+    pub submit_batch: usize,
+
+    /// Group-commit transactions in flight at once.
+    #[arg(long, env = "PGRELAY_SUBMIT_CONCURRENCY", default_value_t = 4)]
+    pub submit_concurrency: usize,
+
     /// Messages queued per connection before it is switched to catching up from the database.
     #[arg(long, env = "PGRELAY_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
@@ -204,6 +212,8 @@ pub struct Settings {
     pub db_pool_size: u32,
     pub sweep_interval: Duration,
     pub poll_interval: Duration,
+    pub submit_batch: usize,
+    pub submit_concurrency: usize,
     pub send_queue: usize,
     pub shutdown_grace: Duration,
 }
@@ -224,6 +234,8 @@ impl Settings {
             default_ttl: Duration::from_secs(24 * 3600),
             db_pool_size: 16,
             sweep_interval: Duration::from_secs(5),
+            submit_batch: 256,
+            submit_concurrency: 4,
             poll_interval: Duration::from_secs(1),
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),
@@ -300,6 +312,11 @@ impl Settings {
         if args.db_pool_size < 2 {
             return Err("PGRELAY_DB_POOL_SIZE must be at least 2".into());
         }
+        if args.submit_batch == 0 || args.submit_concurrency == 0 {
+            return Err(
+                "PGRELAY_SUBMIT_BATCH and PGRELAY_SUBMIT_CONCURRENCY must be at least 1".into(),
+            );
+        }
         if args.send_queue == 0 {
             return Err("PGRELAY_SEND_QUEUE must be at least 1".into());
         }
@@ -315,6 +332,8 @@ impl Settings {
             default_ttl: args.default_ttl,
             db_pool_size: args.db_pool_size,
             sweep_interval: args.sweep_interval,
+            submit_batch: args.submit_batch,
+            submit_concurrency: args.submit_concurrency,
             poll_interval: args.poll_interval,
             send_queue: args.send_queue,
             shutdown_grace: args.shutdown_grace,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
 use crate::message::{StoredMessage, StreamKey};
@@ -45,28 +45,58 @@ pub enum Offer {
 #[derive(Clone)]
 struct SessionHandle {
     mailbox: mpsc::Sender<Arc<Envelope>>,
-    lagging: Arc<AtomicBool>,
-    control: mpsc::Sender<Control>,
+    shared: Arc<Shared>,
+}
+
+/// What a session shares with those who hand it work. Kept small and in one
+/// allocation: a node holds tens of thousands of these.
+#[derive(Default)]
+struct Shared {
+    lagging: AtomicBool,
+    /// A pending instruction (only the first counts: it closes the session).
+    control: Mutex<Option<Control>>,
+    wake: Notify,
 }
 
 /// The receiving side of a session's mailbox, owned by the session task.
 pub struct Inbox {
     pub messages: mpsc::Receiver<Arc<Envelope>>,
-    pub control: mpsc::Receiver<Control>,
-    lagging: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl Inbox {
     /// Whether messages were dropped because the mailbox was full.
     pub fn is_lagging(&self) -> bool {
-        self.lagging.load(Ordering::Acquire)
+        self.shared.lagging.load(Ordering::Acquire)
     }
 
     /// Accepts messages again. Call only after the queued messages were taken
     /// (they all precede the gap) and before reading the stream head to catch
     /// up (which then covers every dropped message).
     pub fn clear_lagging(&self) {
-        self.lagging.store(false, Ordering::Release);
+        self.shared.lagging.store(false, Ordering::Release);
+    }
+
+    /// Where control instructions arrive (apart from the mailbox, so that
+    /// both can be awaited at once).
+    pub fn controls(&self) -> Controls {
+        Controls(self.shared.clone())
+    }
+}
+
+/// See [`Inbox::controls`].
+pub struct Controls(Arc<Shared>);
+
+impl Controls {
+    /// The next control instruction.
+    pub async fn next(&self) -> Control {
+        loop {
+            if let Some(control) = self.0.control.lock().expect("hub lock").take() {
+                return control;
+            }
+            // notify_one keeps a permit when no one waits: nothing is missed.
+            self.0.wake.notified().await;
+        }
     }
 }
 
@@ -87,19 +117,13 @@ impl Hub {
     /// the moment the row is visible finds them.
     pub fn register(&self, id: Uuid, mailbox_size: usize) -> Inbox {
         let (mailbox, messages) = mpsc::channel(mailbox_size);
-        let (control_tx, control) = mpsc::channel(4);
-        let lagging = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let handle = SessionHandle {
             mailbox,
-            lagging: lagging.clone(),
-            control: control_tx,
+            shared: shared.clone(),
         };
         self.lock().insert(id, handle);
-        Inbox {
-            messages,
-            control,
-            lagging,
-        }
+        Inbox { messages, shared }
     }
 
     /// Removes a session, and its subscriptions to `topics`.
@@ -166,8 +190,7 @@ impl Hub {
         let Some(handle) = self.lock().get(&id).cloned() else {
             return false;
         };
-        // A full control queue already holds a close; one is enough.
-        let _ = handle.control.try_send(control);
+        handle.instruct(control);
         true
     }
 
@@ -175,7 +198,7 @@ impl Hub {
     pub fn control_all(&self, control: Control) {
         let handles: Vec<_> = self.lock().values().cloned().collect();
         for handle in handles {
-            let _ = handle.control.try_send(control.clone());
+            handle.instruct(control.clone());
         }
     }
 
@@ -205,17 +228,28 @@ impl Hub {
     }
 }
 
+impl SessionHandle {
+    fn instruct(&self, control: Control) {
+        let mut pending = self.shared.control.lock().expect("hub lock");
+        // One close is enough: the first one stands.
+        if pending.is_none() {
+            *pending = Some(control);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
 fn offer_to(handle: &SessionHandle, envelope: &Arc<Envelope>) -> Offer {
     // Once lagging, drop everything until the session has caught up: a
     // message queued after a gap would otherwise be delivered before the
     // messages of the gap.
-    if handle.lagging.load(Ordering::Acquire) {
+    if handle.shared.lagging.load(Ordering::Acquire) {
         return Offer::Lagging;
     }
     match handle.mailbox.try_send(envelope.clone()) {
         Ok(()) => Offer::Queued,
         Err(mpsc::error::TrySendError::Full(_)) => {
-            handle.lagging.store(true, Ordering::Release);
+            handle.shared.lagging.store(true, Ordering::Release);
             Offer::Lagging
         }
         Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,

@@ -16,9 +16,11 @@
 //! - [`sweeper`]: retention and cleanup, on one node at a time.
 //!
 //! Around them: [`config`], [`auth`], [`topic`] (names and patterns), [`db`], [`node`] (lifecycle), [`cli`],
-//! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests).
+//! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests), and
+//! [`bench`] (the load generator behind `pgrelay bench`).
 
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

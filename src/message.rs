@@ -191,7 +191,7 @@ pub enum Presentation<'a> {
 }
 
 /// A message to store: what the HTTP API (or a client) submitted, validated.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NewMessage {
     pub target: Target,
     pub destination: Option<String>,

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::config::{NodeId, Settings};
 use crate::deliveries::DeliveryLog;
 use crate::hub::{Control, Hub};
+use crate::router::GroupCommit;
 use crate::{db, deliveries, http, outbox, registry, sweeper};
 
 /// Everything the node's tasks and handlers share.
@@ -31,6 +32,8 @@ pub struct NodeContext {
     pub pool: PgPool,
     pub hub: Hub,
     pub deliveries: DeliveryLog,
+    /// Stores single HTTP submissions in shared transactions.
+    pub submitter: GroupCommit,
     /// Cancelled when the node stops: sessions close, tasks end.
     pub shutdown: CancellationToken,
     /// Sessions and background tasks, awaited on shutdown.
@@ -120,6 +123,11 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         .context("cannot register the node")?;
 
     let (deliveries, records) = DeliveryLog::new();
+    let submitter = GroupCommit::start(
+        pool.clone(),
+        settings.submit_batch,
+        settings.submit_concurrency,
+    );
     let ctx = Arc::new(NodeContext {
         node_id: settings.node_id.clone(),
         settings,
@@ -127,6 +135,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         pool: pool.clone(),
         hub: Hub::default(),
         deliveries,
+        submitter,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         listener_up: AtomicBool::new(false),

@@ -277,7 +277,7 @@ impl Drop for TempPostgres {
 }
 
 /// Finds a directory with `initdb`, `postgres` and `pg_isready`.
-fn find_bindir() -> Result<PathBuf, String> {
+pub fn find_bindir() -> Result<PathBuf, String> {
     let has_tools = |dir: &Path| {
         ["initdb", "postgres", "pg_isready"]
             .iter()

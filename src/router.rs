@@ -3,7 +3,10 @@
 //! function `relay.enqueue` (see the migrations), so that the HTTP API and
 //! `relay.send_to_user()` share one implementation of the ordering protocol.
 
+use std::sync::Arc;
+
 use sqlx::{PgExecutor, PgPool};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::message::{NewMessage, Payload};
 
@@ -35,6 +38,20 @@ pub enum EnqueueError {
     Unavailable(sqlx::Error),
     #[error("database error: {0}")]
     Database(sqlx::Error),
+}
+
+impl EnqueueError {
+    /// The same error for another caller of a failed batch.
+    fn replicate(&self) -> Self {
+        let text = |e: &sqlx::Error| sqlx::Error::Protocol(e.to_string());
+        match self {
+            EnqueueError::ConnectionNotFound(m) => EnqueueError::ConnectionNotFound(m.clone()),
+            EnqueueError::Unsupported(m) => EnqueueError::Unsupported(m.clone()),
+            EnqueueError::Invalid(m) => EnqueueError::Invalid(m.clone()),
+            EnqueueError::Unavailable(e) => EnqueueError::Unavailable(text(e)),
+            EnqueueError::Database(e) => EnqueueError::Database(text(e)),
+        }
+    }
 }
 
 impl From<sqlx::Error> for EnqueueError {
@@ -123,4 +140,106 @@ pub async fn enqueue_with<'e>(
     .fetch_one(executor)
     .await?;
     Ok(ids)
+}
+
+/// Group commit: concurrent single-message submissions share transactions.
+///
+/// A dispatcher takes whatever submissions are queued (up to `max_batch`) and
+/// stores them with one `relay.enqueue` call; while up to `concurrency`
+/// batches are in flight, new submissions queue up and form the next batch.
+/// Nothing waits on a timer: at low load a batch is one message and costs no
+/// latency; under load batches grow, and PostgreSQL's per-transaction costs
+/// (the commit's flush, the NOTIFY serialization) are paid once per batch.
+/// Every caller is answered only after its batch has committed.
+#[derive(Clone)]
+pub struct GroupCommit {
+    jobs: mpsc::Sender<Job>,
+}
+
+struct Job {
+    message: NewMessage,
+    reply: oneshot::Sender<Result<i64, EnqueueError>>,
+}
+
+impl GroupCommit {
+    /// Starts the dispatcher; it ends when every `GroupCommit` handle is
+    /// dropped and the queue is empty.
+    pub fn start(pool: PgPool, max_batch: usize, concurrency: usize) -> Self {
+        let (jobs, queue) = mpsc::channel(max_batch * concurrency * 4);
+        tokio::spawn(dispatch(pool, queue, max_batch, concurrency));
+        Self { jobs }
+    }
+
+    /// Stores and routes one message; returns its id once committed.
+    pub async fn submit(&self, message: NewMessage) -> Result<i64, EnqueueError> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || EnqueueError::Unavailable(sqlx::Error::PoolClosed);
+        self.jobs
+            .send(Job { message, reply })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+async fn dispatch(
+    pool: PgPool,
+    mut queue: mpsc::Receiver<Job>,
+    max_batch: usize,
+    concurrency: usize,
+) {
+    let in_flight = Arc::new(Semaphore::new(concurrency));
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        // Wait for a free slot first, so that jobs keep queueing meanwhile
+        // and the batch taken next is as large as the load makes it.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        if queue.recv_many(&mut batch, max_batch).await == 0 {
+            return;
+        }
+        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            store_batch(&pool, jobs).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn store_batch(pool: &PgPool, jobs: Vec<Job>) {
+    let (messages, replies): (Vec<NewMessage>, Vec<_>) =
+        jobs.into_iter().map(|j| (j.message, j.reply)).unzip();
+    let mut result = enqueue(pool, &messages, Source::Http).await;
+    // A conflict between concurrent batches is retried once as a whole.
+    if let Err(EnqueueError::Unavailable(error)) = &result
+        && error.as_database_error().is_some()
+    {
+        result = enqueue(pool, &messages, Source::Http).await;
+    }
+    match result {
+        Ok(ids) => {
+            for (reply, id) in replies.into_iter().zip(ids) {
+                let _ = reply.send(Ok(id));
+            }
+        }
+        // One bad message (an unknown connection) fails the transaction:
+        // store the others one by one, so that each caller gets its own answer.
+        Err(
+            EnqueueError::ConnectionNotFound(_)
+            | EnqueueError::Invalid(_)
+            | EnqueueError::Unsupported(_),
+        ) if messages.len() > 1 => {
+            for (message, reply) in messages.iter().zip(replies) {
+                let single = enqueue(pool, std::slice::from_ref(message), Source::Http).await;
+                let _ = reply.send(single.map(|ids| ids[0]));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.replicate()));
+            }
+        }
+    }
 }

@@ -159,7 +159,12 @@ pub async fn upgrade(
             .map(|s| s.chars().take(512).collect()),
     };
     let limit = ctx.settings.max_message_bytes + FRAME_OVERHEAD;
-    ws.max_message_size(limit)
+    // Small buffers: most sockets are idle most of the time, and these are
+    // allocated per socket (the defaults are 128 KiB each); they grow when a
+    // large message needs it.
+    ws.read_buffer_size(1024)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(limit)
         .max_frame_size(limit)
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
@@ -182,6 +187,10 @@ type Sink = SplitSink<WebSocket, Message>;
 type Incoming = SplitStream<WebSocket>;
 
 /// Runs a session to its end.
+///
+/// Sessions are many and mostly idle, so the size of their future matters:
+/// everything they await only now and then (database work, a backfill, a
+/// burst of input) is boxed, and the idle state stays small.
 pub async fn run(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams) {
     let id = Uuid::now_v7();
     let span = tracing::info_span!(
@@ -201,7 +210,14 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
             Proto::Json,
         ),
         Protocol::Stomp => {
-            match stomp::handshake(&ctx, &mut sink, &mut incoming, params.identity.clone()).await {
+            match Box::pin(stomp::handshake(
+                &ctx,
+                &mut sink,
+                &mut incoming,
+                params.identity.clone(),
+            ))
+            .await
+            {
                 Some((identity, state)) => (identity, Proto::Stomp(Box::new(state))),
                 None => return,
             }
@@ -220,7 +236,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         user_agent: params.user_agent.as_deref(),
         since: params.since,
     };
-    let heads = match db::bounded(connections::attach(&ctx.pool, &registration)).await {
+    let heads = match Box::pin(db::bounded(connections::attach(&ctx.pool, &registration))).await {
         Ok(heads) => heads,
         Err(error) => {
             ctx.hub.remove(id, &[]);
@@ -251,6 +267,12 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
     } else {
         Origin::Parked
     };
+    let from = params.since.unwrap_or(0);
+    // Nothing to read back: no parked messages, or a cursor at the head.
+    let backfill = match origin {
+        Origin::Parked => heads.parked,
+        _ => from < heads.user,
+    };
     let mut session = Session {
         ctx,
         id,
@@ -262,9 +284,9 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         user_cursor: heads.user,
         broadcast_cursor: heads.broadcast,
         topics: HashMap::new(),
-        pending_backfill: Some(Backfill {
+        pending_backfill: backfill.then_some(Backfill {
             origin,
-            from: params.since.unwrap_or(0),
+            from,
             head: heads.user,
         }),
         held: VecDeque::new(),
@@ -275,7 +297,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         unsent: Vec::new(),
     };
     let Err(exit) = session.serve(&mut inbox, &mut incoming).await;
-    session.finish(inbox, exit).await;
+    Box::pin(session.finish(inbox, exit)).await;
 }
 
 /// Why a session ended.
@@ -382,7 +404,7 @@ impl Session {
             Proto::Json => {
                 self.json_welcome().await?;
                 if let Some(backfill) = self.pending_backfill.take() {
-                    self.backfill(self.user_stream.clone(), backfill).await?;
+                    Box::pin(self.backfill(self.user_stream.clone(), backfill)).await?;
                 }
             }
             Proto::Stomp(_) => self.stomp_connected().await?,
@@ -394,20 +416,21 @@ impl Session {
         let mut beat = tokio::time::interval(stomp_beat.unwrap_or(Duration::from_secs(3600)));
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         beat.reset();
+        let controls = inbox.controls();
         loop {
             if inbox.is_lagging() {
-                self.catch_up(inbox).await?;
+                Box::pin(self.catch_up(inbox)).await?;
             }
             tokio::select! {
                 biased;
                 () = self.ctx.shutdown.cancelled() => {
                     return Err(Exit::close(1012, "node shutting down; reconnect with since"));
                 }
-                Some(control) = inbox.control.recv() => match control {
+                control = controls.next() => match control {
                     crate::hub::Control::Close { code, reason } => return Err(Exit::Close { code, reason }),
                 },
                 inbound = incoming.next() => match inbound {
-                    Some(Ok(message)) => self.on_inbound(message).await?,
+                    Some(Ok(message)) => Box::pin(self.on_inbound(message)).await?,
                     Some(Err(error)) => {
                         tracing::debug!(%error, "socket error");
                         return Err(Exit::Gone);
@@ -422,7 +445,7 @@ impl Session {
                             Err(_) => break,
                         }
                     }
-                    self.deliver_live(batch).await?;
+                    Box::pin(self.deliver_live(batch)).await?;
                 }
                 _ = ping.tick() => {
                     if self.last_inbound.elapsed() > self.silence_limit() {
@@ -803,6 +826,7 @@ impl Session {
             &self.ctx.node_id,
             &self.user,
             &self.unsent,
+            self.user_cursor,
         ))
         .await;
         if let Err(error) = detached {

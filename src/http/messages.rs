@@ -160,7 +160,11 @@ async fn store(
 ) -> Result<(StatusCode, Vec<i64>), Problem> {
     let work = async {
         let Some(key) = key else {
-            let ids = router::enqueue(&ctx.pool, messages, Source::Http).await?;
+            let ids = match messages {
+                // One message: shares a transaction with concurrent ones.
+                [single] => vec![ctx.submitter.submit(single.clone()).await?],
+                _ => router::enqueue(&ctx.pool, messages, Source::Http).await?,
+            };
             return Ok((StatusCode::ACCEPTED, ids));
         };
         let hash = request_hash(kind, body);

@@ -26,6 +26,8 @@ pub struct Heads {
     pub user: i64,
     /// Broadcasts up to here were sent before the connection existed.
     pub broadcast: i64,
+    /// Whether messages are parked for the user (without `since`).
+    pub parked: bool,
 }
 
 /// Registers a connection under its user's stream lock.
@@ -37,7 +39,7 @@ pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sq
         .execute(&mut *tx)
         .await?;
     let heads = sqlx::query!(
-        r#"SELECT user_head AS "user_head!", broadcast_head AS "broadcast_head!"
+        r#"SELECT user_head AS "user_head!", broadcast_head AS "broadcast_head!", parked AS "parked!"
              FROM relay.attach_connection($1, $2, $3, $4, $5, $6, $7)"#,
         conn.id,
         conn.node_id.as_str(),
@@ -53,18 +55,22 @@ pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sq
     Ok(Heads {
         user: heads.user_head,
         broadcast: heads.broadcast_head,
+        parked: heads.parked,
     })
 }
 
 /// Removes a closed connection's rows and parks, for its user's next
 /// connection, the messages that were routed to it but never written: those
-/// its session had taken (`unsent`) and those still waiting in the outbox.
+/// its session had taken (`unsent`) and those still waiting in the outbox
+/// past `cursor` (the last of the user's stream the session took; a claim
+/// still committing may show rows the session has already written).
 pub async fn detach(
     pool: &PgPool,
     id: Uuid,
     node_id: &NodeId,
     user_id: &str,
     unsent: &[i64],
+    cursor: i64,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query!(
@@ -74,11 +80,12 @@ pub async fn detach(
           FROM relay.outbox o
           JOIN relay.messages m ON m.id = o.message_id
          WHERE o.node_id = $1 AND o.kind = 'deliver' AND o.user_id IS NOT NULL AND $2 = ANY (o.connection_ids)
-           AND m.target_connection IS NULL AND m.expires_at > now()
+           AND o.message_id > $3 AND m.target_connection IS NULL AND m.expires_at > now()
         ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
         "#,
         node_id.as_str(),
-        id
+        id,
+        cursor
     )
     .execute(&mut *tx)
     .await?;

@@ -1,0 +1,294 @@
+//! `pgrelay bench`: a load generator that starts a cluster (a throwaway
+//! PostgreSQL with fsync on, and two nodes of this binary), runs the
+//! scenarios, and prints a table (or JSON, to compare across commits).
+
+mod clients;
+mod cluster;
+mod scenarios;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::parse_duration;
+use cluster::BenchCluster;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Benchmark this database (a fresh database is created in it and
+    /// dropped after) instead of a throwaway PostgreSQL.
+    #[arg(long)]
+    pub database_url: Option<String>,
+
+    /// Scenarios to run, comma-separated: throughput, latency, idle, fanout, sql.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,latency,idle,fanout,sql"
+    )]
+    pub scenarios: Vec<String>,
+
+    /// How long each timed scenario runs.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// HTTP submissions in flight in the throughput scenario.
+    #[arg(long, default_value_t = 64)]
+    pub submitters: usize,
+
+    /// Receiving users (one socket each) in the throughput scenario.
+    #[arg(long, default_value_t = 100)]
+    pub receivers: usize,
+
+    /// Offered loads of the latency scenario, messages per second.
+    #[arg(long, value_delimiter = ',', default_value = "500,2000,5000")]
+    pub rates: Vec<u64>,
+
+    /// Idle connections to open on one node.
+    #[arg(long, default_value_t = 50_000)]
+    pub idle: usize,
+
+    /// Subscribers of the fan-out topic, over both nodes.
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+
+    /// Seconds-long run with small numbers, to check that it works (CI).
+    #[arg(long)]
+    pub smoke: bool,
+
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Extra flags for the nodes' `pgrelay serve`.
+    #[arg(long, allow_hyphen_values = true, num_args = 1..)]
+    pub node_args: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    machine: String,
+    throughput: Option<scenarios::Throughput>,
+    latency: Vec<scenarios::Latency>,
+    idle: Option<scenarios::Idle>,
+    fanout: Option<scenarios::Fanout>,
+    sql: Option<scenarios::SqlSend>,
+}
+
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    if args.smoke {
+        args.duration = Duration::from_secs(2);
+        args.submitters = args.submitters.min(8);
+        args.receivers = args.receivers.min(10);
+        args.rates = vec![200];
+        args.idle = args.idle.min(200);
+        args.subscribers = args.subscribers.min(200);
+    }
+    let fd_limit = raise_fd_limit();
+    let wanted = |name: &str| args.scenarios.iter().any(|s| s == name);
+    let (database_url, scratch) = match &args.database_url {
+        Some(url) => {
+            let (url, name) = scratch_database(url).await?;
+            (
+                Some(url),
+                Some((args.database_url.clone().unwrap_or_default(), name)),
+            )
+        }
+        None => (None, None),
+    };
+    eprintln!("starting a cluster (PostgreSQL with fsync on, two nodes)…");
+    let cluster = BenchCluster::start(database_url, &args.node_args).await?;
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await?;
+    let mut report = Report {
+        machine: machine(),
+        ..Report::default()
+    };
+    if wanted("throughput") {
+        eprintln!(
+            "throughput: {} submitters, {} receivers, {:?}…",
+            args.submitters, args.receivers, args.duration
+        );
+        report.throughput = Some(
+            scenarios::throughput(
+                &cluster,
+                &pool,
+                args.submitters,
+                args.receivers,
+                args.duration,
+            )
+            .await?,
+        );
+    }
+    if wanted("latency") {
+        for rate in &args.rates {
+            eprintln!("latency at {rate} msg/s…");
+            report
+                .latency
+                .push(scenarios::latency(&cluster, *rate, args.duration).await?);
+        }
+    }
+    if wanted("idle") {
+        // Each socket costs the benchmark and the node a descriptor each.
+        let count = args.idle.min(fd_limit.saturating_sub(1_000) as usize);
+        eprintln!("idle: {count} connections…");
+        report.idle = Some(scenarios::idle(&cluster, count).await?);
+    }
+    if wanted("fanout") {
+        eprintln!("fan-out to {} subscribers…", args.subscribers);
+        let sustained = if args.smoke { 3 } else { 20 };
+        report.fanout = Some(scenarios::fanout(&cluster, args.subscribers, sustained).await?);
+    }
+    if wanted("sql") {
+        eprintln!("SQL send from 16 transactions…");
+        report.sql = Some(scenarios::sql_send(&cluster, 16, args.duration).await?);
+    }
+    pool.close().await;
+    cluster.stop().await;
+    if let Some((admin_url, name)) = scratch {
+        drop_scratch(&admin_url, &name).await;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Raises the open-file limit as far as allowed (sockets are files); the
+/// nodes this starts inherit it.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        // Root may go past the hard limit, up to the kernel's.
+        let wanted = libc::rlimit {
+            rlim_cur: 200_000,
+            rlim_max: limit.rlim_max.max(200_000),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return wanted.rlim_cur;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
+async fn scratch_database(url: &str) -> anyhow::Result<(String, String)> {
+    let name = format!("pgrelay_bench_{}", std::process::id());
+    let admin = sqlx::PgPool::connect(url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let mut options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    options = options.database(&name);
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        name
+    );
+    Ok((url, name))
+}
+
+async fn drop_scratch(admin_url: &str, name: &str) {
+    if let Ok(admin) = sqlx::PgPool::connect(admin_url).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    format!("{cpus} CPUs ({model}), PostgreSQL on the same machine")
+}
+
+fn print_table(report: &Report) {
+    println!("pgrelay bench — {}", report.machine);
+    if let Some(t) = &report.throughput {
+        println!(
+            "\ncross-node throughput ({} submitters on node a, {} receivers on node b, {} B payloads, {:.1} s)",
+            t.submitters, t.receivers, t.payload_bytes, t.seconds
+        );
+        println!("  delivered        {:>10.0} msg/s", t.delivered_per_sec);
+        println!("  accepted         {:>10}", t.accepted);
+        println!("  delivered        {:>10}", t.delivered);
+        println!("  lost             {:>10}", t.lost);
+        println!("  duplicates       {:>10}", t.duplicates);
+        println!("  errors           {:>10}", t.errors);
+        println!("  delivery rows    {:>10}", t.recorded);
+        for (name, cores) in &t.cpu {
+            println!("  cpu {:<12} {:>10.2} cores", name, cores);
+        }
+    }
+    if !report.latency.is_empty() {
+        println!("\nlatency, submit → receipt, open loop");
+        println!(
+            "  {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "msg/s", "sent", "errors", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
+        for l in &report.latency {
+            println!(
+                "  {:>8} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                l.offered_per_sec, l.sent, l.errors, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+            );
+        }
+    }
+    if let Some(i) = &report.idle {
+        println!("\nidle connections on one node");
+        println!("  connections      {:>10}", i.connections);
+        println!(
+            "  connects         {:>10.0} /s (registry writes included)",
+            i.connects_per_sec
+        );
+        println!(
+            "  node RSS         {:>10.1} MiB → {:.1} MiB",
+            i.node_rss_before_mib, i.node_rss_after_mib
+        );
+        println!("  per connection   {:>10.1} KiB", i.rss_per_connection_kib);
+    }
+    if let Some(f) = &report.fanout {
+        println!(
+            "\ntopic fan-out to {} subscribers over two nodes",
+            f.subscribers
+        );
+        println!(
+            "  one message      {:>10.1} ms to the last subscriber (median of {})",
+            f.one_message_median_ms,
+            f.one_message_ms.len()
+        );
+        println!(
+            "  sustained        {:>10.0} deliveries/s ({} messages)",
+            f.sustained_deliveries_per_sec, f.sustained_messages
+        );
+    }
+    if let Some(s) = &report.sql {
+        println!("\nSQL send, {} concurrent transactions", s.clients);
+        println!("  relay.send_to_user {:>8.0} msg/s", s.send_to_user_per_sec);
+        if let Some(raw) = s.pgbench_insert_notify_per_sec {
+            println!(
+                "  pgbench INSERT+NOTIFY {:>5.0} tx/s (the same machine's raw ceiling)",
+                raw
+            );
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The benchmark's clients: an HTTP submitter on keep-alive connections and
+//! WebSocket receivers that parse only what they measure.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+/// HTTP/1.1 with a pool of keep-alive connections.
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Http {
+    pub fn new(connections: usize) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(connections)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Self { client }
+    }
+
+    /// POSTs JSON; returns the status and the body.
+    pub async fn post(&self, url: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
+        let request = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = self.client.request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// The `"id":"123"` of a 202 answer or of a `message` frame.
+pub fn parse_id(text: &[u8]) -> Option<i64> {
+    let at = find(text, b"\"id\":\"")? + 6;
+    let end = text[at..].iter().position(|b| *b == b'"')? + at;
+    std::str::from_utf8(&text[at..end]).ok()?.parse().ok()
+}
+
+/// The send time the benchmark put in a message's data (`"t":<µs>`).
+pub fn parse_sent_at(text: &[u8]) -> Option<u64> {
+    let mut at = find(text, b"\"t\":")? + 4;
+    // jsonb writes `"t": 123`.
+    while text.get(at) == Some(&b' ') {
+        at += 1;
+    }
+    let end = text[at..].iter().position(|b| !b.is_ascii_digit())? + at;
+    std::str::from_utf8(&text[at..end]).ok()?.parse().ok()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A 200-byte-or-so message body for `user`, with a send time.
+pub fn message_body(to: &str, sent_at_micros: u64, padding: &str) -> String {
+    format!(
+        r#"{{"to":{},"data":{{"t":{sent_at_micros},"p":"{padding}"}}}}"#,
+        to
+    )
+}
+
+/// Padding that makes `data` about `bytes` long.
+pub fn padding(bytes: usize) -> String {
+    "x".repeat(bytes.saturating_sub(24))
+}
+
+/// Microseconds since the benchmark's epoch.
+pub fn now_micros(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+/// What a receiver saw.
+#[derive(Default)]
+pub struct Received {
+    pub ids: Vec<i64>,
+    /// Submit → receipt latencies, in microseconds.
+    pub latencies: Vec<u64>,
+}
+
+/// A connected WebSocket client that has read its welcome.
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects to `url` from `source` (a loopback address: 127.0.0.x), so that
+/// many sockets do not run out of ephemeral ports on one address.
+pub async fn connect_ws(server: SocketAddr, source: IpAddr, path: &str) -> anyhow::Result<Socket> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{server}{path}");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    // The welcome: the connection is registered.
+    match ws.next().await {
+        Some(Ok(Message::Text(text))) if text.contains("\"welcome\"") => Ok(ws),
+        other => anyhow::bail!("no welcome: {other:?}"),
+    }
+}
+
+/// Reads messages until `stop`, recording ids and latencies.
+pub async fn receive(
+    mut ws: Socket,
+    epoch: Instant,
+    counter: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Received {
+    let mut received = Received::default();
+    loop {
+        let next = tokio::select! {
+            next = ws.next() => next,
+            () = stop.cancelled() => break,
+        };
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let bytes = text.as_bytes();
+                if let Some(id) = parse_id(bytes) {
+                    received.ids.push(id);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    if let Some(sent) = parse_sent_at(bytes) {
+                        received
+                            .latencies
+                            .push(now_micros(epoch).saturating_sub(sent));
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let _ = ws.close(None).await;
+    received
+}
+
+/// Sends a JSON frame on a socket.
+pub async fn send_text(ws: &mut Socket, text: String) -> anyhow::Result<()> {
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+/// Reads until a frame whose text contains `marker`.
+pub async fn wait_for(ws: &mut Socket, marker: &str) -> anyhow::Result<()> {
+    while let Some(message) = ws.next().await {
+        if let Message::Text(text) = message?
+            && text.contains(marker)
+        {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("closed before {marker}")
+}
+
+/// p-th percentile (0–100) of sorted values.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing_the_frames_the_benchmark_reads() {
+        let frame = br#"{"op":"message","id":"456","to":{"user":"u1"},"data":{"t":123,"p":"xx"},"created_at":"x"}"#;
+        assert_eq!(parse_id(frame), Some(456));
+        assert_eq!(parse_sent_at(frame), Some(123));
+        assert_eq!(parse_sent_at(br#"{"data":{"p": "x", "t": 77}}"#), Some(77));
+        assert_eq!(parse_id(br#"{"id":"789"}"#), Some(789));
+        assert_eq!(parse_id(b"{}"), None);
+        let body = message_body(r#"{"user":"u1"}"#, 5, &padding(200));
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let data_len = value["data"].to_string().len();
+        assert!((190..=210).contains(&data_len), "{data_len}");
+        assert_eq!(percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 50.0), 6);
+        assert_eq!(percentile(&[1, 2, 3], 100.0), 3);
+    }
+}

@@ -102,7 +102,9 @@ CREATE VIEW relay.stream_messages AS
 -- connection (or whose connection went away before delivery), handed to the
 -- user's next connection on any node.
 CREATE TABLE relay.outbox (
-    id             bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    -- Names a row, nothing more: nodes claim in message id order, which is
+    -- each stream's commit order (see the top of this file).
+    id             bigint GENERATED ALWAYS AS IDENTITY (CACHE 64) PRIMARY KEY,
     node_id        text,
     kind           text        NOT NULL DEFAULT 'deliver' CHECK (kind IN ('deliver', 'disconnect')),
     message_id     bigint,
@@ -114,7 +116,7 @@ CREATE TABLE relay.outbox (
     CHECK (node_id IS NOT NULL OR (kind = 'deliver' AND user_id IS NOT NULL AND message_id IS NOT NULL
                                    AND expires_at IS NOT NULL))
 );
-CREATE INDEX outbox_node_id_idx ON relay.outbox (node_id, id) WHERE node_id IS NOT NULL;
+CREATE INDEX outbox_node_id_idx ON relay.outbox (node_id, message_id) WHERE node_id IS NOT NULL;
 CREATE UNIQUE INDEX outbox_parked_idx ON relay.outbox (user_id, message_id) WHERE node_id IS NULL;
 CREATE INDEX outbox_parked_expiry_idx ON relay.outbox (expires_at) WHERE node_id IS NULL;
 
@@ -173,6 +175,9 @@ CREATE FUNCTION relay.enqueue(
     p_content_types text[] DEFAULT NULL
 ) RETURNS bigint[]
 LANGUAGE plpgsql
+-- Its statements take arrays whose sizes vary call to call: re-planning each
+-- one on every call cost more than it won.
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     n          integer := coalesce(cardinality(p_targets), 0);
@@ -189,6 +194,8 @@ DECLARE
     v_missing  text;
     v_nodes    text[];
     v_node     text;
+    v_target   jsonb;
+    v_multi    boolean := false;  -- a target names several users, or a connection
 BEGIN
     IF n = 0 THEN
         RETURN '{}';
@@ -200,30 +207,43 @@ BEGIN
     END IF;
     SELECT default_ttl INTO STRICT v_ttl FROM relay.config;
 
+    -- Sort the targets: one user, a topic or the broadcast in this loop (the
+    -- common cases, without a query); several users or a connection below.
     FOR i IN 1..n LOOP
-        IF NOT (p_targets[i] ? 'user' OR p_targets[i] ? 'users' OR p_targets[i] ? 'connection'
-                OR p_targets[i] ? 'topic' OR p_targets[i] ? 'broadcast') THEN
-            RAISE EXCEPTION 'relay.enqueue: unknown target %', p_targets[i] USING ERRCODE = '22023';
-        END IF;
-        IF p_targets[i] ? 'topic' AND NOT relay.valid_topic(p_targets[i]->>'topic') THEN
-            RAISE EXCEPTION 'invalid topic name %', p_targets[i]->>'topic' USING ERRCODE = '22023';
-        END IF;
+        v_target := p_targets[i];
         IF p_data[i] IS NULL AND p_bodies[i] IS NULL THEN
             RAISE EXCEPTION 'relay.enqueue: a message needs data or a body' USING ERRCODE = '22023';
         END IF;
+        IF v_target ? 'user' THEN
+            rec_msg := array_append(rec_msg, i);
+            rec_user := array_append(rec_user, v_target->>'user');
+            rec_conn := array_append(rec_conn, NULL::uuid);
+            ms_msg := array_append(ms_msg, i);
+            ms_stream := array_append(ms_stream, 'user:' || (v_target->>'user'));
+        ELSIF v_target ? 'topic' THEN
+            IF NOT relay.valid_topic(v_target->>'topic') THEN
+                RAISE EXCEPTION 'invalid topic name %', v_target->>'topic' USING ERRCODE = '22023';
+            END IF;
+            top_msg := array_append(top_msg, i);
+            top_name := array_append(top_name, v_target->>'topic');
+            ms_msg := array_append(ms_msg, i);
+            ms_stream := array_append(ms_stream, 'topic:' || (v_target->>'topic'));
+        ELSIF v_target ? 'broadcast' THEN
+            bc_msg := array_append(bc_msg, i);
+            ms_msg := array_append(ms_msg, i);
+            ms_stream := array_append(ms_stream, 'broadcast');
+        ELSIF v_target ? 'users' OR v_target ? 'connection' THEN
+            v_multi := true;
+        ELSE
+            RAISE EXCEPTION 'relay.enqueue: unknown target %', v_target USING ERRCODE = '22023';
+        END IF;
     END LOOP;
 
-    -- User recipients: (message index, user, connection for connection-addressed ones).
-    SELECT array_agg(r.i ORDER BY r.i, r.user_id),
-           array_agg(r.user_id ORDER BY r.i, r.user_id),
-           array_agg(r.conn ORDER BY r.i, r.user_id)
-      INTO rec_msg, rec_user, rec_conn
-      FROM (
-            SELECT t.i::integer AS i, t.target->>'user' AS user_id, NULL::uuid AS conn
-              FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
-             WHERE t.target ? 'user'
-            UNION
-            SELECT t.i::integer, u.user_id, NULL::uuid
+    IF v_multi THEN
+        -- Several users (each once), and connection-addressed messages (to
+        -- the connection's user's stream).
+        WITH x AS (
+            SELECT DISTINCT t.i::integer AS i, u.user_id, NULL::uuid AS conn
               FROM unnest(p_targets) WITH ORDINALITY AS t(target, i),
                    jsonb_array_elements_text(t.target->'users') AS u(user_id)
              WHERE t.target ? 'users'
@@ -232,65 +252,61 @@ BEGIN
               FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
               JOIN relay.connections c ON c.id = (t.target->>'connection')::uuid
              WHERE t.target ? 'connection'
-      ) r;
-    SELECT array_agg(t.i::integer ORDER BY t.i), array_agg(t.target->>'topic' ORDER BY t.i)
-      INTO top_msg, top_name
-      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
-     WHERE t.target ? 'topic';
-    SELECT array_agg(t.i::integer ORDER BY t.i)
-      INTO bc_msg
-      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
-     WHERE t.target ? 'broadcast';
+        )
+        SELECT rec_msg || array_agg(x.i), rec_user || array_agg(x.user_id), rec_conn || array_agg(x.conn),
+               ms_msg || array_agg(x.i), ms_stream || array_agg('user:' || x.user_id)
+          INTO rec_msg, rec_user, rec_conn, ms_msg, ms_stream
+          FROM x;
 
-    SELECT t.target->>'connection' INTO v_missing
-      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
-     WHERE t.target ? 'connection' AND NOT (t.i::integer = ANY (coalesce(rec_msg, '{}')))
-     LIMIT 1;
-    IF v_missing IS NOT NULL THEN
-        RAISE EXCEPTION 'connection % not found', v_missing USING ERRCODE = 'P0002';
+        SELECT t.target->>'connection' INTO v_missing
+          FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+         WHERE t.target ? 'connection' AND NOT (t.i::integer = ANY (coalesce(rec_msg, '{}')))
+         LIMIT 1;
+        IF v_missing IS NOT NULL THEN
+            RAISE EXCEPTION 'connection % not found', v_missing USING ERRCODE = 'P0002';
+        END IF;
+        IF EXISTS (SELECT 1 FROM generate_series(1, n) AS g WHERE NOT (g = ANY (coalesce(ms_msg, '{}')))) THEN
+            RAISE EXCEPTION 'relay.enqueue: a message has no recipient' USING ERRCODE = '22023';
+        END IF;
     END IF;
 
-    SELECT array_agg(x.i ORDER BY x.i, x.stream), array_agg(x.stream ORDER BY x.i, x.stream)
-      INTO ms_msg, ms_stream
-      FROM (
-            SELECT r.i, 'user:' || r.user_id AS stream FROM unnest(rec_msg, rec_user) AS r(i, user_id)
-            UNION ALL
-            SELECT t.i, 'topic:' || t.name FROM unnest(top_msg, top_name) AS t(i, name)
-            UNION ALL
-            SELECT b.i, 'broadcast' FROM unnest(bc_msg) AS b(i)
-      ) x;
-    IF EXISTS (SELECT 1 FROM generate_series(1, n) AS g WHERE NOT (g = ANY (coalesce(ms_msg, '{}')))) THEN
-        RAISE EXCEPTION 'relay.enqueue: a message has no recipient' USING ERRCODE = '22023';
-    END IF;
-
-    -- The stream locks, in sorted order, before any id is drawn (see the top of this file).
-    INSERT INTO relay.streams AS s (stream)
+    -- The stream locks, in sorted order, before any id is drawn (see the top of
+    -- this file): new streams first get their row.
+    INSERT INTO relay.streams (stream)
     SELECT DISTINCT st FROM unnest(ms_stream) AS st ORDER BY 1
-    ON CONFLICT (stream) DO UPDATE SET head = s.head;
+    ON CONFLICT (stream) DO NOTHING;
+    PERFORM 1 FROM relay.streams WHERE stream = ANY (ms_stream) ORDER BY stream FOR NO KEY UPDATE;
 
     SELECT array_agg(nextval('relay.message_id_seq') ORDER BY g) INTO ids FROM generate_series(1, n) AS g;
 
-    INSERT INTO relay.messages (id, stream, target, target_connection, destination, data, body, content_type,
-                                expires_at, source)
-    SELECT ids[t.i], st.stream, t.target, (t.target->>'connection')::uuid, p_destinations[t.i], p_data[t.i],
-           p_bodies[t.i], p_content_types[t.i], now() + coalesce(p_ttls[t.i], v_ttl), p_source
-      FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
-      JOIN (SELECT m.i, CASE WHEN count(*) = 1 THEN min(m.stream) END AS stream
-              FROM unnest(ms_msg, ms_stream) AS m(i, stream)
-             GROUP BY m.i) st ON st.i = t.i
-     ORDER BY t.i;
+    IF v_multi THEN
+        INSERT INTO relay.messages (id, stream, target, target_connection, destination, data, body, content_type,
+                                    expires_at, source)
+        SELECT ids[t.i], st.stream, t.target, (t.target->>'connection')::uuid, p_destinations[t.i], p_data[t.i],
+               p_bodies[t.i], p_content_types[t.i], now() + coalesce(p_ttls[t.i], v_ttl), p_source
+          FROM unnest(p_targets) WITH ORDINALITY AS t(target, i)
+          JOIN (SELECT m.i, CASE WHEN count(*) = 1 THEN min(m.stream) END AS stream
+                  FROM unnest(ms_msg, ms_stream) AS m(i, stream)
+                 GROUP BY m.i) st ON st.i = t.i;
+    ELSE
+        -- One stream per message, listed in message order by the loop above.
+        INSERT INTO relay.messages (id, stream, target, destination, data, body, content_type, expires_at, source)
+        SELECT ids[t.i], ms_stream[t.i], t.target, p_destinations[t.i], p_data[t.i],
+               p_bodies[t.i], p_content_types[t.i], now() + coalesce(p_ttls[t.i], v_ttl), p_source
+          FROM unnest(p_targets) WITH ORDINALITY AS t(target, i);
+    END IF;
 
-    INSERT INTO relay.message_streams (stream, message_id)
-    SELECT m.stream, ids[m.i]
-      FROM unnest(ms_msg, ms_stream) AS m(i, stream)
-     WHERE m.i IN (SELECT c.i FROM unnest(ms_msg) AS c(i) GROUP BY c.i HAVING count(*) > 1);
+    IF v_multi THEN
+        INSERT INTO relay.message_streams (stream, message_id)
+        SELECT m.stream, ids[m.i]
+          FROM unnest(ms_msg, ms_stream) AS m(i, stream)
+         WHERE m.i IN (SELECT c.i FROM unnest(ms_msg) AS c(i) GROUP BY c.i HAVING count(*) > 1);
+    END IF;
 
     -- Route, under the stream locks (no connection or subscription can register
     -- unseen): users' connections grouped into one row per node, message and
     -- user, or a parked row for a user with no connection; one row per node
     -- with subscribers for a topic message; one row per node for a broadcast.
-    -- Rows go in in message id order, so that a node claiming its rows in outbox
-    -- id order keeps stream order.
     WITH rec AS (
         SELECT * FROM unnest(rec_msg, rec_user, rec_conn) AS r(i, user_id, conn)
     ), live AS (
@@ -320,7 +336,6 @@ BEGIN
         INSERT INTO relay.outbox (node_id, message_id, user_id, connection_ids, expires_at)
         SELECT w.node_id, ids[w.i], w.user_id, w.conns, now() + coalesce(p_ttls[w.i], v_ttl)
           FROM work w
-         ORDER BY ids[w.i]
         RETURNING node_id
     )
     SELECT array_agg(DISTINCT q.node_id) FILTER (WHERE q.node_id IS NOT NULL) INTO v_nodes FROM queued q;

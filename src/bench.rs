@@ -33,7 +33,7 @@ pub struct BenchArgs {
     pub duration: Duration,
 
     /// HTTP submissions in flight in the throughput scenario.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 512)]
     pub submitters: usize,
 
     /// Receiving users (one socket each) in the throughput scenario.
@@ -59,6 +59,15 @@ pub struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// Settings for the throwaway PostgreSQL (repeatable), e.g.
+    /// `--postgres-setting shared_preload_libraries=pg_stat_statements`.
+    #[arg(long)]
+    pub postgres_setting: Vec<String>,
+
+    /// Keep the cluster running after the scenarios (for inspection) until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
 
     /// Extra flags for the nodes' `pgrelay serve`.
     #[arg(long, allow_hyphen_values = true, num_args = 1..)]
@@ -97,7 +106,8 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         None => (None, None),
     };
     eprintln!("starting a cluster (PostgreSQL with fsync on, two nodes)…");
-    let cluster = BenchCluster::start(database_url, &args.node_args).await?;
+    let cluster =
+        BenchCluster::start(database_url, &args.node_args, &args.postgres_setting).await?;
     let pool = sqlx::PgPool::connect(&cluster.database_url).await?;
     let mut report = Report {
         machine: machine(),
@@ -143,6 +153,13 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         report.sql = Some(scenarios::sql_send(&cluster, 16, args.duration).await?);
     }
     pool.close().await;
+    if args.keep {
+        eprintln!(
+            "keeping the cluster: DATABASE_URL={} (Ctrl-C stops)",
+            cluster.database_url
+        );
+        crate::dev::wait_for_signal().await;
+    }
     cluster.stop().await;
     if let Some((admin_url, name)) = scratch {
         drop_scratch(&admin_url, &name).await;

@@ -161,8 +161,9 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_SUBMIT_BATCH", default_value_t = 256)]
     pub submit_batch: usize,
 
-    /// Group-commit transactions in flight at once.
-    #[arg(long, env = "PGRELAY_SUBMIT_CONCURRENCY", default_value_t = 4)]
+    /// Group-commit transactions in flight at once (each for its own share of
+    /// the streams).
+    #[arg(long, env = "PGRELAY_SUBMIT_CONCURRENCY", default_value_t = 2)]
     pub submit_concurrency: usize,
 
     /// Messages queued per connection before it is switched to catching up from the database.
@@ -235,7 +236,7 @@ impl Settings {
             db_pool_size: 16,
             sweep_interval: Duration::from_secs(5),
             submit_batch: 256,
-            submit_concurrency: 4,
+            submit_concurrency: 2,
             poll_interval: Duration::from_secs(1),
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),

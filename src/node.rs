@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::config::{NodeId, Settings};
 use crate::deliveries::DeliveryLog;
 use crate::hub::{Control, Hub};
+use crate::registry::connections::Departures;
 use crate::router::GroupCommit;
 use crate::{db, deliveries, http, outbox, registry, sweeper};
 
@@ -34,6 +35,8 @@ pub struct NodeContext {
     pub deliveries: DeliveryLog,
     /// Stores single HTTP submissions in shared transactions.
     pub submitter: GroupCommit,
+    /// Removes closed sessions from the registry, in batches.
+    pub departures: Departures,
     /// Cancelled when the node stops: sessions close, tasks end.
     pub shutdown: CancellationToken,
     /// Sessions and background tasks, awaited on shutdown.
@@ -128,6 +131,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         settings.submit_batch,
         settings.submit_concurrency,
     );
+    let departures = Departures::start(pool.clone(), settings.node_id.clone());
     let ctx = Arc::new(NodeContext {
         node_id: settings.node_id.clone(),
         settings,
@@ -136,6 +140,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         hub: Hub::default(),
         deliveries,
         submitter,
+        departures,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         listener_up: AtomicBool::new(false),

@@ -35,19 +35,25 @@ pub struct Claimed {
 }
 
 /// Claims one batch of this node's outbox rows and hands them to sessions, in
-/// outbox order (which is stream order, see the migrations).
+/// message id order (which is each stream's order, see the migrations).
 ///
 /// Messages are offered to sessions before the claim commits: if the commit
 /// fails, the rows come back and sessions drop what they already have by id.
 pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
     let mut tx = ctx.pool.begin().await?;
+    // Nothing waits on this commit's flush: if a crash loses it, the rows come
+    // back and are delivered again (at least once), and sessions drop by id
+    // what they already have.
+    sqlx::query!("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query!(
         r#"
         WITH claimed AS (
             DELETE FROM relay.outbox o
              WHERE o.id IN (SELECT id FROM relay.outbox
                              WHERE node_id = $1
-                             ORDER BY id
+                             ORDER BY message_id
                              LIMIT $2
                                FOR UPDATE SKIP LOCKED)
             RETURNING o.id, o.kind, o.message_id, o.user_id, o.connection_ids
@@ -58,7 +64,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
                m.created_at AS "created_at?", m.target_connection, (m.expires_at <= now()) AS "expired?"
           FROM claimed c
           LEFT JOIN relay.messages m ON m.id = c.message_id
-         ORDER BY c.id
+         ORDER BY c.message_id, c.id
         "#,
         ctx.node_id.as_str(),
         CLAIM_BATCH,

@@ -18,6 +18,8 @@ pub struct Options {
     /// on for benchmarks, whose figures must mean something.
     pub fsync: bool,
     pub max_connections: u32,
+    /// More server settings, as `name=value`.
+    pub settings: Vec<String>,
 }
 
 impl Default for Options {
@@ -25,6 +27,7 @@ impl Default for Options {
         Self {
             fsync: false,
             max_connections: 400,
+            settings: Vec::new(),
         }
     }
 }
@@ -203,6 +206,12 @@ impl TempPostgres {
                 &format!("fsync={}", if self.options.fsync { "on" } else { "off" }),
             ])
             .args(["-c", "shared_buffers=128MB"])
+            .args(
+                self.options
+                    .settings
+                    .iter()
+                    .flat_map(|setting| ["-c", setting.as_str()]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use sqlx::{PgExecutor, PgPool};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::message::{NewMessage, Payload};
+use crate::message::{NewMessage, Payload, Target};
 
 /// Where a message was submitted, recorded in `relay.messages.source`.
 #[derive(Clone, Copy, Debug)]
@@ -144,16 +144,18 @@ pub async fn enqueue_with<'e>(
 
 /// Group commit: concurrent single-message submissions share transactions.
 ///
-/// A dispatcher takes whatever submissions are queued (up to `max_batch`) and
-/// stores them with one `relay.enqueue` call; while up to `concurrency`
-/// batches are in flight, new submissions queue up and form the next batch.
-/// Nothing waits on a timer: at low load a batch is one message and costs no
-/// latency; under load batches grow, and PostgreSQL's per-transaction costs
-/// (the commit's flush, the NOTIFY serialization) are paid once per batch.
-/// Every caller is answered only after its batch has committed.
+/// Submissions are spread over `shards` by their first stream (a user's or a
+/// topic's), so that two batches in flight never wait for each other's
+/// stream locks. Each shard stores whatever has queued (up to `max_batch`)
+/// with one `relay.enqueue` call, and while it commits, new submissions queue
+/// up and form its next batch. Nothing waits on a timer: at low load a batch
+/// is one message and costs no latency; under load batches grow, and
+/// PostgreSQL's per-transaction costs (the commit's flush, the NOTIFY
+/// serialization) are paid once per batch. Every caller is answered only
+/// after its batch has committed.
 #[derive(Clone)]
 pub struct GroupCommit {
-    jobs: mpsc::Sender<Job>,
+    shards: Arc<[mpsc::Sender<Job>]>,
 }
 
 struct Job {
@@ -162,19 +164,27 @@ struct Job {
 }
 
 impl GroupCommit {
-    /// Starts the dispatcher; it ends when every `GroupCommit` handle is
-    /// dropped and the queue is empty.
-    pub fn start(pool: PgPool, max_batch: usize, concurrency: usize) -> Self {
-        let (jobs, queue) = mpsc::channel(max_batch * concurrency * 4);
-        tokio::spawn(dispatch(pool, queue, max_batch, concurrency));
-        Self { jobs }
+    /// Starts the shards; each ends when every `GroupCommit` handle is
+    /// dropped and its queue is empty.
+    pub fn start(pool: PgPool, max_batch: usize, shards: usize) -> Self {
+        let shards: Vec<_> = (0..shards.max(1))
+            .map(|_| {
+                let (jobs, queue) = mpsc::channel(max_batch * 4);
+                tokio::spawn(run_shard(pool.clone(), queue, max_batch));
+                jobs
+            })
+            .collect();
+        Self {
+            shards: shards.into(),
+        }
     }
 
     /// Stores and routes one message; returns its id once committed.
     pub async fn submit(&self, message: NewMessage) -> Result<i64, EnqueueError> {
+        let shard = &self.shards[shard_of(&message.target, self.shards.len())];
         let (reply, answer) = oneshot::channel();
         let closed = || EnqueueError::Unavailable(sqlx::Error::PoolClosed);
-        self.jobs
+        shard
             .send(Job { message, reply })
             .await
             .map_err(|_| closed())?;
@@ -182,29 +192,24 @@ impl GroupCommit {
     }
 }
 
-async fn dispatch(
-    pool: PgPool,
-    mut queue: mpsc::Receiver<Job>,
-    max_batch: usize,
-    concurrency: usize,
-) {
-    let in_flight = Arc::new(Semaphore::new(concurrency));
+/// The shard of a message's first stream.
+fn shard_of(target: &Target, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match target {
+        Target::User(user) => user.hash(&mut hasher),
+        Target::Users(users) => users.iter().min().hash(&mut hasher),
+        Target::Topic(topic) => topic.hash(&mut hasher),
+        Target::Connection(id) => id.hash(&mut hasher),
+        Target::Broadcast => 0.hash(&mut hasher),
+    }
+    (hasher.finish() % shards as u64) as usize
+}
+
+async fn run_shard(pool: PgPool, mut queue: mpsc::Receiver<Job>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
-    loop {
-        // Wait for a free slot first, so that jobs keep queueing meanwhile
-        // and the batch taken next is as large as the load makes it.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        if queue.recv_many(&mut batch, max_batch).await == 0 {
-            return;
-        }
-        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            store_batch(&pool, jobs).await;
-            drop(permit);
-        });
+    while queue.recv_many(&mut batch, max_batch).await > 0 {
+        store_batch(&pool, std::mem::take(&mut batch)).await;
     }
 }
 

@@ -820,16 +820,13 @@ impl Session {
         for item in held {
             self.note_unsent(&item.message, &item.stream, item.origin);
         }
-        let detached = db::bounded(connections::detach(
-            &self.ctx.pool,
-            self.id,
-            &self.ctx.node_id,
-            &self.user,
-            &self.unsent,
-            self.user_cursor,
-        ))
-        .await;
-        if let Err(error) = detached {
+        let departure = connections::Departure {
+            id: self.id,
+            user_id: self.user.clone(),
+            unsent: self.unsent.clone(),
+            cursor: self.user_cursor,
+        };
+        if let Err(error) = self.ctx.departures.depart(departure).await {
             // The heartbeat removes the row once the database answers again;
             // until then, work routed to it is parked by the claimer.
             tracing::warn!(%error, "could not remove the connection row");

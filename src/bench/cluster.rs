@@ -32,13 +32,18 @@ impl NodeProc {
 }
 
 impl BenchCluster {
-    pub async fn start(database_url: Option<String>, node_args: &[String]) -> anyhow::Result<Self> {
+    pub async fn start(
+        database_url: Option<String>,
+        node_args: &[String],
+        postgres_settings: &[String],
+    ) -> anyhow::Result<Self> {
         let (database_url, postgres) = match database_url {
             Some(url) => (url, None),
             None => {
                 let options = pgtemp::Options {
                     fsync: true,
                     max_connections: 200,
+                    settings: postgres_settings.to_vec(),
                 };
                 let postgres = tokio::task::spawn_blocking(move || TempPostgres::start(options))
                     .await?

@@ -1,7 +1,10 @@
 //! Connection rows: a socket is registered before its `welcome` is sent and
 //! removed when it closes.
 
+use std::sync::Arc;
+
 use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::config::NodeId;
@@ -59,47 +62,105 @@ pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sq
     })
 }
 
-/// Removes a closed connection's rows and parks, for its user's next
-/// connection, the messages that were routed to it but never written: those
-/// its session had taken (`unsent`) and those still waiting in the outbox
-/// past `cursor` (the last of the user's stream the session took; a claim
-/// still committing may show rows the session has already written).
+/// A closed connection, for [`Departures`].
+pub struct Departure {
+    pub id: Uuid,
+    pub user_id: Arc<str>,
+    /// Messages its session had taken but not written.
+    pub unsent: Vec<i64>,
+    /// The last id of the user's stream the session took.
+    pub cursor: i64,
+}
+
+/// Removes closed connections from the registry, many per transaction: a
+/// node whose sockets all drop at once (a network blip, a deploy) would
+/// otherwise queue one transaction per socket and starve its pool.
+#[derive(Clone)]
+pub struct Departures {
+    queue: mpsc::Sender<(Departure, oneshot::Sender<Result<(), String>>)>,
+}
+
+/// Departures removed per transaction.
+const DEPARTURE_BATCH: usize = 1000;
+
+impl Departures {
+    pub fn start(pool: PgPool, node_id: NodeId) -> Self {
+        let (queue, mut rx) =
+            mpsc::channel::<(Departure, oneshot::Sender<Result<(), String>>)>(DEPARTURE_BATCH * 4);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(DEPARTURE_BATCH);
+            while rx.recv_many(&mut batch, DEPARTURE_BATCH).await > 0 {
+                let (departures, replies): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut batch).into_iter().unzip();
+                let result = crate::db::bounded(detach(&pool, &node_id, &departures))
+                    .await
+                    .map_err(|e| e.to_string());
+                for reply in replies {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Removes a closed connection's rows and parks, for its user's next
+    /// connection, the messages that were routed to it but never written;
+    /// returns once that has committed.
+    pub async fn depart(&self, departure: Departure) -> Result<(), String> {
+        let (reply, done) = oneshot::channel();
+        self.queue
+            .send((departure, reply))
+            .await
+            .map_err(|_| "the node is stopping".to_owned())?;
+        done.await.map_err(|_| "the node is stopping".to_owned())?
+    }
+}
+
+/// Removes closed connections' rows and parks, for their users' next
+/// connections, the messages routed to them but never written: those their
+/// sessions had taken (`unsent`) and those still waiting in the outbox past
+/// each one's cursor (a claim still committing may show rows the session has
+/// already written).
 pub async fn detach(
     pool: &PgPool,
-    id: Uuid,
     node_id: &NodeId,
-    user_id: &str,
-    unsent: &[i64],
-    cursor: i64,
+    departures: &[Departure],
 ) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = departures.iter().map(|d| d.id).collect();
+    let cursors: Vec<i64> = departures.iter().map(|d| d.cursor).collect();
     let mut tx = pool.begin().await?;
     sqlx::query!(
         r#"
         INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
         SELECT NULL, o.message_id, o.user_id, o.expires_at
           FROM relay.outbox o
+          JOIN unnest($2::uuid[], $3::bigint[]) AS d(id, cursor)
+            ON d.id = ANY (o.connection_ids) AND o.message_id > d.cursor
           JOIN relay.messages m ON m.id = o.message_id
-         WHERE o.node_id = $1 AND o.kind = 'deliver' AND o.user_id IS NOT NULL AND $2 = ANY (o.connection_ids)
-           AND o.message_id > $3 AND m.target_connection IS NULL AND m.expires_at > now()
+         WHERE o.node_id = $1 AND o.kind = 'deliver' AND o.user_id IS NOT NULL
+           AND m.target_connection IS NULL AND m.expires_at > now()
         ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
         "#,
         node_id.as_str(),
-        id,
-        cursor
+        &ids,
+        &cursors
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
-        "DELETE FROM relay.subscriptions WHERE connection_id = $1",
-        id
+        "DELETE FROM relay.subscriptions WHERE connection_id = ANY ($1)",
+        &ids
     )
     .execute(&mut *tx)
     .await?;
-    sqlx::query!("DELETE FROM relay.connections WHERE id = $1", id)
+    sqlx::query!("DELETE FROM relay.connections WHERE id = ANY ($1)", &ids)
         .execute(&mut *tx)
         .await?;
-    let users = vec![user_id.to_owned(); unsent.len()];
-    park(&mut tx, unsent, &users).await?;
+    let (unsent, users): (Vec<i64>, Vec<String>) = departures
+        .iter()
+        .flat_map(|d| d.unsent.iter().map(|id| (*id, d.user_id.to_string())))
+        .unzip();
+    park(&mut tx, &unsent, &users).await?;
     tx.commit().await
 }
 

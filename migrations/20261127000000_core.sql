@@ -172,7 +172,11 @@ CREATE FUNCTION relay.enqueue(
     p_ttls          interval[],
     p_source        text,
     p_bodies        bytea[] DEFAULT NULL,
-    p_content_types text[] DEFAULT NULL
+    p_content_types text[] DEFAULT NULL,
+    -- Fail at once (SQLSTATE 55P03) rather than wait for a stream another
+    -- transaction holds: group commit uses it so that one held stream cannot
+    -- stall the messages of others.
+    p_nowait        boolean DEFAULT false
 ) RETURNS bigint[]
 LANGUAGE plpgsql
 -- Its statements take arrays whose sizes vary call to call: re-planning each
@@ -272,10 +276,18 @@ BEGIN
 
     -- The stream locks, in sorted order, before any id is drawn (see the top of
     -- this file): new streams first get their row.
+    -- (Only new ones: an insert that meets an existing row someone is updating
+    -- would wait for them, whatever NOWAIT says.)
     INSERT INTO relay.streams (stream)
-    SELECT DISTINCT st FROM unnest(ms_stream) AS st ORDER BY 1
+    SELECT DISTINCT st FROM unnest(ms_stream) AS st
+     WHERE NOT EXISTS (SELECT 1 FROM relay.streams s WHERE s.stream = st)
+     ORDER BY 1
     ON CONFLICT (stream) DO NOTHING;
-    PERFORM 1 FROM relay.streams WHERE stream = ANY (ms_stream) ORDER BY stream FOR NO KEY UPDATE;
+    IF p_nowait THEN
+        PERFORM 1 FROM relay.streams WHERE stream = ANY (ms_stream) ORDER BY stream FOR NO KEY UPDATE NOWAIT;
+    ELSE
+        PERFORM 1 FROM relay.streams WHERE stream = ANY (ms_stream) ORDER BY stream FOR NO KEY UPDATE;
+    END IF;
 
     SELECT array_agg(nextval('relay.message_id_seq') ORDER BY g) INTO ids FROM generate_series(1, n) AS g;
 

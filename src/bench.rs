@@ -114,6 +114,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         ..Report::default()
     };
     if wanted("throughput") {
+        settle(&pool).await;
         eprintln!(
             "throughput: {} submitters, {} receivers, {:?}…",
             args.submitters, args.receivers, args.duration
@@ -144,6 +145,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         report.idle = Some(scenarios::idle(&cluster, count).await?);
     }
     if wanted("fanout") {
+        settle(&pool).await;
         eprintln!("fan-out to {} subscribers…", args.subscribers);
         let sustained = if args.smoke { 3 } else { 20 };
         report.fanout = Some(scenarios::fanout(&cluster, args.subscribers, sustained).await?);
@@ -170,6 +172,19 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         print_table(&report);
     }
     Ok(())
+}
+
+/// Lets the previous scenario's aftermath (dead rows, dirty pages) settle
+/// before the next one is timed, so that scenarios do not measure each other.
+async fn settle(pool: &sqlx::PgPool) {
+    for statement in [
+        "VACUUM (ANALYZE) relay.outbox, relay.messages, relay.deliveries, relay.streams",
+        "CHECKPOINT",
+    ] {
+        if let Err(error) = sqlx::query(statement).execute(pool).await {
+            eprintln!("({statement} failed: {error}; figures may include its aftermath)");
+        }
+    }
 }
 
 /// Raises the open-file limit as far as allowed (sockets are files); the

@@ -73,6 +73,23 @@ pub async fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
+/// A small pool for bookkeeping — claims, delivery records — whose commits
+/// nothing waits on: `synchronous_commit = off` there saves the flush and
+/// its round trips. Never for the writes behind a 2xx.
+pub async fn connect_bookkeeping(settings: &Settings) -> Result<PgPool, sqlx::Error> {
+    let options = connect_options(
+        &settings.database_url,
+        &format!("pgrelay {} bookkeeping", settings.node_id),
+    )?
+    .options([("synchronous_commit", "off")]);
+    PgPoolOptions::new()
+        .max_connections(4)
+        .min_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+}
+
 /// Publishes the settings that SQL senders need (`relay.send_to_user` applies
 /// the same TTL default and size limit as the HTTP API).
 pub async fn publish_config(pool: &PgPool, settings: &Settings) -> Result<(), sqlx::Error> {

@@ -101,13 +101,10 @@ pub async fn write_batch(
             }
         }
     }
+    // On the bookkeeping pool (synchronous_commit off): a crash of PostgreSQL
+    // can lose the last moments of this record (a delivered message may read
+    // as pending again), never a message.
     let mut tx = pool.begin().await?;
-    // Bookkeeping of what already happened, with nothing waiting on it: a
-    // crash of PostgreSQL can lose the last moments of it (a delivered
-    // message may read as pending again), never a message.
-    sqlx::query!("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
     if !delivered_messages.is_empty() {
         sqlx::query!(
             r#"

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use futures_util::FutureExt;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -31,6 +32,8 @@ pub struct NodeContext {
     /// This process's claim on `node_id` (see `relay.nodes.incarnation`).
     pub incarnation: Uuid,
     pub pool: PgPool,
+    /// Claims and delivery records: see [`db::connect_bookkeeping`].
+    pub bookkeeping: PgPool,
     pub hub: Hub,
     pub deliveries: DeliveryLog,
     /// Stores single HTTP submissions in shared transactions.
@@ -121,6 +124,9 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         .with_context(|| format!("cannot listen on {} (PGRELAY_LISTEN)", settings.listen))?;
     let addr = listener.local_addr()?;
     let incarnation = Uuid::new_v4();
+    let bookkeeping = db::connect_bookkeeping(&settings)
+        .await
+        .context("cannot connect to the database (DATABASE_URL)")?;
     registry::nodes::register(&pool, &settings.node_id, incarnation, &addr.to_string())
         .await
         .context("cannot register the node")?;
@@ -137,6 +143,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         settings,
         incarnation,
         pool: pool.clone(),
+        bookkeeping: bookkeeping.clone(),
         hub: Hub::default(),
         deliveries,
         submitter,
@@ -153,7 +160,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
 
     let recorder_stop = CancellationToken::new();
     let recorder = tokio::spawn(deliveries::run(
-        pool,
+        bookkeeping,
         ctx.node_id.clone(),
         records,
         recorder_stop.clone(),
@@ -179,6 +186,13 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
 
     let app = http::router(ctx.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let token = ctx.shutdown.clone();
+    // Messages are small writes that must leave at once: no Nagle delay
+    // waiting for the client's acknowledgement of the previous one.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app)
             .with_graceful_shutdown(token.cancelled_owned())
@@ -231,6 +245,7 @@ impl RunningNode {
             .context("cannot deregister the node")?;
         }
         ctx.pool.close().await;
+        ctx.bookkeeping.close().await;
         tracing::info!(node_id = %ctx.node_id, "stopped");
         match fatal {
             Some(reason) => Err(anyhow::anyhow!(reason)),

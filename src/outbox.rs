@@ -40,13 +40,9 @@ pub struct Claimed {
 /// Messages are offered to sessions before the claim commits: if the commit
 /// fails, the rows come back and sessions drop what they already have by id.
 pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
-    let mut tx = ctx.pool.begin().await?;
-    // Nothing waits on this commit's flush: if a crash loses it, the rows come
-    // back and are delivered again (at least once), and sessions drop by id
-    // what they already have.
-    sqlx::query!("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    // One statement, on the bookkeeping pool: nothing waits on this commit's
+    // flush. If a crash of PostgreSQL loses it, the rows come back and are
+    // delivered again (at least once); sessions drop by id what they have.
     let rows = sqlx::query!(
         r#"
         WITH claimed AS (
@@ -69,7 +65,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         ctx.node_id.as_str(),
         CLAIM_BATCH,
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&ctx.bookkeeping)
     .await?;
 
     let mut claimed = Claimed {
@@ -145,8 +141,11 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
             claimed.parked += 1;
         }
     }
-    crate::registry::connections::park(&mut tx, &park_messages, &park_users).await?;
-    tx.commit().await?;
+    if !park_messages.is_empty() {
+        let mut tx = ctx.bookkeeping.begin().await?;
+        crate::registry::connections::park(&mut tx, &park_messages, &park_users).await?;
+        tx.commit().await?;
+    }
     Ok(claimed)
 }
 

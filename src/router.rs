@@ -34,6 +34,8 @@ pub enum EnqueueError {
     Unsupported(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("a stream is held by another transaction")]
+    Busy,
     #[error("the database is unavailable: {0}")]
     Unavailable(sqlx::Error),
     #[error("database error: {0}")]
@@ -48,6 +50,7 @@ impl EnqueueError {
             EnqueueError::ConnectionNotFound(m) => EnqueueError::ConnectionNotFound(m.clone()),
             EnqueueError::Unsupported(m) => EnqueueError::Unsupported(m.clone()),
             EnqueueError::Invalid(m) => EnqueueError::Invalid(m.clone()),
+            EnqueueError::Busy => EnqueueError::Busy,
             EnqueueError::Unavailable(e) => EnqueueError::Unavailable(text(e)),
             EnqueueError::Database(e) => EnqueueError::Database(text(e)),
         }
@@ -62,6 +65,7 @@ impl From<sqlx::Error> for EnqueueError {
                 Some("P0002") => return EnqueueError::ConnectionNotFound(message),
                 Some("0A000") => return EnqueueError::Unsupported(message),
                 Some("22023") | Some("54000") => return EnqueueError::Invalid(message),
+                Some("55P03") => return EnqueueError::Busy,
                 _ => {}
             }
         }
@@ -80,14 +84,17 @@ pub async fn enqueue(
     messages: &[NewMessage],
     source: Source,
 ) -> Result<Vec<i64>, EnqueueError> {
-    enqueue_with(pool, messages, source).await
+    enqueue_with(pool, messages, source, false).await
 }
 
-/// [`enqueue`] on any executor, e.g. inside a caller's transaction.
+/// [`enqueue`] on any executor, e.g. inside a caller's transaction. With
+/// `nowait`, a stream held by another transaction fails the call at once
+/// ([`EnqueueError::Busy`]) instead of waiting for it.
 pub async fn enqueue_with<'e>(
     executor: impl PgExecutor<'e>,
     messages: &[NewMessage],
     source: Source,
+    nowait: bool,
 ) -> Result<Vec<i64>, EnqueueError> {
     let mut targets = Vec::with_capacity(messages.len());
     let mut destinations = Vec::with_capacity(messages.len());
@@ -127,7 +134,8 @@ pub async fn enqueue_with<'e>(
                    ORDER BY t.i),
             $5,
             $6::bytea[],
-            $7::text[]) AS "ids!"
+            $7::text[],
+            $8) AS "ids!"
         "#,
         &targets,
         &destinations as &[Option<String>],
@@ -136,6 +144,7 @@ pub async fn enqueue_with<'e>(
         source.as_str(),
         &bodies as &[Option<Vec<u8>>],
         &content_types as &[Option<String>],
+        nowait,
     )
     .fetch_one(executor)
     .await?;
@@ -216,7 +225,19 @@ async fn run_shard(pool: PgPool, mut queue: mpsc::Receiver<Job>, max_batch: usiz
 async fn store_batch(pool: &PgPool, jobs: Vec<Job>) {
     let (messages, replies): (Vec<NewMessage>, Vec<_>) =
         jobs.into_iter().map(|j| (j.message, j.reply)).unzip();
-    let mut result = enqueue(pool, &messages, Source::Http).await;
+    let mut result = enqueue_with(pool, &messages, Source::Http, true).await;
+    if let Err(EnqueueError::Busy) = result {
+        // A stream is held (an application transaction, a connect): its
+        // messages wait for it on their own, while this shard moves on.
+        for (message, reply) in messages.into_iter().zip(replies) {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let stored = enqueue(&pool, std::slice::from_ref(&message), Source::Http).await;
+                let _ = reply.send(stored.map(|ids| ids[0]));
+            });
+        }
+        return;
+    }
     // A conflict between concurrent batches is retried once as a whole.
     if let Err(EnqueueError::Unavailable(error)) = &result
         && error.as_database_error().is_some()

@@ -185,7 +185,7 @@ async fn store(
         .await
         .map_err(EnqueueError::from)?;
         if claimed.is_some() {
-            let ids = router::enqueue_with(&mut *tx, messages, Source::Http).await?;
+            let ids = router::enqueue_with(&mut *tx, messages, Source::Http, false).await?;
             sqlx::query!(
                 "UPDATE relay.idempotency_keys SET message_ids = $3 WHERE scope = $1 AND key = $2",
                 caller.scope,

@@ -94,6 +94,7 @@ impl From<EnqueueError> for Problem {
             EnqueueError::Invalid(detail) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail)
             }
+            EnqueueError::Busy => Problem::unavailable("a stream is busy; try again"),
             EnqueueError::Unavailable(error) => Problem::unavailable(format!(
                 "the database is unavailable; nothing was stored ({error})"
             )),

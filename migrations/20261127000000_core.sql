@@ -450,6 +450,7 @@ $fn$;
 -- before this connection existed.
 CREATE FUNCTION relay.attach_connection(
     p_id uuid, p_node text, p_user text, p_protocol text, p_remote text, p_agent text, p_since bigint,
+    p_max_connections integer,
     OUT user_head bigint, OUT broadcast_head bigint, OUT parked boolean
 )
 LANGUAGE plpgsql
@@ -464,6 +465,10 @@ BEGIN
     ON CONFLICT (stream) DO UPDATE SET head = s.head
     RETURNING s.head INTO v_head;
 
+    -- Counted under the stream lock: two connects cannot both take the last place.
+    IF (SELECT count(*) FROM relay.connections WHERE user_id = p_user) >= p_max_connections THEN
+        RAISE EXCEPTION 'user % already has % connections', p_user, p_max_connections USING ERRCODE = 'PR429';
+    END IF;
     INSERT INTO relay.connections (id, node_id, user_id, protocol, remote_addr, user_agent)
     VALUES (p_id, p_node, p_user, p_protocol, p_remote, p_agent);
 
@@ -510,6 +515,16 @@ CREATE TABLE relay.idempotency_keys (
     PRIMARY KEY (scope, key)
 );
 CREATE INDEX idempotency_keys_created_at_idx ON relay.idempotency_keys (created_at);
+
+-- HTTP API keys added at run time (`pgrelay keys`), besides PGRELAY_API_KEYS.
+-- Only a SHA-256 digest of each key is stored; nodes reload the live ones
+-- every few seconds, so a revocation takes effect without a restart.
+CREATE TABLE relay.api_keys (
+    name       text PRIMARY KEY,
+    key_digest bytea       NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    revoked_at timestamptz
+);
 
 -- Which node runs the sweeper (it also holds an advisory lock: the lock decides,
 -- this row shows).

@@ -31,6 +31,27 @@ enum Command {
     Dev(DevArgs),
     /// Benchmark a two-node cluster on a throwaway PostgreSQL (see README "Performance").
     Bench(Box<BenchArgs>),
+    /// Manage the HTTP API keys stored in the database (relay.api_keys).
+    Keys(KeysArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeysArgs {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    action: KeysAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysAction {
+    /// Create a key; it is printed once (only its digest is stored).
+    Create { name: String },
+    /// Revoke a key: nodes refuse it within seconds, without a restart.
+    Revoke { name: String },
+    /// List the keys (names and dates, never the keys).
+    List,
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,5 +117,65 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => crate::bench::run(*args).await,
+        Command::Keys(args) => keys(args).await,
     }
+}
+
+async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let url = args
+        .database_url
+        .filter(|u| !u.trim().is_empty())
+        .context("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?;
+    let pool = db::connect(&Settings::new(url))
+        .await
+        .context("cannot connect to the database (DATABASE_URL)")?;
+    db::migrate(&pool)
+        .await
+        .context("database migrations failed")?;
+    match args.action {
+        KeysAction::Create { name } => {
+            use base64::Engine;
+            let key = format!(
+                "pgr_{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+            );
+            sqlx::query!(
+                "INSERT INTO relay.api_keys (name, key_digest) VALUES ($1, $2)",
+                name,
+                &crate::auth::digest(&key)[..]
+            )
+            .execute(&pool)
+            .await
+            .with_context(|| {
+                format!("cannot create key {name:?} (does the name exist already?)")
+            })?;
+            println!("{key}");
+            eprintln!("key {name:?} created; this is the only time it is shown");
+        }
+        KeysAction::Revoke { name } => {
+            let revoked = sqlx::query!(
+                "UPDATE relay.api_keys SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
+                name
+            )
+            .execute(&pool)
+            .await?
+            .rows_affected();
+            anyhow::ensure!(revoked == 1, "no live key named {name:?}");
+            println!("key {name:?} revoked");
+        }
+        KeysAction::List => {
+            let keys = sqlx::query!(
+                "SELECT name, created_at, revoked_at FROM relay.api_keys ORDER BY name"
+            )
+            .fetch_all(&pool)
+            .await?;
+            for key in keys {
+                let state = key
+                    .revoked_at
+                    .map_or("live".to_owned(), |at| format!("revoked {at}"));
+                println!("{}\tcreated {}\t{state}", key.name, key.created_at);
+            }
+        }
+    }
+    Ok(())
 }

@@ -112,11 +112,26 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
-    /// Path to a PEM public key (RSA or EC) for RS256/ES256 client JWTs.
+    /// The HS256 secret being rotated out: tokens signed with it are still
+    /// accepted until they expire.
+    #[arg(long, env = "PGRELAY_JWT_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_previous_secret: Option<String>,
+
+    /// Path to the public keys for RS256/ES256 client JWTs: a PEM file (one
+    /// or more RSA or P-256 keys) or a JWKS document.
     #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
 
-    /// Comma-separated bearer keys for the HTTP API.
+    /// Required `aud` of client JWTs (unset: not checked).
+    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` of client JWTs (unset: not checked).
+    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Comma-separated bearer keys for the HTTP API (more can be added, and
+    /// revoked, at run time in relay.api_keys: `pgrelay keys`).
     #[arg(
         long,
         env = "PGRELAY_API_KEYS",
@@ -174,6 +189,38 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Topic subscriptions one connection may hold.
+    #[arg(long, env = "PGRELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+
+    /// Connections one user may hold across the cluster.
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: u32,
+
+    /// Inbound WebSocket frames (pings included) per second per connection;
+    /// more close the connection.
+    #[arg(long, env = "PGRELAY_MAX_FRAMES_PER_SECOND", default_value_t = 100)]
+    pub max_frames_per_second: u32,
+
+    /// Submissions per second per API key and node; more are answered 429.
+    /// 0: no limit. (Not applied with auth `none`.)
+    #[arg(long, env = "PGRELAY_API_RATE_LIMIT", default_value_t = 10_000)]
+    pub api_rate_limit: u32,
+
+    /// A socket whose writes make no progress this long is a slow consumer:
+    /// it is closed (its messages stay resumable with `since`).
+    #[arg(long, env = "PGRELAY_SLOW_CONSUMER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub slow_consumer_timeout: Duration,
+
+    /// Open TCP connections (HTTP and WebSocket) one node accepts.
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// How long a client may take to send a request's headers, and an HTTP
+    /// request to complete (slowloris and friends).
+    #[arg(long, env = "PGRELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
     /// Log format: `text` for people, `json` for collectors.
     #[arg(long, env = "PGRELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -217,6 +264,33 @@ pub struct Settings {
     pub submit_concurrency: usize,
     pub send_queue: usize,
     pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+/// What one client may do, and how much of the node it may take.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_subscriptions: usize,
+    pub max_connections_per_user: u32,
+    pub max_frames_per_second: u32,
+    pub api_rate_limit: u32,
+    pub slow_consumer_timeout: Duration,
+    pub max_connections: usize,
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 100,
+            max_connections_per_user: 100,
+            max_frames_per_second: 100,
+            api_rate_limit: 10_000,
+            slow_consumer_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Settings {
@@ -240,6 +314,7 @@ impl Settings {
             poll_interval: Duration::from_secs(1),
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
         }
     }
 
@@ -266,24 +341,31 @@ impl Settings {
         let auth = match mode {
             AuthMode::None => Auth::None,
             AuthMode::Jwt => {
-                let verifier = match (&args.jwt_secret, &args.jwt_public_key) {
-                    (Some(_), Some(_)) => {
-                        return Err(
-                            "set only one of PGRELAY_JWT_SECRET and PGRELAY_JWT_PUBLIC_KEY".into(),
-                        );
+                let from_secret = match &args.jwt_secret {
+                    Some(secret) => {
+                        let current = JwtVerifier::hs256(secret.as_bytes())?;
+                        Some(match &args.jwt_previous_secret {
+                            Some(previous) => current
+                                .or(JwtVerifier::hs256(previous.as_bytes()).map_err(|e| {
+                                    e.replace("PGRELAY_JWT_SECRET", "PGRELAY_JWT_PREVIOUS_SECRET")
+                                })?),
+                            None => current,
+                        })
                     }
-                    (Some(secret), None) => JwtVerifier::hs256(secret.as_bytes())?,
-                    (None, Some(path)) => {
-                        let pem = std::fs::read(path).map_err(|e| {
-                            format!(
-                                "PGRELAY_JWT_PUBLIC_KEY: cannot read {}: {e}",
-                                path.display()
-                            )
-                        })?;
-                        JwtVerifier::from_public_pem(&pem).map_err(|e| {
-                            format!("PGRELAY_JWT_PUBLIC_KEY {}: {e}", path.display())
-                        })?
+                    None if args.jwt_previous_secret.is_some() => {
+                        return Err("PGRELAY_JWT_PREVIOUS_SECRET needs PGRELAY_JWT_SECRET".into());
                     }
+                    None => None,
+                };
+                let from_public = match &args.jwt_public_key {
+                    Some(path) => Some(read_public_keys(path)?),
+                    None => None,
+                };
+                // Both may be set while moving from a shared secret to keys;
+                // each key still verifies only its own algorithm.
+                let verifier = match (from_secret, from_public) {
+                    (Some(secret), Some(public)) => secret.or(public),
+                    (Some(verifier), None) | (None, Some(verifier)) => verifier,
                     (None, None) => {
                         return Err(
                             "PGRELAY_AUTH=jwt needs PGRELAY_JWT_SECRET or PGRELAY_JWT_PUBLIC_KEY"
@@ -292,7 +374,8 @@ impl Settings {
                     }
                 };
                 Auth::Jwt {
-                    verifier,
+                    verifier: verifier
+                        .expecting(args.jwt_audience.as_deref(), args.jwt_issuer.as_deref()),
                     api_keys: ApiKeys::new(args.api_keys.iter().map(String::as_str))?,
                 }
             }
@@ -318,6 +401,16 @@ impl Settings {
                 "PGRELAY_SUBMIT_BATCH and PGRELAY_SUBMIT_CONCURRENCY must be at least 1".into(),
             );
         }
+        if args.max_frames_per_second == 0
+            || args.max_connections_per_user == 0
+            || args.max_connections == 0
+        {
+            return Err(
+                "PGRELAY_MAX_FRAMES_PER_SECOND, PGRELAY_MAX_CONNECTIONS_PER_USER and \
+                        PGRELAY_MAX_CONNECTIONS must be at least 1"
+                    .into(),
+            );
+        }
         if args.send_queue == 0 {
             return Err("PGRELAY_SEND_QUEUE must be at least 1".into());
         }
@@ -338,8 +431,34 @@ impl Settings {
             poll_interval: args.poll_interval,
             send_queue: args.send_queue,
             shutdown_grace: args.shutdown_grace,
+            limits: Limits {
+                max_subscriptions: args.max_subscriptions,
+                max_connections_per_user: args.max_connections_per_user,
+                max_frames_per_second: args.max_frames_per_second,
+                api_rate_limit: args.api_rate_limit,
+                slow_consumer_timeout: args.slow_consumer_timeout,
+                max_connections: args.max_connections,
+                request_timeout: args.request_timeout,
+            },
         })
     }
+}
+
+/// Reads `PGRELAY_JWT_PUBLIC_KEY`: a JWKS document or PEM keys.
+fn read_public_keys(path: &std::path::Path) -> Result<JwtVerifier, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "PGRELAY_JWT_PUBLIC_KEY: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    let is_jwks = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let verifier = if is_jwks {
+        JwtVerifier::from_jwks(&bytes)
+    } else {
+        JwtVerifier::from_public_pem(&bytes)
+    };
+    verifier.map_err(|e| format!("PGRELAY_JWT_PUBLIC_KEY {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -359,6 +478,60 @@ mod tests {
         let generated = NodeId::generate();
         assert!(NodeId::parse(generated.as_str()).is_ok());
         assert!(generated.channel().len() <= 63);
+    }
+
+    fn settings_from(flags: &[&str]) -> Result<Settings, String> {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let argv = ["pgrelay", "--database-url", "postgres://localhost/x"]
+            .iter()
+            .chain(flags);
+        let flags = <Flags as clap::Parser>::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Settings::from_args(flags.serve)
+    }
+
+    #[test]
+    fn jwt_keys_come_from_pem_or_jwks_files_and_secrets_rotate() {
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
+        for file in ["jwks.json", "rsa-public.pem"] {
+            let settings = settings_from(&["--jwt-public-key", &format!("{keys}{file}")]).unwrap();
+            assert!(matches!(settings.auth, Auth::Jwt { .. }), "{file}");
+        }
+        let error = settings_from(&["--jwt-public-key", &format!("{keys}README")])
+            .err()
+            .unwrap();
+        assert!(error.contains("PGRELAY_JWT_PUBLIC_KEY"), "{error}");
+        let error = settings_from(&[
+            "--auth",
+            "jwt",
+            "--jwt-previous-secret",
+            "old-secret-0123456789",
+        ])
+        .err()
+        .unwrap();
+        assert!(error.contains("needs PGRELAY_JWT_SECRET"), "{error}");
+        let rotating = settings_from(&[
+            "--jwt-secret",
+            "new-secret-0123456789",
+            "--jwt-previous-secret",
+            "old-secret-0123456789",
+        ])
+        .unwrap();
+        let Auth::Jwt { verifier, .. } = rotating.auth else {
+            panic!("jwt")
+        };
+        for secret in ["new-secret-0123456789", "old-secret-0123456789"] {
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({"sub": "kim", "exp": chrono::Utc::now().timestamp() + 60}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap();
+            assert!(verifier.verify(&token).is_ok(), "{secret}");
+        }
     }
 
     #[test]

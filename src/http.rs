@@ -6,6 +6,7 @@ mod health;
 mod messages;
 mod presence;
 mod problem;
+pub mod server;
 
 use std::sync::Arc;
 
@@ -48,8 +49,36 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            request_timeout,
+        ))
+        .layer(
+            TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(ctx)
+}
+
+/// A request (its body included) must complete within the request timeout:
+/// a client trickling its body does not hold a connection for ever.
+async fn request_timeout(
+    axum::extract::State(ctx): axum::extract::State<Arc<NodeContext>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limit = ctx.settings.limits.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} s", limit.as_secs_f64()),
+        )
+        .into_response(),
+    }
 }
 
 async fn index(axum::extract::State(ctx): axum::extract::State<Arc<NodeContext>>) -> Html<String> {

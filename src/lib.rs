@@ -28,6 +28,7 @@ pub mod deliveries;
 pub mod dev;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod message;
 pub mod node;
 pub mod outbox;

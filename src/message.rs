@@ -101,6 +101,42 @@ impl Target {
     }
 }
 
+/// The deepest nesting that message data may have. Recipients parse data
+/// with whatever their platform offers, and recursive parsers stop around
+/// 128 levels (serde_json does); the frame around the data adds two.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`]. `raw` is already
+/// known to be valid JSON, so brackets outside strings are all that count.
+pub fn check_json_depth(raw: &RawValue) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for byte in raw.get().bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!(
+                        "`data` is nested more than {MAX_JSON_DEPTH} levels deep"
+                    ));
+                }
+            }
+            b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// What a message carries.
 #[derive(Clone, Debug)]
 pub enum Payload {
@@ -379,5 +415,28 @@ mod payload_tests {
         ] {
             assert_eq!(StreamKey::parse(&key.key()), Some(key));
         }
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let deep = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH),
+            "]".repeat(MAX_JSON_DEPTH)
+        );
+        assert!(check_json_depth(&raw(&deep)).is_ok());
+        let deeper = format!("[{deep}]");
+        assert!(check_json_depth(&raw(&deeper)).is_err());
+        let brackets_in_a_string = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(500));
+        assert!(check_json_depth(&raw(&brackets_in_a_string)).is_ok());
     }
 }

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use futures_util::FutureExt;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -18,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::config::{NodeId, Settings};
+use crate::config::{Auth, NodeId, Settings};
 use crate::deliveries::DeliveryLog;
 use crate::hub::{Control, Hub};
+use crate::limits::KeyedLimiter;
 use crate::registry::connections::Departures;
 use crate::router::GroupCommit;
 use crate::{db, deliveries, http, outbox, registry, sweeper};
@@ -38,6 +38,8 @@ pub struct NodeContext {
     pub deliveries: DeliveryLog,
     /// Stores single HTTP submissions in shared transactions.
     pub submitter: GroupCommit,
+    /// Submissions per second per API key.
+    pub api_limiter: KeyedLimiter,
     /// Removes closed sessions from the registry, in batches.
     pub departures: Departures,
     /// Cancelled when the node stops: sessions close, tasks end.
@@ -138,6 +140,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         settings.submit_concurrency,
     );
     let departures = Departures::start(pool.clone(), settings.node_id.clone());
+    let api_limiter = KeyedLimiter::new(settings.limits.api_rate_limit);
     let ctx = Arc::new(NodeContext {
         node_id: settings.node_id.clone(),
         settings,
@@ -147,6 +150,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         hub: Hub::default(),
         deliveries,
         submitter,
+        api_limiter,
         departures,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -184,23 +188,22 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         move |token| run_heartbeat(ctx.clone(), token)
     });
 
-    let app = http::router(ctx.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let token = ctx.shutdown.clone();
-    // Messages are small writes that must leave at once: no Nagle delay
-    // waiting for the client's acknowledgement of the previous one.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-        {
-            tracing::error!(%error, "HTTP server failed");
-        }
-    });
+    if let Auth::Jwt { api_keys, .. } = &ctx.settings.auth {
+        let api_keys = api_keys.clone();
+        spawn_supervised(&ctx, "api-keys", {
+            let ctx = ctx.clone();
+            move |token| run_api_keys(ctx.clone(), api_keys.clone(), token)
+        });
+    }
+
+    let server = tokio::spawn(http::server::serve(
+        listener,
+        http::router(ctx.clone()),
+        ctx.settings.limits.max_connections,
+        ctx.settings.limits.request_timeout,
+        ctx.shutdown.clone(),
+        ctx.settings.shutdown_grace,
+    ));
 
     Ok(RunningNode {
         ctx,
@@ -290,6 +293,32 @@ where
             }
         }
     });
+}
+
+/// Reloads the API keys stored in `relay.api_keys` every few seconds: a key
+/// added or revoked there takes effect on every node without a restart.
+async fn run_api_keys(ctx: Arc<NodeContext>, keys: crate::auth::ApiKeys, token: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = token.cancelled() => return,
+        }
+        let stored = db::bounded(
+            sqlx::query_scalar!("SELECT key_digest FROM relay.api_keys WHERE revoked_at IS NULL")
+                .fetch_all(&ctx.pool),
+        )
+        .await;
+        match stored {
+            Ok(digests) => keys.set_stored(
+                digests
+                    .into_iter()
+                    .filter_map(|d| d.try_into().ok())
+                    .collect(),
+            ),
+            Err(error) => tracing::warn!(%error, "could not reload the API keys"),
+        }
+    }
 }
 
 /// What a heartbeat found.

@@ -34,6 +34,7 @@ use crate::config::Auth;
 use crate::deliveries::Record;
 use crate::http::Problem;
 use crate::hub::{Envelope, Inbox};
+use crate::limits::TokenBucket;
 use crate::message::{NewMessage, StoredMessage, StreamKey};
 use crate::node::NodeContext;
 use crate::protocol::Protocol;
@@ -44,12 +45,8 @@ use crate::{db, stream};
 
 /// Bad frames tolerated per minute before the client is closed.
 const BAD_FRAMES_PER_MINUTE: usize = 10;
-/// Topic subscriptions one connection may hold.
-const MAX_SUBSCRIPTIONS: usize = 100;
 /// Live messages written per flush.
 const WRITE_BATCH: usize = 64;
-/// A write that takes longer than this means the client is not reading.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room for the protocol around a message's data in an inbound frame.
 const FRAME_OVERHEAD: usize = 16 * 1024;
 /// Most unsent message ids a session remembers for parking.
@@ -68,6 +65,7 @@ struct WsQuery {
 pub async fn upgrade(
     State(ctx): State<Arc<NodeContext>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    slot: Option<axum::Extension<crate::http::server::ConnectionSlot>>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -169,7 +167,11 @@ pub async fn upgrade(
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tasks = ctx.tasks.clone();
-            tasks.track_future(run(ctx, socket, params))
+            tasks.track_future(async move {
+                // The connection's place under the node's cap, for as long as the socket lives.
+                let _slot = slot;
+                run(ctx, socket, params).await;
+            })
         })
 }
 
@@ -235,33 +237,35 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         remote_addr: &params.remote_addr,
         user_agent: params.user_agent.as_deref(),
         since: params.since,
+        max_per_user: ctx.settings.limits.max_connections_per_user,
     };
-    let heads = match Box::pin(db::bounded(connections::attach(&ctx.pool, &registration))).await {
-        Ok(heads) => heads,
-        Err(error) => {
+    let attach = connections::attach(&ctx.pool, &registration);
+    let attached = Box::pin(tokio::time::timeout(db::OP_TIMEOUT, attach)).await;
+    let heads = match attached {
+        Ok(Ok(heads)) => heads,
+        refused => {
             ctx.hub.remove(id, &[]);
-            tracing::warn!(%error, "could not register the connection");
+            let (code, reason) = match refused {
+                Ok(Err(connections::AttachError::TooMany)) => {
+                    (1008, "too many connections for this user")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "could not register the connection");
+                    (1013, "cannot register the connection now; try again")
+                }
+                _ => (1013, "cannot register the connection now; try again"),
+            };
             if let Proto::Stomp(state) = &proto {
-                let _ = stomp::send_error(
-                    &mut sink,
-                    state.version,
-                    "cannot register the connection now",
-                    None,
-                )
-                .await;
+                let _ = stomp::send_error(&mut sink, state.version, reason, None).await;
             }
-            let _ = close(
-                &mut sink,
-                1013,
-                "cannot register the connection now; try again",
-            )
-            .await;
+            close_and_drain(&mut sink, &mut incoming, code, reason).await;
             return;
         }
     };
     tracing::debug!(head = heads.user, since = ?params.since, "connected");
 
     let now = Instant::now();
+    let ctx_limits = ctx.settings.limits.clone();
     let origin = if params.since.is_some() {
         Origin::Stream
     } else {
@@ -291,13 +295,14 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         }),
         held: VecDeque::new(),
         unacked: Unacked::default(),
+        inbound_rate: TokenBucket::new(ctx_limits.max_frames_per_second),
         bad_frames: VecDeque::new(),
         last_inbound: now,
         last_marked: now,
         unsent: Vec::new(),
     };
     let Err(exit) = session.serve(&mut inbox, &mut incoming).await;
-    Box::pin(session.finish(inbox, exit)).await;
+    Box::pin(session.finish(inbox, &mut incoming, exit)).await;
 }
 
 /// Why a session ended.
@@ -386,6 +391,8 @@ struct Session {
     /// STOMP: user messages no subscription matches yet, in order.
     held: VecDeque<Item>,
     unacked: Unacked,
+    /// Inbound frames allowed per second (a flood closes the connection).
+    inbound_rate: TokenBucket,
     bad_frames: VecDeque<Instant>,
     last_inbound: Instant,
     last_marked: Instant,
@@ -431,10 +438,7 @@ impl Session {
                 },
                 inbound = incoming.next() => match inbound {
                     Some(Ok(message)) => Box::pin(self.on_inbound(message)).await?,
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, "socket error");
-                        return Err(Exit::Gone);
-                    }
+                    Some(Err(error)) => return Err(self.on_socket_error(error)),
                     None => return Err(Exit::Gone),
                 },
                 Some(first) = inbox.messages.recv() => {
@@ -655,7 +659,7 @@ impl Session {
             return Ok(());
         }
         let sink = &mut self.sink;
-        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+        let written = tokio::time::timeout(self.ctx.settings.limits.slow_consumer_timeout, async {
             for item in &batch {
                 for frame in &item.frames {
                     sink.feed(frame.clone()).await?;
@@ -701,7 +705,8 @@ impl Session {
     }
 
     async fn send(&mut self, message: Message) -> Result<(), Exit> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.sink.send(message)).await {
+        let limit = self.ctx.settings.limits.slow_consumer_timeout;
+        match tokio::time::timeout(limit, self.sink.send(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Exit::Gone),
             Err(_) => Err(Exit::close(
@@ -711,7 +716,26 @@ impl Session {
         }
     }
 
+    /// An oversized frame is the client's fault and gets 1009 with the
+    /// limit; anything else means the socket is gone.
+    fn on_socket_error(&self, error: axum::Error) -> Exit {
+        let error = error.into_inner();
+        if let Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) = error.downcast_ref() {
+            let limit = self.ctx.settings.max_message_bytes;
+            return Exit::close(1009, format!("message too big: the limit is {limit} bytes"));
+        }
+        tracing::debug!(%error, "socket error");
+        Exit::Gone
+    }
+
     async fn on_inbound(&mut self, message: Message) -> Result<(), Exit> {
+        if !self.inbound_rate.take() {
+            let limit = self.ctx.settings.limits.max_frames_per_second;
+            return Err(Exit::close(
+                1008,
+                format!("rate limit: more than {limit} frames per second"),
+            ));
+        }
         let heartbeat = self.ctx.settings.heartbeat_interval;
         let is_data = matches!(message, Message::Text(_) | Message::Binary(_));
         // A STOMP client that promised heart-beats must send them: WebSocket
@@ -748,8 +772,10 @@ impl Session {
         if let Some(cursor) = self.topics.get(topic) {
             return Ok(*cursor);
         }
-        if self.topics.len() >= MAX_SUBSCRIPTIONS {
-            return Err(SubscribeError::TooMany);
+        if self.topics.len() >= self.ctx.settings.limits.max_subscriptions {
+            return Err(SubscribeError::TooMany(
+                self.ctx.settings.limits.max_subscriptions,
+            ));
         }
         self.ctx.hub.subscribe(self.id, topic);
         match db::bounded(subscriptions::attach(
@@ -805,7 +831,7 @@ impl Session {
     /// client's close completes, every message routed to this connection has
     /// been written or parked for the user: a reconnect, even without `since`,
     /// cannot race it.
-    async fn finish(mut self, mut inbox: Inbox, exit: Exit) {
+    async fn finish(mut self, mut inbox: Inbox, incoming: &mut Incoming, exit: Exit) {
         let topics: Vec<Arc<str>> = self.topics.keys().cloned().collect();
         self.ctx.hub.remove(self.id, &topics);
         inbox.messages.close();
@@ -835,7 +861,7 @@ impl Session {
         match &exit {
             Exit::Close { code, reason } => {
                 tracing::debug!(code, %reason, "closing");
-                let _ = close(&mut self.sink, *code, reason).await;
+                close_and_drain(&mut self.sink, incoming, *code, reason).await;
             }
             Exit::ClientClosed => {
                 tracing::debug!("client closed");
@@ -849,21 +875,38 @@ impl Session {
 
 /// Why a subscription was refused.
 enum SubscribeError {
-    TooMany,
+    TooMany(usize),
     Unavailable,
 }
 
 impl SubscribeError {
     fn describe(&self) -> String {
         match self {
-            SubscribeError::TooMany => {
-                format!("a connection may hold at most {MAX_SUBSCRIPTIONS} subscriptions")
+            SubscribeError::TooMany(limit) => {
+                format!("a connection may hold at most {limit} subscriptions")
             }
             SubscribeError::Unavailable => {
                 "the subscription could not be registered now; try again".into()
             }
         }
     }
+}
+
+/// Sends a close frame, then reads until the client answers (briefly): a
+/// socket dropped with unread input is reset, and a reset makes the client
+/// discard what it had not read yet, the close frame and its reason included.
+async fn close_and_drain(sink: &mut Sink, incoming: &mut Incoming, code: u16, reason: &str) {
+    if close(sink, code, reason).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(message)) = incoming.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn close(sink: &mut Sink, code: u16, reason: &str) -> Result<(), axum::Error> {

@@ -52,6 +52,7 @@ fn parse_message(body: SubmitBody, ctx: &NodeContext) -> Result<NewMessage, Prob
             data.get().len()
         )));
     }
+    crate::message::check_json_depth(&data).map_err(|e| Problem::bad_request("bad_data", e))?;
     if let Some(destination) = &body.destination
         && (destination.is_empty() || destination.len() > MAX_DESTINATION_BYTES)
     {
@@ -93,6 +94,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
+    rate_limit(&ctx, &caller, 1)?;
     let message = parse_message(decode(&body)?, &ctx)?;
     let key = idempotency_key(&headers)?;
     let (status, ids) = store(&ctx, &caller, key, "single", &body, &[message]).await?;
@@ -114,6 +116,7 @@ pub async fn submit_batch(
             format!("a batch holds 1 to {MAX_BATCH} messages"),
         ));
     }
+    rate_limit(&ctx, &caller, items.len() as u32)?;
     let mut messages = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
         let message = parse_message(item, &ctx).map_err(|mut problem| {
@@ -126,6 +129,27 @@ pub async fn submit_batch(
     let (status, ids) = store(&ctx, &caller, key, "batch", &body, &messages).await?;
     let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
     Ok((status, Json(json!({ "ids": ids }))))
+}
+
+/// Messages per second per API key (not with auth `none`): a batch counts
+/// each of its messages.
+fn rate_limit(ctx: &NodeContext, caller: &ApiCaller, messages: u32) -> Result<(), Problem> {
+    if matches!(ctx.settings.auth, crate::config::Auth::None) {
+        return Ok(());
+    }
+    ctx.api_limiter
+        .check(&caller.scope, messages)
+        .map_err(|wait| Problem {
+            retry_after_secs: Some(wait.as_secs().max(1)),
+            ..Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "more than {} messages per second with this API key; retry later",
+                    ctx.settings.limits.api_rate_limit
+                ),
+            )
+        })
 }
 
 /// The `Idempotency-Key` header, if any.

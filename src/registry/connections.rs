@@ -19,6 +19,17 @@ pub struct NewConnection<'a> {
     pub user_agent: Option<&'a str>,
     /// The client's cursor (`since`), when it resumes.
     pub since: Option<i64>,
+    /// Connections the user may hold across the cluster.
+    pub max_per_user: u32,
+}
+
+/// Why a connection was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("this user already has the most connections allowed")]
+    TooMany,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
 }
 
 /// Where a new connection starts in its streams.
@@ -34,7 +45,7 @@ pub struct Heads {
 }
 
 /// Registers a connection under its user's stream lock.
-pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sqlx::Error> {
+pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, AttachError> {
     let mut tx = pool.begin().await?;
     // A sender holding the lock inside a long application transaction must not
     // hang the handshake: give up, and let the client retry.
@@ -43,7 +54,7 @@ pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sq
         .await?;
     let heads = sqlx::query!(
         r#"SELECT user_head AS "user_head!", broadcast_head AS "broadcast_head!", parked AS "parked!"
-             FROM relay.attach_connection($1, $2, $3, $4, $5, $6, $7)"#,
+             FROM relay.attach_connection($1, $2, $3, $4, $5, $6, $7, $8)"#,
         conn.id,
         conn.node_id.as_str(),
         conn.user_id,
@@ -51,9 +62,14 @@ pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, sq
         conn.remote_addr,
         conn.user_agent,
         conn.since,
+        conn.max_per_user as i32,
     )
     .fetch_one(&mut *tx)
-    .await?;
+    .await
+    .map_err(|error| match error.as_database_error().and_then(|e| e.code()).as_deref() {
+        Some("PR429") => AttachError::TooMany,
+        _ => AttachError::Database(error),
+    })?;
     tx.commit().await?;
     Ok(Heads {
         user: heads.user_head,

@@ -95,6 +95,9 @@ impl Session {
                         .json_error("too_large", "`data` is over the message size limit")
                         .await;
                 }
+                if let Err(reason) = crate::message::check_json_depth(&data) {
+                    return self.json_bad_frame(&reason).await;
+                }
                 let message = NewMessage {
                     target: Target::Topic(topic.clone()),
                     destination: None,

@@ -304,7 +304,7 @@ pub(super) async fn handshake(
             if let Some(reason) = reason {
                 tracing::debug!(%reason, "STOMP connect refused");
                 let _ = send_error(sink, Version::V1_2, &reason, None).await;
-                let _ = super::close(sink, 1008, "STOMP connect refused").await;
+                super::close_and_drain(sink, incoming, 1008, "STOMP connect refused").await;
             }
             None
         }
@@ -528,7 +528,7 @@ impl Session {
             }
             if let Err(error) = self.subscribe_topic(topic).await {
                 return Err(match error {
-                    SubscribeError::TooMany => StompError::forbidden(error.describe()),
+                    SubscribeError::TooMany(_) => StompError::forbidden(error.describe()),
                     SubscribeError::Unavailable => StompError::unavailable(error.describe()),
                 }
                 .into());

@@ -159,3 +159,60 @@ async fn migrate_applies_the_schema_and_nodes_starting_together_share_it() {
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x"));
     assert_one_line_error(code, &stderr, "cannot connect to the database");
 }
+
+#[tokio::test]
+async fn keys_created_with_the_cli_work_at_once_and_revoked_ones_stop() {
+    let cluster = Cluster::start_with(1, AuthKind::Jwt, |_, _| {}).await;
+    let url = cluster.db.url.clone();
+    let keys = move |args: &'static [&'static str]| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let output = pgrelay()
+                .arg("keys")
+                .args(args)
+                .env("DATABASE_URL", url)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run pgrelay");
+            (
+                output.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        })
+    };
+    let (code, stdout, stderr) = keys(&["create", "ci"]).await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let key = stdout.trim().to_owned();
+    assert!(key.starts_with("pgr_") && key.len() > 40, "{key}");
+    let status = |key: String| {
+        let request = cluster
+            .http
+            .post(cluster.url(0, "/v1/messages"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"to": {"user": "kai"}, "data": 1}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    eventually("the new key to be accepted", || {
+        let key = key.clone();
+        async { (status(key).await == 202).then_some(()) }
+    })
+    .await;
+    let (_, listed, _) = keys(&["list"]).await.unwrap();
+    assert!(
+        listed.starts_with("ci\tcreated") && listed.contains("live"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&key), "the key is never shown again");
+
+    let (code, _, stderr) = keys(&["revoke", "ci"]).await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    eventually("the revoked key to be refused", || {
+        let key = key.clone();
+        async { (status(key).await == 401).then_some(()) }
+    })
+    .await;
+    let (code, _, stderr) = keys(&["revoke", "ci"]).await.unwrap();
+    assert_one_line_error(code, &stderr, "no live key named");
+    cluster.finish().await;
+}

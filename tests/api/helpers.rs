@@ -360,6 +360,28 @@ impl Client {
         Ok(client)
     }
 
+    /// Opens the socket without reading anything: for connections the
+    /// server may refuse after the upgrade.
+    pub async fn connect_raw(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("upgrade");
+        Self {
+            ws,
+            connection_id: String::new(),
+            node_id: String::new(),
+        }
+    }
+
+    /// Sends, reporting rather than panicking when the server has gone.
+    pub async fn try_send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        self.ws.send(message).await
+    }
+
+    pub fn ws_mut(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.ws
+    }
+
     /// The next JSON frame (control frames are skipped).
     pub async fn next_frame(&mut self) -> Value {
         within(WAIT, async {

@@ -12,6 +12,7 @@ mod core;
 mod faults;
 mod guarantees;
 mod random;
+mod security;
 mod stomp;
 mod stompjs;
 mod topics;

@@ -461,10 +461,16 @@ async fn stomp_1_1_acks_by_message_id() {
                 ("id", "s"),
                 ("destination", "/topic/v11"),
                 ("ack", "client-individual"),
+                ("receipt", "r"),
             ],
             b"",
         )
         .await;
+    assert_eq!(
+        client.next().await.command,
+        "RECEIPT",
+        "subscribed before the publish"
+    );
     let (_, body) = cluster
         .post(
             0,

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::bench::BenchArgs;
 use crate::config::{LogFormat, ServeArgs, Settings};
 use crate::dev::{self, DevArgs};
+use crate::operator::{SendArgs, StatusArgs, TailArgs};
 use crate::{db, node, telemetry};
 
 #[derive(Parser, Debug)]
@@ -33,6 +34,12 @@ enum Command {
     Bench(Box<BenchArgs>),
     /// Manage the HTTP API keys stored in the database (relay.api_keys).
     Keys(KeysArgs),
+    /// Send a message: `pgrelay send --to user:alice '{"hi":1}'`.
+    Send(SendArgs),
+    /// Nodes, connections, backlogs and the oldest pending work.
+    Status(StatusArgs),
+    /// Print deliveries as they happen.
+    Tail(TailArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -118,6 +125,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => crate::bench::run(*args).await,
         Command::Keys(args) => keys(args).await,
+        Command::Send(args) => crate::operator::send(args).await,
+        Command::Status(args) => crate::operator::status(args).await,
+        Command::Tail(args) => crate::operator::tail(args).await,
     }
 }
 

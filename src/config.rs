@@ -99,6 +99,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// The address clients reach this node at, as registered in
+    /// relay.nodes (and used by the demo page) [default: the listen address].
+    #[arg(long, env = "PGRELAY_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
     /// This node's id in the registry [default: a fresh one].
     #[arg(long, env = "PGRELAY_NODE_ID")]
     pub node_id: Option<NodeId>,
@@ -221,6 +226,19 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Serve `/metrics` without an API key (for scrapers on a private network).
+    #[arg(long, env = "PGRELAY_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+
+    /// Serve `/v1/openapi.json` without an API key.
+    #[arg(long, env = "PGRELAY_OPENAPI_PUBLIC")]
+    pub openapi_public: bool,
+
+    /// Serve the demo page at `/` (it sends through the HTTP API: with auth
+    /// `jwt` it asks for an API key and tokens).
+    #[arg(long, env = "PGRELAY_DEMO")]
+    pub demo: bool,
+
     /// Log format: `text` for people, `json` for collectors.
     #[arg(long, env = "PGRELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -250,6 +268,8 @@ impl fmt::Debug for Auth {
 pub struct Settings {
     pub database_url: String,
     pub listen: SocketAddr,
+    /// Registered instead of the listen address when set.
+    pub advertise_addr: Option<String>,
     pub node_id: NodeId,
     pub auth: Auth,
     pub heartbeat_interval: Duration,
@@ -265,6 +285,16 @@ pub struct Settings {
     pub send_queue: usize,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// Which endpoints need no API key, and whether `/` is the demo page.
+    pub exposure: Exposure,
+}
+
+/// What a node shows without an API key.
+#[derive(Clone, Debug, Default)]
+pub struct Exposure {
+    pub metrics_public: bool,
+    pub openapi_public: bool,
+    pub demo: bool,
 }
 
 /// What one client may do, and how much of the node it may take.
@@ -300,6 +330,7 @@ impl Settings {
         Self {
             database_url: database_url.into(),
             listen: "127.0.0.1:0".parse().expect("valid address"),
+            advertise_addr: None,
             node_id: NodeId::generate(),
             auth: Auth::None,
             heartbeat_interval: Duration::from_secs(5),
@@ -315,6 +346,7 @@ impl Settings {
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
+            exposure: Exposure::default(),
         }
     }
 
@@ -417,6 +449,7 @@ impl Settings {
         Ok(Self {
             database_url,
             listen: args.listen,
+            advertise_addr: args.advertise_addr.filter(|a| !a.trim().is_empty()),
             node_id: args.node_id.unwrap_or_else(NodeId::generate),
             auth,
             heartbeat_interval: args.heartbeat_interval,
@@ -439,6 +472,11 @@ impl Settings {
                 slow_consumer_timeout: args.slow_consumer_timeout,
                 max_connections: args.max_connections,
                 request_timeout: args.request_timeout,
+            },
+            exposure: Exposure {
+                metrics_public: args.metrics_public,
+                openapi_public: args.openapi_public,
+                demo: args.demo,
             },
         })
     }

@@ -184,6 +184,11 @@ pub async fn run(
         loop {
             match crate::db::bounded(write_batch(&pool, &node_id, &batch)).await {
                 Ok(()) => {
+                    let acked = batch
+                        .iter()
+                        .filter(|r| matches!(r, Record::Acked { .. }))
+                        .count();
+                    metrics::counter!(crate::metrics::MESSAGES_ACKED).increment(acked as u64);
                     batch.clear();
                     break;
                 }
@@ -193,6 +198,8 @@ pub async fn run(
                     break;
                 }
                 Err(error) => {
+                    metrics::counter!(crate::metrics::DB_ERRORS, "operation" => "deliveries")
+                        .increment(1);
                     tracing::warn!(%error, records = batch.len(), "writing delivery records failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

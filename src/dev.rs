@@ -58,6 +58,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let mut settings = Settings::new(&database_url);
         settings.node_id = NodeId::parse(name).map_err(anyhow::Error::msg)?;
         settings.listen = SocketAddr::new(args.host, args.port + index as u16);
+        settings.exposure.demo = true;
         nodes.push(node::start(settings).await?);
     }
     println!("pgrelay dev: two nodes on one database, authentication off");
@@ -66,7 +67,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     println!("  database  {database_url}");
     println!(
-        "Open both pages, connect as a user on one and send to it from the other. Ctrl-C stops."
+        "Open http://{}/ : the demo page puts a client on each node. Ctrl-C stops.",
+        nodes[0].addr
     );
     wait_for_signal().await;
     for node in nodes {

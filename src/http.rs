@@ -2,63 +2,95 @@
 //! `application/problem+json` body.
 
 mod auth;
+pub mod client;
 mod health;
 mod messages;
+pub mod openapi;
 mod presence;
-mod problem;
+pub mod problem;
 pub mod server;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::response::Html;
-use axum::routing::{any, delete, get, post};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 pub use auth::ApiCaller;
 pub use problem::Problem;
 
 use crate::node::NodeContext;
 
-/// The node's routes: HTTP API, WebSocket endpoint, health, and the page at `/`.
+/// The node's routes: HTTP API, WebSocket endpoint, health, metrics, and
+/// the page at `/`. Each documented handler is registered together with its
+/// OpenAPI description, so that the document cannot drift from the routes.
 pub fn router(ctx: Arc<NodeContext>) -> Router {
-    // Bodies are bounded by the message limit (a batch by many of them);
-    // anything bigger is refused before it is read.
-    let body_limit = (ctx.settings.max_message_bytes + 4096) * 2;
-    let batch_limit = (ctx.settings.max_message_bytes + 4096)
-        .saturating_mul(256)
-        .min(256 << 20);
-    Router::new()
-        .route("/", get(index))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/ws", any(crate::session::upgrade))
-        .route("/v1/messages", post(messages::submit))
-        .route(
-            "/v1/messages/batch",
-            post(messages::submit_batch).layer(DefaultBodyLimit::max(batch_limit)),
-        )
-        .route("/v1/messages/{id}", get(messages::get_one))
-        .route(
-            "/v1/users/{user}/connections",
-            get(presence::user_connections),
-        )
-        .route("/v1/nodes", get(presence::nodes))
-        .route("/v1/connections/{id}", delete(presence::disconnect))
+    let (api, document) = api_routes(&ctx.settings).split_for_parts();
+    let document = openapi::Document(Arc::new(
+        document
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes"),
+    ));
+    let node_id = ctx.node_id.to_string();
+    api.route("/", get(index))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::Extension(document))
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             request_timeout,
         ))
         .layer(
-            TraceLayer::new_for_http().on_failure(
-                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
-            ),
+            TraceLayer::new_for_http()
+                .make_span_with(move |request: &axum::extract::Request| {
+                    tracing::info_span!(
+                        "request",
+                        node_id = %node_id,
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        message_id = tracing::field::Empty,
+                    )
+                })
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
         )
         .with_state(ctx)
+}
+
+/// The documented routes, with their documentation.
+pub fn api_routes(settings: &crate::config::Settings) -> OpenApiRouter<Arc<NodeContext>> {
+    // Bodies are bounded by the message limit (a batch by many of them);
+    // anything bigger is refused before it is read.
+    let body_limit = (settings.max_message_bytes + 4096) * 2;
+    let batch_limit = (settings.max_message_bytes + 4096)
+        .saturating_mul(256)
+        .min(256 << 20);
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi::metrics))
+        .routes(routes!(openapi::document))
+        .routes(routes!(crate::session::upgrade))
+        .routes(routes!(messages::submit).layer(DefaultBodyLimit::max(body_limit)))
+        .routes(routes!(messages::submit_batch).layer(DefaultBodyLimit::max(batch_limit)))
+        .routes(routes!(messages::get_one))
+        .routes(routes!(presence::user_connections))
+        .routes(routes!(presence::nodes))
+        .routes(routes!(presence::connections))
+        .routes(routes!(presence::disconnect))
+        .routes(routes!(presence::status))
+        .routes(routes!(presence::deliveries))
+}
+
+/// The OpenAPI document of this version, as `/v1/openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes(&crate::config::Settings::new("")).into_openapi()
 }
 
 /// A request (its body included) must complete within the request timeout:
@@ -81,6 +113,27 @@ async fn request_timeout(
     }
 }
 
-async fn index(axum::extract::State(ctx): axum::extract::State<Arc<NodeContext>>) -> Html<String> {
-    Html(include_str!("http/index.html").replace("{{node_id}}", ctx.node_id.as_str()))
+/// The demo page when it is on (`pgrelay dev`, `serve --demo`); otherwise a
+/// pointer to the API.
+async fn index(axum::extract::State(ctx): axum::extract::State<Arc<NodeContext>>) -> Response {
+    if !ctx.settings.exposure.demo {
+        return (
+            [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!(
+                "pgrelay node {}: the API is described at /v1/openapi.json; the demo page is off (--demo)\n",
+                ctx.node_id
+            ),
+        )
+            .into_response();
+    }
+    let auth = match ctx.settings.auth {
+        crate::config::Auth::None => "none",
+        crate::config::Auth::Jwt { .. } => "jwt",
+    };
+    Html(
+        include_str!("http/demo.html")
+            .replace("{{node_id}}", ctx.node_id.as_str())
+            .replace("{{auth}}", auth),
+    )
+    .into_response()
 }

@@ -21,6 +21,7 @@ use crate::config::{Auth, NodeId, Settings};
 use crate::deliveries::DeliveryLog;
 use crate::hub::{Control, Hub};
 use crate::limits::KeyedLimiter;
+use crate::metrics as m;
 use crate::registry::connections::Departures;
 use crate::router::GroupCommit;
 use crate::{db, deliveries, http, outbox, registry, sweeper};
@@ -48,8 +49,10 @@ pub struct NodeContext {
     pub tasks: TaskTracker,
     /// Whether the LISTEN connection is up (for `/readyz`).
     pub listener_up: AtomicBool,
-    /// The address this node serves on, as registered.
+    /// The address this node serves on.
     pub listen_addr: SocketAddr,
+    /// The address registered for it (`PGRELAY_ADVERTISE_ADDR`, or the above).
+    pub advertised_addr: String,
     /// Set when closed sessions could not be removed from the registry (the
     /// database was away): the next heartbeat reconciles.
     registry_dirty: AtomicBool,
@@ -61,6 +64,17 @@ pub struct NodeContext {
 }
 
 impl NodeContext {
+    /// Sets the database pool gauges (read at each scrape).
+    pub fn export_pool_gauges(&self) {
+        for (name, pool) in [("main", &self.pool), ("bookkeeping", &self.bookkeeping)] {
+            let idle = pool.num_idle() as f64;
+            let busy = f64::from(pool.size()) - idle;
+            let node = self.node_id.to_string();
+            metrics::gauge!(m::DB_POOL_CONNECTIONS, "node" => node.clone(), "pool" => name, "state" => "idle").set(idle);
+            metrics::gauge!(m::DB_POOL_CONNECTIONS, "node" => node, "pool" => name, "state" => "busy").set(busy.max(0.0));
+        }
+    }
+
     /// Leaves a closed session's cleanup to the node: its unwritten messages
     /// are parked, and its row removed, by the final deregistration or the
     /// next heartbeat.
@@ -121,6 +135,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
 
 /// [`start`] on an existing pool whose database is already migrated.
 pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<RunningNode> {
+    crate::metrics::install();
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (PGRELAY_LISTEN)", settings.listen))?;
@@ -129,7 +144,11 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
     let bookkeeping = db::connect_bookkeeping(&settings)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
-    registry::nodes::register(&pool, &settings.node_id, incarnation, &addr.to_string())
+    let advertised_addr = settings
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| addr.to_string());
+    registry::nodes::register(&pool, &settings.node_id, incarnation, &advertised_addr)
         .await
         .context("cannot register the node")?;
 
@@ -156,6 +175,7 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         tasks: TaskTracker::new(),
         listener_up: AtomicBool::new(false),
         listen_addr: addr,
+        advertised_addr,
         registry_dirty: AtomicBool::new(false),
         unparked: Mutex::new(Vec::new()),
         fatal: Mutex::new(None),
@@ -316,7 +336,10 @@ async fn run_api_keys(ctx: Arc<NodeContext>, keys: crate::auth::ApiKeys, token: 
                     .filter_map(|d| d.try_into().ok())
                     .collect(),
             ),
-            Err(error) => tracing::warn!(%error, "could not reload the API keys"),
+            Err(error) => {
+                metrics::counter!(m::DB_ERRORS, "operation" => "api_keys").increment(1);
+                tracing::warn!(%error, "could not reload the API keys");
+            }
         }
     }
 }
@@ -382,10 +405,35 @@ pub async fn heartbeat_once(ctx: &NodeContext) -> Result<Heartbeat, sqlx::Error>
         &ctx.pool,
         &ctx.node_id,
         ctx.incarnation,
-        &ctx.listen_addr.to_string(),
+        &ctx.advertised_addr,
     ))
     .await?;
     Ok(Heartbeat::Reregistered)
+}
+
+/// This node's outbox backlog and the age of its oldest row: work that
+/// waits here is what an operator looks for first.
+async fn export_backlog(ctx: &NodeContext) {
+    let backlog = db::bounded(
+        sqlx::query!(
+            r#"
+            SELECT count(*) AS "rows!",
+                   COALESCE(EXTRACT(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest_secs!"
+              FROM (SELECT created_at FROM relay.outbox WHERE node_id = $1 LIMIT 1000000) o
+            "#,
+            ctx.node_id.as_str()
+        )
+        .fetch_one(&ctx.pool),
+    )
+    .await;
+    match backlog {
+        Ok(backlog) => {
+            let node = ctx.node_id.to_string();
+            metrics::gauge!(m::OUTBOX_BACKLOG, "node" => node.clone()).set(backlog.rows as f64);
+            metrics::gauge!(m::OUTBOX_OLDEST, "node" => node).set(backlog.oldest_secs);
+        }
+        Err(error) => tracing::debug!(%error, "could not measure the outbox backlog"),
+    }
 }
 
 async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
@@ -398,8 +446,11 @@ async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
         }
         match heartbeat_once(&ctx).await {
             Ok(Heartbeat::TakenOver) => return,
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+            Ok(_) => export_backlog(&ctx).await,
+            Err(error) => {
+                metrics::counter!(m::DB_ERRORS, "operation" => "heartbeat").increment(1);
+                tracing::warn!(%error, "heartbeat failed");
+            }
         }
     }
 }

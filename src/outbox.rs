@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Control, Envelope, Offer};
 use crate::message::{StoredMessage, StreamKey};
+use crate::metrics as m;
 use crate::node::NodeContext;
 use crate::protocol::json;
 
@@ -72,6 +73,9 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         rows: rows.len(),
         ..Claimed::default()
     };
+    if !rows.is_empty() {
+        metrics::histogram!(m::CLAIM_BATCH).record(rows.len() as f64);
+    }
     let mut park_messages = Vec::new();
     let mut park_users = Vec::new();
     for row in rows {
@@ -95,6 +99,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         };
         if row.expired == Some(true) {
             claimed.expired += 1;
+            metrics::counter!(m::MESSAGES_EXPIRED).increment(1);
             continue;
         }
         // A row with a user is for that user's connections; one without is a
@@ -171,6 +176,7 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
                 }
             }
             Err(error) => {
+                metrics::counter!(m::DB_ERRORS, "operation" => "claim").increment(1);
                 tracing::warn!(%error, "claiming outbox work failed; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -182,7 +188,9 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
         }
         tokio::select! {
             () = &mut notified => {}
-            () = tokio::time::sleep(ctx.settings.poll_interval) => {}
+            () = tokio::time::sleep(ctx.settings.poll_interval) => {
+                metrics::counter!(m::WAKEUPS, "source" => "poll").increment(1);
+            }
             () = token.cancelled() => return,
         }
     }
@@ -219,6 +227,7 @@ pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cance
                 Ok(listener) => listener,
                 Err(error) => {
                     ctx.listener_up.store(false, Ordering::Release);
+                    metrics::counter!(m::DB_ERRORS, "operation" => "listen").increment(1);
                     tracing::warn!(%error, "LISTEN connection failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -233,18 +242,24 @@ pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cance
         ctx.listener_up.store(true, Ordering::Release);
         backoff = Duration::from_millis(100);
         tracing::debug!(%channel, "listening");
+        metrics::counter!(m::WAKEUPS, "source" => "rescan").increment(1);
         wake.notify_one();
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
-                    Ok(Some(_)) => wake.notify_one(),
+                    Ok(Some(_)) => {
+                        metrics::counter!(m::WAKEUPS, "source" => "notify").increment(1);
+                        wake.notify_one();
+                    }
                     Ok(None) => {
                         // Reconnected underneath: anything sent meanwhile is lost.
                         tracing::info!("LISTEN connection re-established; rescanning the outbox");
+                        metrics::counter!(m::WAKEUPS, "source" => "rescan").increment(1);
                         wake.notify_one();
                     }
                     Err(error) => {
                         ctx.listener_up.store(false, Ordering::Release);
+                        metrics::counter!(m::DB_ERRORS, "operation" => "listen").increment(1);
                         tracing::warn!(%error, "LISTEN connection lost; reconnecting");
                         break;
                     }

@@ -15,6 +15,8 @@ use crate::message::{NewMessage, Payload, Target};
 pub enum Source {
     Http,
     WebSocket,
+    /// `pgrelay send`, straight into the database.
+    Cli,
 }
 
 impl Source {
@@ -22,6 +24,7 @@ impl Source {
         match self {
             Source::Http => "http",
             Source::WebSocket => "ws",
+            Source::Cli => "cli",
         }
     }
 }

@@ -59,9 +59,37 @@ struct WsQuery {
     since: Option<String>,
 }
 
-/// `GET /v1/ws`: authenticates, then upgrades. Everything wrong with the
-/// request is answered with problem+json before the upgrade. A STOMP client
-/// may instead authenticate in its CONNECT frame.
+/// The query parameters of `GET /v1/ws`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read as `WsQuery`: this is its documentation.
+struct WsParams {
+    /// A client JWT (browsers cannot set headers on a WebSocket); or send
+    /// `Authorization: Bearer`, or (STOMP) authenticate in CONNECT.
+    token: Option<String>,
+    /// With auth `none` only: the user.
+    user: Option<String>,
+    /// Resume the user's stream after this message id.
+    since: Option<String>,
+}
+
+/// Connect a client
+///
+/// Upgrades to a WebSocket. Subprotocol `pgrelay.v1` (or none) selects the
+/// JSON protocol; `v12.stomp`, `v11.stomp` or `v10.stomp` selects STOMP.
+/// Everything wrong with the request is answered with problem+json before
+/// the upgrade; a STOMP client may instead authenticate in its CONNECT frame.
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "websocket",
+    params(WsParams),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket request, or a bad parameter", body = crate::http::problem::ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = crate::http::problem::ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 pub async fn upgrade(
     State(ctx): State<Arc<NodeContext>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -197,6 +225,7 @@ pub async fn run(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams
     let id = Uuid::now_v7();
     let span = tracing::info_span!(
         "session",
+        node_id = %ctx.node_id,
         connection_id = %id,
         user_id = tracing::field::Empty,
         protocol = params.protocol.as_str(),
@@ -258,11 +287,20 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
             if let Proto::Stomp(state) = &proto {
                 let _ = stomp::send_error(&mut sink, state.version, reason, None).await;
             }
+            metrics::counter!(
+                crate::metrics::CONNECTIONS_CLOSED,
+                "protocol" => params.protocol.as_str(),
+                "reason" => crate::metrics::close_reason(code, reason)
+            )
+            .increment(1);
             close_and_drain(&mut sink, &mut incoming, code, reason).await;
             return;
         }
     };
     tracing::debug!(head = heads.user, since = ?params.since, "connected");
+    let protocol = params.protocol.as_str();
+    metrics::gauge!(crate::metrics::CONNECTIONS, "protocol" => protocol).increment(1.0);
+    metrics::counter!(crate::metrics::CONNECTIONS_OPENED, "protocol" => protocol).increment(1);
 
     let now = Instant::now();
     let ctx_limits = ctx.settings.limits.clone();
@@ -686,6 +724,15 @@ impl Session {
             return Err(exit);
         }
         let at = chrono::Utc::now();
+        let protocol = self.protocol_name();
+        metrics::counter!(crate::metrics::MESSAGES_DELIVERED, "protocol" => protocol)
+            .increment(batch.len() as u64);
+        for item in &batch {
+            if item.origin == Origin::Live {
+                let latency = (at - item.message.created_at).to_std().unwrap_or_default();
+                metrics::histogram!(crate::metrics::DELIVERY_LATENCY).record(latency.as_secs_f64());
+            }
+        }
         for item in batch {
             if matches!(self.proto, Proto::Json) {
                 self.unacked.insert(item.message.id);
@@ -713,6 +760,13 @@ impl Session {
                 1008,
                 "slow consumer: not reading; reconnect with since",
             )),
+        }
+    }
+
+    fn protocol_name(&self) -> &'static str {
+        match self.proto {
+            Proto::Json => Protocol::Json.as_str(),
+            Proto::Stomp(_) => Protocol::Stomp.as_str(),
         }
     }
 
@@ -816,7 +870,11 @@ impl Session {
         let messages = [message];
         let stored = router::enqueue(&self.ctx.pool, &messages, Source::WebSocket);
         match tokio::time::timeout(db::OP_TIMEOUT, stored).await {
-            Ok(result) => result.map(|ids| ids[0]),
+            Ok(result) => {
+                let id = result.map(|ids| ids[0])?;
+                metrics::counter!(crate::metrics::MESSAGES_ACCEPTED, "source" => self.protocol_name()).increment(1);
+                Ok(id)
+            }
             Err(_) => Err(EnqueueError::Unavailable(sqlx::Error::Io(
                 std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -858,6 +916,14 @@ impl Session {
             tracing::warn!(%error, "could not remove the connection row");
             self.ctx.defer_cleanup(&self.user, &self.unsent);
         }
+        let protocol = self.protocol_name();
+        let why = match &exit {
+            Exit::Close { code, reason } => crate::metrics::close_reason(*code, reason),
+            Exit::ClientClosed => "client",
+            Exit::Gone => "gone",
+        };
+        metrics::gauge!(crate::metrics::CONNECTIONS, "protocol" => protocol).decrement(1.0);
+        metrics::counter!(crate::metrics::CONNECTIONS_CLOSED, "protocol" => protocol, "reason" => why).increment(1);
         match &exit {
             Exit::Close { code, reason } => {
                 tracing::debug!(code, %reason, "closing");

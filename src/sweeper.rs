@@ -20,6 +20,7 @@ use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeId;
+use crate::metrics as m;
 use crate::node::NodeContext;
 
 /// Rows removed per statement: small enough that no statement holds locks for
@@ -48,6 +49,41 @@ pub struct SweepReport {
     pub parked_expired: u64,
     /// Idempotency keys past retention forgotten.
     pub idempotency_keys_removed: u64,
+}
+
+impl SweepReport {
+    /// Adds this sweep to the node's metrics.
+    pub fn export(&self) {
+        metrics::counter!(m::SWEEPER_RUNS).increment(1);
+        for (kind, rows) in [
+            ("nodes", self.nodes_reaped),
+            ("connections", self.connections_reaped),
+            ("work_handed_back", self.work_handed_back),
+            ("messages", self.messages_removed),
+            ("deliveries", self.deliveries_removed),
+            ("parked_expired", self.parked_expired),
+            ("idempotency_keys", self.idempotency_keys_removed),
+        ] {
+            metrics::counter!(m::SWEEPER_REAPED, "kind" => kind).increment(rows);
+        }
+        metrics::counter!(m::MESSAGES_EXPIRED).increment(self.parked_expired);
+    }
+}
+
+/// Messages parked for offline users, cluster-wide (counted up to a
+/// million: past that the number matters less than that it is large).
+async fn export_parked_backlog(pool: &PgPool) {
+    let parked = crate::db::bounded(
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "parked!" FROM (SELECT 1 FROM relay.outbox WHERE node_id IS NULL LIMIT 1000000) p"#
+        )
+        .fetch_one(pool),
+    )
+    .await;
+    match parked {
+        Ok(parked) => metrics::gauge!(m::PARKED_BACKLOG).set(parked as f64),
+        Err(error) => tracing::debug!(%error, "could not count parked messages"),
+    }
 }
 
 /// One sweep. Safe to run anywhere at any time (also concurrently: every
@@ -296,6 +332,7 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
             }
             Err(error) => {
                 healthy_since = None;
+                metrics::counter!(m::DB_ERRORS, "operation" => "sweep").increment(1);
                 tracing::warn!(%error, "sweeper election failed; retrying");
                 continue;
             }
@@ -308,6 +345,8 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
                 if report != SweepReport::default() {
                     tracing::info!(?report, "swept");
                 }
+                report.export();
+                export_parked_backlog(&ctx.pool).await;
                 let recorded = sqlx::query!(
                     "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE node_id = $1",
                     ctx.node_id.as_str(),
@@ -321,6 +360,7 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
             }
             Err(error) => {
                 healthy_since = None;
+                metrics::counter!(m::DB_ERRORS, "operation" => "sweep").increment(1);
                 tracing::warn!(%error, "sweep failed; retrying next interval");
             }
         }

@@ -4,45 +4,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 
-/// HTTP/1.1 with a pool of keep-alive connections.
-#[derive(Clone)]
-pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Http {
-    pub fn new(connections: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(connections)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Self { client }
-    }
-
-    /// POSTs JSON; returns the status and the body.
-    pub async fn post(&self, url: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
-        let request = hyper::Request::post(url)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        let response = self.client.request(request).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
-    }
-}
+pub use crate::http::client::HttpClient as Http;
 
 /// The `"id":"123"` of a 202 answer or of a `message` frame.
 pub fn parse_id(text: &[u8]) -> Option<i64> {

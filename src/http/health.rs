@@ -6,19 +6,50 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::Problem;
+use super::problem::ProblemDetails;
 use crate::node::NodeContext;
 
-/// The process is up.
-pub async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "node_id": ctx.node_id.as_str() }))
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` (healthz) or `ready` (readyz).
+    status: &'static str,
+    node_id: String,
 }
 
+/// Liveness
+///
+/// The process is up. No credentials needed.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Up", body = Health))
+)]
+pub async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        node_id: ctx.node_id.to_string(),
+    })
+}
+
+/// Readiness
+///
 /// The node can do its work: the database answers and the LISTEN connection
-/// is up.
-pub async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Result<Json<Value>, Problem> {
+/// is up. No credentials needed.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready; the detail says why", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
+pub async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Result<Json<Health>, Problem> {
     let ping = tokio::time::timeout(
         Duration::from_secs(2),
         sqlx::query!("SELECT 1 AS one").fetch_one(&ctx.pool),
@@ -40,7 +71,8 @@ pub async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Result<Json<Value>, 
     if !ctx.listener_up.load(Ordering::Acquire) {
         return Err(Problem::unavailable("the LISTEN connection is down"));
     }
-    Ok(Json(
-        json!({ "status": "ready", "node_id": ctx.node_id.as_str() }),
-    ))
+    Ok(Json(Health {
+        status: "ready",
+        node_id: ctx.node_id.to_string(),
+    }))
 }

@@ -9,10 +9,12 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
+use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
 use crate::message::{
     MAX_DESTINATION_BYTES, NewMessage, Payload, Presentation, StoredMessage, Target,
@@ -24,16 +26,55 @@ use crate::router::{self, EnqueueError, Source};
 /// caller gets 503 (the contract promises an answer within 5 s).
 const SUBMIT_TIMEOUT: Duration = Duration::from_millis(4500);
 
-#[derive(Deserialize)]
+/// A message to send.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SubmitBody {
+pub struct SubmitBody {
+    /// Who receives it: exactly one of the forms.
+    #[schema(value_type = Recipient)]
     to: Value,
+    /// Where the client files it (STOMP clients subscribe to it, e.g.
+    /// `/queue/notifications`); up to 255 bytes.
     #[serde(default)]
     destination: Option<String>,
+    /// Any JSON value, up to `PGRELAY_MAX_MESSAGE_BYTES`.
     #[serde(default)]
+    #[schema(value_type = Value)]
     data: Option<Box<RawValue>>,
+    /// Seconds until the message expires undelivered (1 to the retention).
     #[serde(default)]
+    #[schema(minimum = 1)]
     ttl_s: Option<u64>,
+}
+
+/// The recipients of a message (the `to` object).
+#[derive(ToSchema)]
+#[allow(dead_code)] // Read from JSON by `Target::from_json`: this is its schema.
+pub enum Recipient {
+    /// Every connection of one user; kept for the user while none is connected.
+    User { user: String },
+    /// Each of up to 1000 users.
+    Users { users: Vec<String> },
+    /// One connection, by id.
+    Connection { connection: uuid::Uuid },
+    /// The subscribers of a topic.
+    Topic { topic: String },
+    /// Every connection.
+    Broadcast { broadcast: bool },
+}
+
+/// A stored message's id.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// The message id (a decimal string).
+    #[schema(example = "42")]
+    id: String,
+}
+
+/// A stored batch's ids, in the order of the request.
+#[derive(Serialize, ToSchema)]
+pub struct BatchAccepted {
+    ids: Vec<String>,
 }
 
 /// Validates one submission against the contract and the node's limits.
@@ -86,29 +127,92 @@ fn decode<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Problem> {
 /// Most messages in one `POST /v1/messages/batch`.
 pub const MAX_BATCH: usize = 1000;
 
-/// `POST /v1/messages`: stores and routes one message; answers 202 with its
-/// id once committed (200 with the same body for a replayed Idempotency-Key).
+/// Send a message
+///
+/// Stores and routes one message; answers 202 with its id once it is
+/// committed (200 with the same body for a replayed `Idempotency-Key`).
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "messages",
+    request_body(content = SubmitBody, content_type = "application/json"),
+    params(IdempotencyKey),
+    responses(
+        (status = 202, description = "Stored; it is being delivered", body = Accepted),
+        (status = 200, description = "A replay of an earlier request with this Idempotency-Key: nothing new was stored", body = Accepted),
+        (status = 400, description = "Bad input", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "No such connection", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "The Idempotency-Key was used with another request", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 413, description = "`data` over the size limit", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "Over the API key's rate limit (see Retry-After)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable: nothing was stored", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn submit(
     State(ctx): State<Arc<NodeContext>>,
     caller: ApiCaller,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<Accepted>), Problem> {
     rate_limit(&ctx, &caller, 1)?;
     let message = parse_message(decode(&body)?, &ctx)?;
     let key = idempotency_key(&headers)?;
     let (status, ids) = store(&ctx, &caller, key, "single", &body, &[message]).await?;
-    Ok((status, Json(json!({ "id": ids[0].to_string() }))))
+    tracing::Span::current().record("message_id", ids[0]);
+    tracing::debug!(
+        message_id = ids[0],
+        replay = status == StatusCode::OK,
+        "stored"
+    );
+    Ok((
+        status,
+        Json(Accepted {
+            id: ids[0].to_string(),
+        }),
+    ))
 }
 
-/// `POST /v1/messages/batch`: an array of messages, stored in one
-/// transaction: all of them or none.
+/// The `Idempotency-Key` request header.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Read by `idempotency_key`: this is its documentation.
+pub struct IdempotencyKey {
+    /// 1 to 255 visible ASCII characters; the same key (per API key, within
+    /// the retention) with the same body sends once.
+    #[param(rename = "Idempotency-Key")]
+    idempotency_key: Option<String>,
+}
+
+/// Send a batch
+///
+/// Up to 1000 messages, stored in one transaction: all of them or none.
+#[utoipa::path(
+    post,
+    path = "/v1/messages/batch",
+    tag = "messages",
+    request_body(content = Vec<SubmitBody>, content_type = "application/json"),
+    params(IdempotencyKey),
+    responses(
+        (status = 202, description = "All stored", body = BatchAccepted),
+        (status = 200, description = "A replay of an earlier request with this Idempotency-Key", body = BatchAccepted),
+        (status = 400, description = "Bad input; the detail names the message (`messages[3]: …`)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "No such connection", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "The Idempotency-Key was used with another request", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 413, description = "Over a size limit", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "Over the API key's rate limit (each message counts)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable: nothing was stored", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn submit_batch(
     State(ctx): State<Arc<NodeContext>>,
     caller: ApiCaller,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<BatchAccepted>), Problem> {
     let items: Vec<SubmitBody> = decode(&body)?;
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(Problem::bad_request(
@@ -128,7 +232,7 @@ pub async fn submit_batch(
     let key = idempotency_key(&headers)?;
     let (status, ids) = store(&ctx, &caller, key, "batch", &body, &messages).await?;
     let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
-    Ok((status, Json(json!({ "ids": ids }))))
+    Ok((status, Json(BatchAccepted { ids })))
 }
 
 /// Messages per second per API key (not with auth `none`): a batch counts
@@ -242,8 +346,17 @@ async fn store(
             ))),
         }
     };
+    let started = std::time::Instant::now();
     match tokio::time::timeout(SUBMIT_TIMEOUT, work).await {
-        Ok(Ok(stored)) => Ok(stored),
+        Ok(Ok(stored)) => {
+            if stored.0 == StatusCode::ACCEPTED {
+                metrics::counter!(crate::metrics::MESSAGES_ACCEPTED, "source" => "http")
+                    .increment(messages.len() as u64);
+                metrics::histogram!(crate::metrics::SUBMIT_LATENCY)
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Ok(stored)
+        }
         Ok(Err(StoreError::Enqueue(error))) => Err(error.into()),
         Ok(Err(StoreError::Problem(problem))) => Err(problem),
         Err(_) => Err(Problem::unavailable(
@@ -276,8 +389,9 @@ fn request_hash(kind: &str, body: &Bytes) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-#[derive(Serialize)]
-struct Delivery {
+/// One delivery of a message: a write to a socket.
+#[derive(Serialize, ToSchema)]
+pub struct Delivery {
     connection_id: String,
     user_id: String,
     node_id: String,
@@ -285,12 +399,62 @@ struct Delivery {
     acked_at: Option<DateTime<Utc>>,
 }
 
+/// Where a message stands.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageState {
+    /// Not yet written to any socket.
+    Pending,
+    /// Written to at least one socket.
+    Delivered,
+    /// Acknowledged by at least one client.
+    Acked,
+    /// Expired before anyone got it.
+    Expired,
+}
+
 /// A message, its state and its deliveries.
+#[derive(Serialize, ToSchema)]
+pub struct MessageView {
+    id: String,
+    #[schema(value_type = Recipient)]
+    to: Value,
+    destination: Option<String>,
+    /// The JSON data; for a STOMP body, its JSON (JSON content types), its
+    /// text (UTF-8), or null with `body_base64`.
+    #[schema(value_type = Value)]
+    data: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    state: MessageState,
+    deliveries: Vec<Delivery>,
+}
+
+/// Read a message
+///
+/// The message, its state and every delivery of it (within the retention).
+#[utoipa::path(
+    get,
+    path = "/v1/messages/{id}",
+    tag = "messages",
+    params(("id" = String, Path, description = "The message id")),
+    responses(
+        (status = 200, description = "The message", body = MessageView),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "No such message (or past retention)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn get_one(
     State(ctx): State<Arc<NodeContext>>,
     _caller: ApiCaller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<MessageView>, Problem> {
     let Ok(id) = id.parse::<i64>() else {
         return Err(Problem::not_found(format!("{id:?} is not a message id")));
     };
@@ -330,36 +494,27 @@ pub async fn get_one(
         message.created_at,
         None,
     );
-    let mut body = json!({
-        "id": message.id.to_string(),
-        "to": message.target,
-        "destination": message.destination,
-        "created_at": message.created_at,
-        "expires_at": message.expires_at,
-        "state": message.state,
-        "deliveries": deliveries,
-    });
-    let object = body.as_object_mut().expect("an object");
-    match stored.payload.presentation() {
-        Presentation::Data(raw) => {
-            object.insert(
-                "data".into(),
-                serde_json::from_str(raw.get()).unwrap_or(Value::Null),
-            );
-        }
-        Presentation::Text(text) => {
-            object.insert("data".into(), Value::String(text.to_owned()));
-        }
-        Presentation::Base64(encoded) => {
-            object.insert("data".into(), Value::Null);
-            object.insert("body_base64".into(), Value::String(encoded));
-        }
-    }
-    if let Some(content_type) = stored.payload.content_type() {
-        object.insert(
-            "content_type".into(),
-            Value::String(content_type.to_owned()),
-        );
-    }
-    Ok(Json(body))
+    let (data, body_base64) = match stored.payload.presentation() {
+        Presentation::Data(raw) => (serde_json::from_str(raw.get()).unwrap_or(Value::Null), None),
+        Presentation::Text(text) => (Value::String(text.to_owned()), None),
+        Presentation::Base64(encoded) => (Value::Null, Some(encoded)),
+    };
+    let state = match message.state.as_str() {
+        "acked" => MessageState::Acked,
+        "delivered" => MessageState::Delivered,
+        "expired" => MessageState::Expired,
+        _ => MessageState::Pending,
+    };
+    Ok(Json(MessageView {
+        id: message.id.to_string(),
+        to: message.target,
+        destination: message.destination,
+        data,
+        body_base64,
+        content_type: stored.payload.content_type().map(str::to_owned),
+        created_at: message.created_at,
+        expires_at: message.expires_at,
+        state,
+        deliveries,
+    }))
 }

@@ -4,32 +4,54 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
 use crate::node::NodeContext;
 
-#[derive(Serialize)]
-struct Connection {
+/// A live WebSocket connection.
+#[derive(Serialize, ToSchema)]
+pub struct Connection {
     id: Uuid,
     node_id: String,
     user_id: String,
+    /// `pgrelay.v1` (the JSON protocol) or `stomp`.
     protocol: String,
     connected_at: DateTime<Utc>,
     last_seen_at: DateTime<Utc>,
 }
 
-/// `GET /v1/users/{user}/connections`
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionList {
+    connections: Vec<Connection>,
+}
+
+/// A user's connections
+///
+/// Presence: the user's live connections and the nodes that hold them.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/connections",
+    tag = "presence",
+    params(("user" = String, Path, description = "The user id")),
+    responses(
+        (status = 200, description = "The user's connections (none when offline)", body = ConnectionList),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn user_connections(
     State(ctx): State<Arc<NodeContext>>,
     _caller: ApiCaller,
     Path(user): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<ConnectionList>, Problem> {
     let connections = sqlx::query_as!(
         Connection,
         r#"
@@ -43,46 +65,151 @@ pub async fn user_connections(
     .fetch_all(&ctx.pool)
     .await
     .map_err(Problem::from_db)?;
-    Ok(Json(json!({ "connections": connections })))
+    Ok(Json(ConnectionList { connections }))
 }
 
-#[derive(Serialize)]
-struct Node {
+/// Which connections to list.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConnectionFilter {
+    /// Only this node's connections.
+    node: Option<String>,
+    /// At most this many, newest first (1 to 1000; default 100).
+    limit: Option<i64>,
+}
+
+/// Live connections
+///
+/// The newest live connections, cluster-wide or on one node.
+#[utoipa::path(
+    get,
+    path = "/v1/connections",
+    tag = "presence",
+    params(ConnectionFilter),
+    responses(
+        (status = 200, description = "Connections, newest first", body = ConnectionList),
+        (status = 400, description = "Bad filter", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn connections(
+    State(ctx): State<Arc<NodeContext>>,
+    _caller: ApiCaller,
+    filter: Result<Query<ConnectionFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ConnectionList>, Problem> {
+    let Query(filter) = filter.map_err(|e| Problem::bad_request("bad_query", e.body_text()))?;
+    let limit = filter.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::bad_request(
+            "bad_limit",
+            "`limit` must be 1 to 1000",
+        ));
+    }
+    let connections = sqlx::query_as!(
+        Connection,
+        r#"
+        SELECT id, node_id, user_id, protocol, connected_at, last_seen_at
+          FROM relay.connections
+         WHERE $1::text IS NULL OR node_id = $1
+         ORDER BY connected_at DESC, id
+         LIMIT $2
+        "#,
+        filter.node,
+        limit
+    )
+    .fetch_all(&ctx.pool)
+    .await
+    .map_err(Problem::from_db)?;
+    Ok(Json(ConnectionList { connections }))
+}
+
+/// A live node.
+#[derive(Serialize, ToSchema)]
+pub struct Node {
     id: String,
     started_at: DateTime<Utc>,
     last_seen_at: DateTime<Utc>,
+    /// The address the node listens on, as configured.
     listen_addr: Option<String>,
     version: String,
+    /// Its live connections.
+    connections: i64,
 }
 
-/// `GET /v1/nodes`: live nodes only (heard from within the node timeout).
+#[derive(Serialize, ToSchema)]
+pub struct NodeList {
+    nodes: Vec<Node>,
+}
+
+/// Live nodes
+///
+/// Nodes heard from within `PGRELAY_NODE_TIMEOUT`, with their connection counts.
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "presence",
+    responses(
+        (status = 200, description = "The live nodes", body = NodeList),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn nodes(
     State(ctx): State<Arc<NodeContext>>,
     _caller: ApiCaller,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<NodeList>, Problem> {
     let nodes = sqlx::query_as!(
         Node,
         r#"
-        SELECT id, started_at, last_seen_at, listen_addr, version
-          FROM relay.nodes
-         WHERE last_seen_at > now() - make_interval(secs => $1)
-         ORDER BY id
+        SELECT n.id, n.started_at, n.last_seen_at, n.listen_addr, n.version,
+               (SELECT count(*) FROM relay.connections c WHERE c.node_id = n.id) AS "connections!"
+          FROM relay.nodes n
+         WHERE n.last_seen_at > now() - make_interval(secs => $1)
+         ORDER BY n.id
         "#,
         ctx.settings.node_timeout.as_secs_f64()
     )
     .fetch_all(&ctx.pool)
     .await
     .map_err(Problem::from_db)?;
-    Ok(Json(json!({ "nodes": nodes })))
+    Ok(Json(NodeList { nodes }))
 }
 
-/// `DELETE /v1/connections/{id}`: queues a disconnect for the node that holds
-/// the socket (through its outbox, like any other work) and answers 202.
+/// A disconnect on its way.
+#[derive(Serialize, ToSchema)]
+pub struct Disconnecting {
+    id: Uuid,
+    /// The node that holds the socket.
+    node_id: String,
+    /// Always `disconnecting`.
+    state: &'static str,
+}
+
+/// Disconnect a client
+///
+/// Queues a disconnect for the node that holds the socket (through its
+/// outbox, like any other work); the socket closes with 1008.
+#[utoipa::path(
+    delete,
+    path = "/v1/connections/{id}",
+    tag = "presence",
+    params(("id" = String, Path, description = "The connection id")),
+    responses(
+        (status = 202, description = "The holding node has been told", body = Disconnecting),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "No such connection", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn disconnect(
     State(ctx): State<Arc<NodeContext>>,
     _caller: ApiCaller,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<Disconnecting>), Problem> {
     let Ok(id) = Uuid::parse_str(&id) else {
         return Err(Problem::not_found(format!("{id:?} is not a connection id")));
     };
@@ -106,6 +233,98 @@ pub async fn disconnect(
     tx.commit().await.map_err(Problem::from_db)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "node_id": node, "state": "disconnecting" })),
+        Json(Disconnecting {
+            id,
+            node_id: node,
+            state: "disconnecting",
+        }),
     ))
+}
+
+/// Cluster status
+///
+/// What is stuck, where: every registered node with its connections and
+/// outbox backlog, the parked total, the oldest pending work and the sweeper.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "presence",
+    responses(
+        (status = 200, description = "The cluster's state", body = crate::status::ClusterStatus),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn status(
+    State(ctx): State<Arc<NodeContext>>,
+    _caller: ApiCaller,
+) -> Result<Json<crate::status::ClusterStatus>, Problem> {
+    crate::status::read(&ctx.pool, ctx.settings.node_timeout)
+        .await
+        .map(Json)
+        .map_err(Problem::from_db)
+}
+
+/// Which deliveries to list.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeliveryFilter {
+    /// Deliveries at or after this time (RFC 3339); default: the last minute.
+    since: Option<DateTime<Utc>>,
+    /// Only this user's.
+    user: Option<String>,
+    /// Only this node's.
+    node: Option<String>,
+    /// At most this many, oldest first (1 to 1000; default 100).
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryList {
+    deliveries: Vec<crate::status::DeliveryEvent>,
+}
+
+/// Recent deliveries
+///
+/// Deliveries as they are recorded, oldest first: what `pgrelay tail` follows.
+#[utoipa::path(
+    get,
+    path = "/v1/deliveries",
+    tag = "messages",
+    params(DeliveryFilter),
+    responses(
+        (status = 200, description = "Deliveries, oldest first", body = DeliveryList),
+        (status = 400, description = "Bad filter", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn deliveries(
+    State(ctx): State<Arc<NodeContext>>,
+    _caller: ApiCaller,
+    filter: Result<Query<DeliveryFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeliveryList>, Problem> {
+    let Query(filter) = filter.map_err(|e| Problem::bad_request("bad_query", e.body_text()))?;
+    let limit = filter.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::bad_request(
+            "bad_limit",
+            "`limit` must be 1 to 1000",
+        ));
+    }
+    let since = filter
+        .since
+        .unwrap_or_else(|| Utc::now() - chrono::Duration::minutes(1));
+    let deliveries = crate::status::deliveries_since(
+        &ctx.pool,
+        since,
+        filter.user.as_deref(),
+        filter.node.as_deref(),
+        limit,
+    )
+    .await
+    .map_err(Problem::from_db)?;
+    Ok(Json(DeliveryList { deliveries }))
 }

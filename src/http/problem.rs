@@ -2,7 +2,8 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::router::EnqueueError;
 
@@ -70,6 +71,7 @@ impl Problem {
 
     /// A database error while reading: 503 when it is an outage.
     pub fn from_db(error: sqlx::Error) -> Self {
+        metrics::counter!(crate::metrics::DB_ERRORS, "operation" => "http").increment(1);
         if crate::db::is_unavailable(&error) {
             Self::unavailable(format!("the database is unavailable: {error}"))
         } else {
@@ -95,23 +97,47 @@ impl From<EnqueueError> for Problem {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail)
             }
             EnqueueError::Busy => Problem::unavailable("a stream is busy; try again"),
-            EnqueueError::Unavailable(error) => Problem::unavailable(format!(
-                "the database is unavailable; nothing was stored ({error})"
-            )),
+            EnqueueError::Unavailable(error) => {
+                metrics::counter!(crate::metrics::DB_ERRORS, "operation" => "submit").increment(1);
+                Problem::unavailable(format!(
+                    "the database is unavailable; nothing was stored ({error})"
+                ))
+            }
             EnqueueError::Database(error) => Problem::internal(&error),
         }
     }
 }
 
+/// The body of every error answer (RFC 9457), served as
+/// `application/problem+json`.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "type": "urn:pgrelay:problem:bad_target",
+    "title": "Bad Request",
+    "status": 400,
+    "detail": "`to` must be one of {\"user\"}, {\"users\"}, {\"connection\"}, {\"topic\"}, {\"broadcast\"}"
+}))]
+pub struct ProblemDetails {
+    /// `urn:pgrelay:problem:<code>`: the problem's kind, for programs.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The HTTP status's reason phrase.
+    pub title: &'static str,
+    pub status: u16,
+    /// What was wrong this time, for people.
+    pub detail: String,
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("urn:pgrelay:problem:{}", self.code),
-            "title": self.title(),
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        let mut response = (self.status, body.to_string()).into_response();
+        let body = ProblemDetails {
+            kind: format!("urn:pgrelay:problem:{}", self.code),
+            title: self.title(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+        };
+        let body = serde_json::to_string(&body).expect("a problem serializes");
+        let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -741,3 +741,23 @@ impl StompClient {
         .await
     }
 }
+
+/// Installs the packages pinned in `dir`'s package-lock.json (`npm ci`),
+/// once per test run, unless `marker` is already installed.
+pub fn npm_installed(dir: &str, marker: &str) {
+    static INSTALLED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if installed.iter().any(|d| d == dir) {
+        return;
+    }
+    let dir_path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir);
+    if !dir_path.join("node_modules").join(marker).exists() {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir_path)
+            .status()
+            .expect("these tests need Node.js 20 and npm on the PATH");
+        assert!(status.success(), "npm ci in {dir} failed");
+    }
+    installed.push(dir.to_owned());
+}

@@ -7,10 +7,12 @@
 
 mod helpers;
 
+mod browser;
 mod cli;
 mod core;
 mod faults;
 mod guarantees;
+mod operability;
 mod random;
 mod security;
 mod stomp;

@@ -3,7 +3,6 @@
 //! package-lock.json and installed (`npm ci`) on first use.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::json;
@@ -14,24 +13,8 @@ fn stomp_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/stomp")
 }
 
-/// Installs the pinned packages once per test run.
-fn installed() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        if stomp_dir().join("node_modules/@stomp/stompjs").exists() {
-            return;
-        }
-        let status = std::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(stomp_dir())
-            .status()
-            .expect("these tests need Node.js 20 and npm on the PATH");
-        assert!(status.success(), "npm ci in tests/stomp failed");
-    });
-}
-
 async fn scenario(name: &str) {
-    installed();
+    npm_installed("tests/stomp", "@stomp/stompjs");
     let cluster = Cluster::start_with(2, AuthKind::None, |_, settings| {
         settings.heartbeat_interval = Duration::from_millis(200);
     })

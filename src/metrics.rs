@@ -1,0 +1,143 @@
+//! Prometheus metrics, served at `/metrics`. The names are declared here,
+//! in one place, with their help texts; the code that counts uses these
+//! constants through the `metrics` macros.
+//!
+//! The recorder is process-wide: nodes started in one process (tests,
+//! `pgrelay dev`) share it, which sums their counts.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "pgrelay_connections";
+pub const CONNECTIONS_OPENED: &str = "pgrelay_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "pgrelay_connections_closed_total";
+pub const MESSAGES_ACCEPTED: &str = "pgrelay_messages_accepted_total";
+pub const MESSAGES_DELIVERED: &str = "pgrelay_messages_delivered_total";
+pub const MESSAGES_ACKED: &str = "pgrelay_messages_acked_total";
+pub const MESSAGES_EXPIRED: &str = "pgrelay_messages_expired_total";
+pub const DELIVERY_LATENCY: &str = "pgrelay_delivery_latency_seconds";
+pub const OUTBOX_BACKLOG: &str = "pgrelay_outbox_backlog";
+pub const OUTBOX_OLDEST: &str = "pgrelay_outbox_oldest_age_seconds";
+pub const PARKED_BACKLOG: &str = "pgrelay_parked_backlog";
+pub const CLAIM_BATCH: &str = "pgrelay_claim_batch_size";
+pub const WAKEUPS: &str = "pgrelay_outbox_wakeups_total";
+pub const SWEEPER_RUNS: &str = "pgrelay_sweeper_runs_total";
+pub const SWEEPER_REAPED: &str = "pgrelay_sweeper_reaped_rows_total";
+pub const DB_POOL_CONNECTIONS: &str = "pgrelay_db_pool_connections";
+pub const DB_ERRORS: &str = "pgrelay_db_errors_total";
+pub const SUBMIT_LATENCY: &str = "pgrelay_submit_duration_seconds";
+
+/// Seconds, from a millisecond to a minute: delivery and commit latencies.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(CLAIM_BATCH.into()), BATCH_BUCKETS)
+                })
+                .expect("bucket lists are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder (an embedding application's) wins; /metrics
+            // then shows only what this one saw, which is nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// The text exposition of every metric.
+pub fn render() -> String {
+    let handle = install();
+    handle.run_upkeep();
+    handle.render()
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections, by protocol.");
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        "WebSocket connections accepted, by protocol."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "WebSocket connections ended, by reason (client, gone, slow_consumer, rate_limit, too_big, \
+         heartbeat, shutdown, unavailable, policy, refused)."
+    );
+    describe_counter!(
+        MESSAGES_ACCEPTED,
+        "Messages stored through this node, by source (http, pgrelay.v1, stomp); relay.send_to_user() calls are not counted here."
+    );
+    describe_counter!(
+        MESSAGES_DELIVERED,
+        "Messages written to sockets (one per socket), by protocol."
+    );
+    describe_counter!(MESSAGES_ACKED, "Acknowledgements received from clients.");
+    describe_counter!(
+        MESSAGES_EXPIRED,
+        "Messages that expired undelivered, one per recipient user: when claimed, or parked (counted by the sweeping node)."
+    );
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "From a message's commit to its write to a socket, for live deliveries."
+    );
+    describe_histogram!(
+        SUBMIT_LATENCY,
+        Unit::Seconds,
+        "HTTP submissions: from request to commit."
+    );
+    describe_gauge!(OUTBOX_BACKLOG, "Outbox rows waiting for this node.");
+    describe_gauge!(
+        OUTBOX_OLDEST,
+        "Age of the oldest outbox row waiting for this node (0 when none)."
+    );
+    describe_gauge!(
+        PARKED_BACKLOG,
+        "Messages parked for offline users, cluster-wide (exported by the sweeping node)."
+    );
+    describe_histogram!(CLAIM_BATCH, "Outbox rows taken per claim.");
+    describe_counter!(
+        WAKEUPS,
+        "Claimer wake-ups, by source: notify, poll or rescan (after the listener reconnects)."
+    );
+    describe_counter!(
+        SWEEPER_RUNS,
+        "Sweeps run by this node (while it holds the sweeper lock)."
+    );
+    describe_counter!(SWEEPER_REAPED, "Rows removed by the sweeper, by kind.");
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "Database connections, by pool (main, bookkeeping) and state (idle, busy)."
+    );
+    describe_counter!(DB_ERRORS, "Failed database operations, by operation.");
+}
+
+/// The label of why a WebSocket ended, from its close code and reason.
+pub fn close_reason(code: u16, reason: &str) -> &'static str {
+    match code {
+        1009 => "too_big",
+        1012 => "shutdown",
+        1013 => "unavailable",
+        1001 => "heartbeat",
+        1008 if reason.starts_with("slow consumer") => "slow_consumer",
+        1008 if reason.starts_with("rate limit") => "rate_limit",
+        1008 if reason.starts_with("too many connections") => "refused",
+        1000 => "client",
+        _ => "policy",
+    }
+}

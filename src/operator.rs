@@ -1,0 +1,362 @@
+//! Operator commands: `pgrelay send`, `pgrelay status` and `pgrelay tail`,
+//! against the database (`DATABASE_URL`) or a node's HTTP API (`--url`).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use hyper::Method;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::config::{Settings, parse_duration};
+use crate::http::client::HttpClient;
+use crate::message::{NewMessage, Payload, Target};
+use crate::router::{self, Source};
+use crate::status::{self, ClusterStatus, DeliveryEvent};
+
+/// Where an operator command reads and writes.
+#[derive(clap::Args, Debug)]
+pub struct Endpoint {
+    /// PostgreSQL connection string (used unless --url is given).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// A node's base URL (e.g. http://127.0.0.1:8080): use its HTTP API
+    /// instead of the database.
+    #[arg(long, env = "PGRELAY_URL")]
+    url: Option<String>,
+
+    /// The API key for --url (not needed with auth `none`).
+    #[arg(long, env = "PGRELAY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+enum Backend {
+    Database(PgPool),
+    Api {
+        client: HttpClient,
+        base: String,
+        key: Option<String>,
+    },
+}
+
+impl Endpoint {
+    async fn open(self) -> anyhow::Result<Backend> {
+        if let Some(url) = self.url.filter(|u| !u.trim().is_empty()) {
+            return Ok(Backend::Api {
+                client: HttpClient::new(1),
+                base: url.trim_end_matches('/').to_owned(),
+                key: self.api_key,
+            });
+        }
+        let url = self
+            .database_url
+            .filter(|u| !u.trim().is_empty())
+            .context("set DATABASE_URL (or --database-url), or --url for a node's HTTP API")?;
+        let pool = crate::db::connect(&Settings::new(url))
+            .await
+            .context("cannot connect to the database (DATABASE_URL)")?;
+        Ok(Backend::Database(pool))
+    }
+}
+
+impl Backend {
+    /// Calls the API; a problem+json answer becomes an error with its detail.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let Backend::Api { client, base, key } = self else {
+            unreachable!("only with --url");
+        };
+        let url = format!("{base}{path}");
+        let (status, bytes) = client
+            .send(method, &url, key.as_deref(), body.map(|b| b.to_string()))
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status >= 400 {
+            let detail = answer["detail"].as_str().unwrap_or("(no detail)");
+            bail!("{url} answered {status}: {detail}");
+        }
+        Ok((status, answer))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SendArgs {
+    /// Recipients: user:NAME, users:A,B,…, topic:NAME, connection:ID or broadcast.
+    #[arg(long)]
+    to: String,
+
+    /// The message data, as JSON; `-` reads it from stdin.
+    data: String,
+
+    /// Where the client files it, e.g. /queue/notifications.
+    #[arg(long)]
+    destination: Option<String>,
+
+    /// Expire undelivered after this long (e.g. 10m) [default: the node's default TTL].
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
+
+    #[command(flatten)]
+    endpoint: Endpoint,
+}
+
+/// `pgrelay send`: stores and routes one message, prints its id.
+pub async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let to = parse_recipient(&args.to)?;
+    let text = if args.data == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the data from stdin")?;
+        text
+    } else {
+        args.data
+    };
+    let data: Box<serde_json::value::RawValue> =
+        serde_json::from_str(text.trim()).context("the data is not valid JSON")?;
+    crate::message::check_json_depth(&data).map_err(anyhow::Error::msg)?;
+    let ttl_secs = args.ttl.map(|ttl| ttl.as_secs().max(1));
+    let id = match args.endpoint.open().await? {
+        Backend::Database(pool) => {
+            let message = NewMessage {
+                target: Target::from_json(&to).map_err(anyhow::Error::msg)?,
+                destination: args.destination,
+                payload: Payload::Json(data.into()),
+                ttl_secs,
+            };
+            let ids = router::enqueue(&pool, &[message], Source::Cli).await?;
+            ids[0].to_string()
+        }
+        api => {
+            let body =
+                json!({"to": to, "data": data, "destination": args.destination, "ttl_s": ttl_secs});
+            let (_, answer) = api.call(Method::POST, "/v1/messages", Some(body)).await?;
+            answer["id"]
+                .as_str()
+                .context("the answer has no id")?
+                .to_owned()
+        }
+    };
+    write_out(&format!("{id}\n"))
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the command
+/// quietly.
+fn write_out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `user:alice` and friends, as the API's `to` object.
+fn parse_recipient(to: &str) -> anyhow::Result<Value> {
+    let (kind, name) = to.split_once(':').unwrap_or((to, ""));
+    let value = match (kind, name) {
+        ("broadcast", "") => json!({"broadcast": true}),
+        ("user", name) if !name.is_empty() => json!({"user": name}),
+        ("users", names) if !names.is_empty() => {
+            json!({"users": names.split(',').collect::<Vec<_>>()})
+        }
+        ("topic", name) if !name.is_empty() => json!({"topic": name}),
+        ("connection", id) if !id.is_empty() => json!({"connection": id}),
+        _ => bail!(
+            "--to {to:?}: expected user:NAME, users:A,B, topic:NAME, connection:ID or broadcast"
+        ),
+    };
+    Ok(value)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON (as `GET /v1/status` answers) instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// A node silent this long is shown as silent (with --url, the node's own setting).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    node_timeout: Duration,
+
+    #[command(flatten)]
+    endpoint: Endpoint,
+}
+
+/// `pgrelay status`: nodes, connections, backlogs, the oldest pending work.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let status: ClusterStatus = match args.endpoint.open().await? {
+        Backend::Database(pool) => status::read(&pool, args.node_timeout).await?,
+        api => serde_json::from_value(api.call(Method::GET, "/v1/status", None).await?.1)
+            .context("unexpected /v1/status answer")?,
+    };
+    let text = if args.json {
+        serde_json::to_string_pretty(&status)? + "\n"
+    } else {
+        status.to_string()
+    };
+    write_out(&text)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TailArgs {
+    /// Only this user's deliveries.
+    #[arg(long)]
+    user: Option<String>,
+
+    /// Only this node's deliveries.
+    #[arg(long)]
+    node: Option<String>,
+
+    /// Start this far back (e.g. 5m) [default: now].
+    #[arg(long, value_parser = parse_duration)]
+    since: Option<Duration>,
+
+    /// Stop after this many deliveries.
+    #[arg(long)]
+    count: Option<usize>,
+
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    endpoint: Endpoint,
+}
+
+/// Delivery records are written in batches shortly after the fact: each
+/// poll looks this far behind the newest one seen, and drops repeats.
+const TAIL_LOOKBACK: Duration = Duration::from_secs(5);
+const TAIL_POLL: Duration = Duration::from_millis(250);
+const TAIL_PAGE: i64 = 1000;
+
+/// `pgrelay tail`: prints deliveries as they are recorded, until Ctrl-C.
+pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let backend = args.endpoint.open().await?;
+    let lookback = chrono::Duration::from_std(TAIL_LOOKBACK)?;
+    let start = Utc::now() - chrono::Duration::from_std(args.since.unwrap_or_default())?;
+    let mut from = start;
+    let mut seen: HashMap<(String, String), DateTime<Utc>> = HashMap::new();
+    let mut printed = 0usize;
+    loop {
+        let page = match &backend {
+            Backend::Database(pool) => {
+                status::deliveries_since(
+                    pool,
+                    from,
+                    args.user.as_deref(),
+                    args.node.as_deref(),
+                    TAIL_PAGE,
+                )
+                .await?
+            }
+            api => {
+                let mut query =
+                    format!("since={}&limit={TAIL_PAGE}", url_escape(&from.to_rfc3339()));
+                for (name, value) in [("user", &args.user), ("node", &args.node)] {
+                    if let Some(value) = value {
+                        query.push_str(&format!("&{name}={}", url_escape(value)));
+                    }
+                }
+                let (_, answer) = api
+                    .call(Method::GET, &format!("/v1/deliveries?{query}"), None)
+                    .await?;
+                serde_json::from_value::<Vec<DeliveryEvent>>(answer["deliveries"].clone())
+                    .context("unexpected /v1/deliveries answer")?
+            }
+        };
+        let full = page.len() as i64 == TAIL_PAGE;
+        let mut newest = from;
+        for event in page {
+            newest = newest.max(event.delivered_at);
+            let key = (event.message_id.clone(), event.connection_id.clone());
+            if seen.insert(key, event.delivered_at).is_some() {
+                continue;
+            }
+            let line = if args.json {
+                serde_json::to_string(&event)?
+            } else {
+                event.to_string()
+            };
+            write_out(&(line + "\n"))?;
+            printed += 1;
+            if args.count.is_some_and(|count| printed >= count) {
+                return Ok(());
+            }
+        }
+        // A full page: go on from its end at once. Otherwise look back a
+        // little for records that committed late.
+        from = if full {
+            newest
+        } else {
+            (newest - lookback).max(start)
+        };
+        seen.retain(|_, at| *at >= from);
+        if !full {
+            tokio::select! {
+                () = tokio::time::sleep(TAIL_POLL) => {}
+                () = crate::dev::wait_for_signal() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn url_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipients_read_like_the_api() {
+        assert_eq!(
+            parse_recipient("user:alice").unwrap(),
+            json!({"user": "alice"})
+        );
+        assert_eq!(
+            parse_recipient("users:a,b").unwrap(),
+            json!({"users": ["a", "b"]})
+        );
+        assert_eq!(
+            parse_recipient("topic:chat.room1").unwrap(),
+            json!({"topic": "chat.room1"})
+        );
+        assert_eq!(
+            parse_recipient("broadcast").unwrap(),
+            json!({"broadcast": true})
+        );
+        assert!(parse_recipient("user:").is_err());
+        assert!(parse_recipient("alice").is_err());
+    }
+
+    #[test]
+    fn query_values_are_escaped() {
+        assert_eq!(
+            url_escape("2026-11-27T10:00:00+00:00"),
+            "2026-11-27T10%3A00%3A00%2B00%3A00"
+        );
+        assert_eq!(url_escape("a b&c"), "a%20b%26c");
+    }
+}

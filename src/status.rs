@@ -1,0 +1,256 @@
+//! "What is stuck, where?": the cluster's state in one read, for
+//! `GET /v1/status` and `pgrelay status`.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::ToSchema;
+
+/// The cluster as the registry and the outbox show it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// Every registered node, live or not yet reaped.
+    pub nodes: Vec<NodeStatus>,
+    /// Live connections, cluster-wide.
+    pub connections: i64,
+    /// Messages parked for users who are offline (waiting for a connect).
+    pub parked: i64,
+    /// The oldest work routed to a node and not yet written: when it is
+    /// old, that node is stuck (or dead and not yet reaped).
+    pub oldest_pending: Option<PendingWork>,
+    /// The node that sweeps, and its last run.
+    pub sweeper: Option<SweeperStatus>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    pub id: String,
+    pub listen_addr: Option<String>,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// Heard from within the node timeout.
+    pub alive: bool,
+    pub connections: i64,
+    /// Outbox rows waiting for this node.
+    pub backlog: i64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_backlog_s: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct PendingWork {
+    pub message_id: String,
+    pub node_id: String,
+    pub queued_at: DateTime<Utc>,
+    pub age_s: f64,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SweeperStatus {
+    pub node_id: String,
+    pub since: DateTime<Utc>,
+    pub last_run_at: Option<DateTime<Utc>>,
+    /// What the last sweep did.
+    #[schema(value_type = Object)]
+    pub last_report: Option<serde_json::Value>,
+}
+
+/// Reads the status. Counts stop at a million rows: past that, the number
+/// matters less than that it is large.
+pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus, sqlx::Error> {
+    let nodes = sqlx::query_as!(
+        NodeStatus,
+        r#"
+        SELECT n.id, n.listen_addr, n.version, n.started_at, n.last_seen_at,
+               n.last_seen_at > now() - make_interval(secs => $1) AS "alive!",
+               (SELECT count(*) FROM relay.connections c WHERE c.node_id = n.id) AS "connections!",
+               (SELECT count(*) FROM (SELECT 1 FROM relay.outbox o WHERE o.node_id = n.id LIMIT 1000000) b)
+                   AS "backlog!",
+               (SELECT EXTRACT(epoch FROM now() - min(o.created_at))::float8
+                  FROM relay.outbox o WHERE o.node_id = n.id) AS oldest_backlog_s
+          FROM relay.nodes n
+         ORDER BY n.id
+        "#,
+        node_timeout.as_secs_f64()
+    )
+    .fetch_all(pool)
+    .await?;
+    let totals = sqlx::query!(
+        r#"
+        SELECT (SELECT count(*) FROM relay.connections) AS "connections!",
+               (SELECT count(*) FROM (SELECT 1 FROM relay.outbox WHERE node_id IS NULL LIMIT 1000000) p)
+                   AS "parked!"
+        "#
+    )
+    .fetch_one(pool)
+    .await?;
+    // The most behind node's first row, by the outbox's (node, message) index.
+    let most_behind = nodes.iter().filter(|n| n.backlog > 0).max_by(|a, b| {
+        a.oldest_backlog_s
+            .unwrap_or(0.0)
+            .total_cmp(&b.oldest_backlog_s.unwrap_or(0.0))
+    });
+    let oldest_pending = match most_behind {
+        None => None,
+        Some(node) => sqlx::query!(
+            r#"
+            SELECT message_id AS "message_id!", created_at,
+                   EXTRACT(epoch FROM now() - created_at)::float8 AS "age_s!"
+              FROM relay.outbox
+             WHERE node_id = $1 AND message_id IS NOT NULL
+             ORDER BY message_id
+             LIMIT 1
+            "#,
+            node.id
+        )
+        .fetch_optional(pool)
+        .await?
+        .map(|row| PendingWork {
+            message_id: row.message_id.to_string(),
+            node_id: node.id.clone(),
+            queued_at: row.created_at,
+            age_s: row.age_s,
+        }),
+    };
+    let sweeper = sqlx::query_as!(
+        SweeperStatus,
+        "SELECT node_id, since, last_run_at, last_report FROM relay.sweeper"
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(ClusterStatus {
+        nodes,
+        connections: totals.connections,
+        parked: totals.parked,
+        oldest_pending,
+        sweeper,
+    })
+}
+
+/// The status as `pgrelay status` prints it.
+impl fmt::Display for ClusterStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<24} {:<22} {:<6} {:>11} {:>8} {:>12}  last seen",
+            "node", "address", "state", "connections", "backlog", "oldest (s)"
+        )?;
+        for node in &self.nodes {
+            writeln!(
+                f,
+                "{:<24} {:<22} {:<6} {:>11} {:>8} {:>12}  {}",
+                node.id,
+                node.listen_addr.as_deref().unwrap_or("-"),
+                if node.alive { "live" } else { "silent" },
+                node.connections,
+                node.backlog,
+                node.oldest_backlog_s
+                    .map_or("-".to_owned(), |s| format!("{s:.1}")),
+                node.last_seen_at.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(f, "connections     {}", self.connections)?;
+        writeln!(
+            f,
+            "parked          {} (messages waiting for offline users)",
+            self.parked
+        )?;
+        match &self.oldest_pending {
+            Some(pending) => writeln!(
+                f,
+                "oldest pending  message {} for node {}, queued {:.1} s ago",
+                pending.message_id, pending.node_id, pending.age_s
+            )?,
+            None => writeln!(f, "oldest pending  none (no work waiting for any node)")?,
+        }
+        match &self.sweeper {
+            Some(sweeper) => writeln!(
+                f,
+                "sweeper         {} (last run {})",
+                sweeper.node_id,
+                sweeper.last_run_at.map_or("never".to_owned(), |at| at
+                    .format("%H:%M:%S%.3f UTC")
+                    .to_string())
+            ),
+            None => writeln!(f, "sweeper         none yet"),
+        }
+    }
+}
+
+/// One delivery, as `pgrelay tail` shows it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DeliveryEvent {
+    pub message_id: String,
+    pub user_id: String,
+    pub node_id: String,
+    pub connection_id: String,
+    pub destination: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: DateTime<Utc>,
+    pub acked_at: Option<DateTime<Utc>>,
+}
+
+/// Deliveries recorded at or after `after`, oldest first, optionally for one
+/// user or one node; at most `limit`.
+pub async fn deliveries_since(
+    pool: &PgPool,
+    after: DateTime<Utc>,
+    user: Option<&str>,
+    node: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeliveryEvent>, sqlx::Error> {
+    sqlx::query_as!(
+        DeliveryEvent,
+        r#"
+        SELECT d.message_id::text AS "message_id!", d.user_id, d.node_id,
+               d.connection_id::text AS "connection_id!", m.destination, m.created_at,
+               d.delivered_at, d.acked_at
+          FROM relay.deliveries d
+          JOIN relay.messages m ON m.id = d.message_id
+         WHERE d.delivered_at >= $1
+           AND ($2::text IS NULL OR d.user_id = $2)
+           AND ($3::text IS NULL OR d.node_id = $3)
+         ORDER BY d.delivered_at, d.message_id, d.connection_id
+         LIMIT $4
+        "#,
+        after,
+        user,
+        node,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+}
+
+impl fmt::Display for DeliveryEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let latency = (self.delivered_at - self.created_at)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1000.0;
+        write!(
+            f,
+            "{}  message {} → {} on {} (connection {}) {:+.1} ms{}{}",
+            self.delivered_at.format("%H:%M:%S%.3f"),
+            self.message_id,
+            self.user_id,
+            self.node_id,
+            self.connection_id,
+            latency,
+            self.destination
+                .as_deref()
+                .map(|d| format!("  {d}"))
+                .unwrap_or_default(),
+            if self.acked_at.is_some() {
+                "  acked"
+            } else {
+                ""
+            },
+        )
+    }
+}

@@ -109,16 +109,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             node.stop().await
         }
         Command::Migrate(args) => {
-            let url = args
-                .database_url
-                .filter(|u| !u.trim().is_empty())
-                .context("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?;
-            let pool = db::connect(&Settings::new(url))
-                .await
-                .context("cannot connect to the database (DATABASE_URL)")?;
-            db::migrate(&pool)
-                .await
-                .context("database migrations failed")?;
+            migrated_pool(args.database_url).await?;
             println!("migrations applied");
             Ok(())
         }
@@ -131,9 +122,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn keys(args: KeysArgs) -> anyhow::Result<()> {
-    let url = args
-        .database_url
+/// Connects to `DATABASE_URL` and applies the migrations.
+async fn migrated_pool(database_url: Option<String>) -> anyhow::Result<sqlx::PgPool> {
+    let url = database_url
         .filter(|u| !u.trim().is_empty())
         .context("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?;
     let pool = db::connect(&Settings::new(url))
@@ -142,6 +133,11 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     db::migrate(&pool)
         .await
         .context("database migrations failed")?;
+    Ok(pool)
+}
+
+async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let pool = migrated_pool(args.database_url).await?;
     match args.action {
         KeysAction::Create { name } => {
             use base64::Engine;

@@ -99,14 +99,7 @@ pub async fn connections(
     _caller: ApiCaller,
     filter: Result<Query<ConnectionFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ConnectionList>, Problem> {
-    let Query(filter) = filter.map_err(|e| Problem::bad_request("bad_query", e.body_text()))?;
-    let limit = filter.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::bad_request(
-            "bad_limit",
-            "`limit` must be 1 to 1000",
-        ));
-    }
+    let (filter, limit) = listing(filter, |f| f.limit)?;
     let connections = sqlx::query_as!(
         Connection,
         r#"
@@ -306,14 +299,7 @@ pub async fn deliveries(
     _caller: ApiCaller,
     filter: Result<Query<DeliveryFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeliveryList>, Problem> {
-    let Query(filter) = filter.map_err(|e| Problem::bad_request("bad_query", e.body_text()))?;
-    let limit = filter.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::bad_request(
-            "bad_limit",
-            "`limit` must be 1 to 1000",
-        ));
-    }
+    let (filter, limit) = listing(filter, |f| f.limit)?;
     let since = filter
         .since
         .unwrap_or_else(|| Utc::now() - chrono::Duration::minutes(1));
@@ -327,4 +313,20 @@ pub async fn deliveries(
     .await
     .map_err(Problem::from_db)?;
     Ok(Json(DeliveryList { deliveries }))
+}
+
+/// A listing's filter and its `limit` (1 to 1000; default 100).
+fn listing<T>(
+    filter: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+    limit: impl Fn(&T) -> Option<i64>,
+) -> Result<(T, i64), Problem> {
+    let Query(filter) = filter.map_err(|e| Problem::bad_request("bad_query", e.body_text()))?;
+    let limit = limit(&filter).unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::bad_request(
+            "bad_limit",
+            "`limit` must be 1 to 1000",
+        ));
+    }
+    Ok((filter, limit))
 }

@@ -266,6 +266,7 @@ fn print_table(report: &Report) {
         println!("  delivered        {:>10}", t.delivered);
         println!("  lost             {:>10}", t.lost);
         println!("  duplicates       {:>10}", t.duplicates);
+        println!("  reconnects       {:>10}", t.reconnects);
         println!("  errors           {:>10}", t.errors);
         println!("  delivery rows    {:>10}", t.recorded);
         for (name, cores) in &t.cpu {

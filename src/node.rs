@@ -133,8 +133,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
     start_with_pool(settings, pool).await
 }
 
+/// A node registered, with its state and its port, but neither serving nor
+/// running any task: [`Prepared::start`] adds those. Tests drive its
+/// `*_once` steps alone, with no background loop racing them.
+pub struct Prepared {
+    pub ctx: Arc<NodeContext>,
+    listener: TcpListener,
+    records: tokio::sync::mpsc::Receiver<deliveries::Record>,
+}
+
 /// [`start`] on an existing pool whose database is already migrated.
 pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<RunningNode> {
+    Ok(prepare(settings, pool).await?.start())
+}
+
+/// Binds the port, connects the bookkeeping pool and registers the node.
+pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepared> {
     crate::metrics::install();
     let listener = TcpListener::bind(settings.listen)
         .await
@@ -180,58 +194,74 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
         unparked: Mutex::new(Vec::new()),
         fatal: Mutex::new(None),
     });
-    tracing::info!(node_id = %ctx.node_id, %addr, "node started");
-
-    let recorder_stop = CancellationToken::new();
-    let recorder = tokio::spawn(deliveries::run(
-        bookkeeping,
-        ctx.node_id.clone(),
-        records,
-        recorder_stop.clone(),
-    ));
-
-    let wake = Arc::new(Notify::new());
-    spawn_supervised(&ctx, "listener", {
-        let (ctx, wake) = (ctx.clone(), wake.clone());
-        move |token| outbox::run_listener(ctx.clone(), wake.clone(), token)
-    });
-    spawn_supervised(&ctx, "claimer", {
-        let (ctx, wake) = (ctx.clone(), wake.clone());
-        move |token| outbox::run_claimer(ctx.clone(), wake.clone(), token)
-    });
-    spawn_supervised(&ctx, "sweeper", {
-        let ctx = ctx.clone();
-        move |token| sweeper::run(ctx.clone(), token)
-    });
-    spawn_supervised(&ctx, "heartbeat", {
-        let ctx = ctx.clone();
-        move |token| run_heartbeat(ctx.clone(), token)
-    });
-
-    if let Auth::Jwt { api_keys, .. } = &ctx.settings.auth {
-        let api_keys = api_keys.clone();
-        spawn_supervised(&ctx, "api-keys", {
-            let ctx = ctx.clone();
-            move |token| run_api_keys(ctx.clone(), api_keys.clone(), token)
-        });
-    }
-
-    let server = tokio::spawn(http::server::serve(
-        listener,
-        http::router(ctx.clone()),
-        ctx.settings.limits.max_connections,
-        ctx.settings.limits.request_timeout,
-        ctx.shutdown.clone(),
-        ctx.settings.shutdown_grace,
-    ));
-
-    Ok(RunningNode {
+    Ok(Prepared {
         ctx,
-        addr,
-        server,
-        recorder,
-        recorder_stop,
+        listener,
+        records,
     })
+}
+
+impl Prepared {
+    /// Starts the node's tasks and serves.
+    pub fn start(self) -> RunningNode {
+        let Prepared {
+            ctx,
+            listener,
+            records,
+        } = self;
+        let addr = ctx.listen_addr;
+        tracing::info!(node_id = %ctx.node_id, %addr, "node started");
+        let recorder_stop = CancellationToken::new();
+        let recorder = tokio::spawn(deliveries::run(
+            ctx.bookkeeping.clone(),
+            ctx.node_id.clone(),
+            records,
+            recorder_stop.clone(),
+        ));
+
+        let wake = Arc::new(Notify::new());
+        spawn_supervised(&ctx, "listener", {
+            let (ctx, wake) = (ctx.clone(), wake.clone());
+            move |token| outbox::run_listener(ctx.clone(), wake.clone(), token)
+        });
+        spawn_supervised(&ctx, "claimer", {
+            let (ctx, wake) = (ctx.clone(), wake.clone());
+            move |token| outbox::run_claimer(ctx.clone(), wake.clone(), token)
+        });
+        spawn_supervised(&ctx, "sweeper", {
+            let ctx = ctx.clone();
+            move |token| sweeper::run(ctx.clone(), token)
+        });
+        spawn_supervised(&ctx, "heartbeat", {
+            let ctx = ctx.clone();
+            move |token| run_heartbeat(ctx.clone(), token)
+        });
+
+        if let Auth::Jwt { api_keys, .. } = &ctx.settings.auth {
+            let api_keys = api_keys.clone();
+            spawn_supervised(&ctx, "api-keys", {
+                let ctx = ctx.clone();
+                move |token| run_api_keys(ctx.clone(), api_keys.clone(), token)
+            });
+        }
+
+        let server = tokio::spawn(http::server::serve(
+            listener,
+            http::router(ctx.clone()),
+            ctx.settings.limits.max_connections,
+            ctx.settings.limits.request_timeout,
+            ctx.shutdown.clone(),
+            ctx.settings.shutdown_grace,
+        ));
+
+        RunningNode {
+            ctx,
+            addr,
+            server,
+            recorder,
+            recorder_stop,
+        }
+    }
 }
 
 impl RunningNode {

@@ -38,12 +38,16 @@ pub struct Claimed {
 /// Claims one batch of this node's outbox rows and hands them to sessions, in
 /// message id order (which is each stream's order, see the migrations).
 ///
-/// Messages are offered to sessions before the claim commits: if the commit
-/// fails, the rows come back and sessions drop what they already have by id.
+/// The claim is a transaction, and messages are offered to sessions before it
+/// commits: if the commit fails, or this future is dropped (a timeout) at any
+/// point before it, the rows come back and are delivered again; sessions drop
+/// by id what they already have. A claim as a single autocommit statement
+/// would not be safe: a caller that gives up waiting leaves the statement to
+/// finish and commit on the server, its rows deleted and never delivered.
 pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
-    // One statement, on the bookkeeping pool: nothing waits on this commit's
-    // flush. If a crash of PostgreSQL loses it, the rows come back and are
-    // delivered again (at least once); sessions drop by id what they have.
+    // On the bookkeeping pool: nothing waits on this commit's flush. If a
+    // crash of PostgreSQL loses it, the rows come back (at least once).
+    let mut tx = ctx.bookkeeping.begin().await?;
     let rows = sqlx::query!(
         r#"
         WITH claimed AS (
@@ -66,7 +70,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         ctx.node_id.as_str(),
         CLAIM_BATCH,
     )
-    .fetch_all(&ctx.bookkeeping)
+    .fetch_all(&mut *tx)
     .await?;
 
     let mut claimed = Claimed {
@@ -146,11 +150,10 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
             claimed.parked += 1;
         }
     }
-    if !park_messages.is_empty() {
-        let mut tx = ctx.bookkeeping.begin().await?;
-        crate::registry::connections::park(&mut tx, &park_messages, &park_users).await?;
-        tx.commit().await?;
-    }
+    // Parked in the claim's transaction: a message is parked if and only if
+    // its claim commits.
+    crate::registry::connections::park(&mut tx, &park_messages, &park_users).await?;
+    tx.commit().await?;
     Ok(claimed)
 }
 

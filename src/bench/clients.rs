@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpSocket;
@@ -79,12 +79,24 @@ pub async fn connect_ws(server: SocketAddr, source: IpAddr, path: &str) -> anyho
     }
 }
 
-/// Reads messages until `stop`, recording ids and latencies.
+/// Where a receiver reconnects, as a real client does, when the server
+/// closes its socket: the same path with `since` its newest id.
+#[derive(Clone)]
+pub struct Resume {
+    pub server: SocketAddr,
+    pub path: String,
+    /// Reconnections made, by every receiver.
+    pub count: Arc<AtomicU64>,
+}
+
+/// Reads messages until `stop`, recording ids and latencies; with `resume`,
+/// reconnects (once a second at most) whenever the server closes the socket.
 pub async fn receive(
     mut ws: Socket,
     epoch: Instant,
     counter: Arc<AtomicU64>,
     stop: tokio_util::sync::CancellationToken,
+    resume: Option<Resume>,
 ) -> Received {
     let mut received = Received::default();
     loop {
@@ -92,6 +104,35 @@ pub async fn receive(
             next = ws.next() => next,
             () = stop.cancelled() => break,
         };
+        let ended = match &next {
+            Some(Ok(Message::Close(frame))) => Some(format!("{frame:?}")),
+            Some(Err(error)) => Some(error.to_string()),
+            None => Some("the connection ended".to_owned()),
+            Some(Ok(_)) => None,
+        };
+        if let (Some(why), Some(resume)) = (ended, &resume) {
+            let since = received.ids.iter().max().copied().unwrap_or(0);
+            eprintln!("(a receiver was closed: {why}; resuming since {since})");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let path = format!("{}&since={since}", resume.path);
+            match connect_ws(
+                resume.server,
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                &path,
+            )
+            .await
+            {
+                Ok(again) => {
+                    ws = again;
+                    resume.count.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(error) => {
+                    eprintln!("(the receiver could not reconnect: {error})");
+                    break;
+                }
+            }
+        }
         match next {
             Some(Ok(Message::Text(text))) => {
                 let bytes = text.as_bytes();

@@ -27,6 +27,8 @@ pub struct Throughput {
     pub lost: usize,
     pub duplicates: usize,
     pub errors: u64,
+    /// Receivers closed by the server that reconnected with `since`.
+    pub reconnects: u64,
     pub delivered_per_sec: f64,
     /// Delivery rows written for the delivered messages.
     pub recorded: i64,
@@ -75,40 +77,66 @@ pub struct SqlSend {
 }
 
 /// Connects `count` receivers named `{prefix}{i}` to node `node`.
+/// Connected receivers, each with the path it resumes on.
 async fn receivers(
     cluster: &BenchCluster,
     node: usize,
     prefix: &str,
     count: usize,
-) -> anyhow::Result<Vec<Socket>> {
-    let addr = cluster.nodes[node].addr;
+) -> anyhow::Result<Vec<(Socket, Option<clients::Resume>)>> {
+    let server = cluster.nodes[node].addr;
+    let reconnects = Arc::new(AtomicU64::new(0));
     let mut sockets = Vec::with_capacity(count);
     for i in 0..count {
         let path = format!("/v1/ws?user={prefix}{i}");
-        sockets.push(clients::connect_ws(addr, IpAddr::V4(Ipv4Addr::LOCALHOST), &path).await?);
+        let ws = clients::connect_ws(server, IpAddr::V4(Ipv4Addr::LOCALHOST), &path).await?;
+        let resume = clients::Resume {
+            server,
+            path,
+            count: reconnects.clone(),
+        };
+        sockets.push((ws, Some(resume)));
     }
     Ok(sockets)
 }
 
 struct Listening {
     counter: Arc<AtomicU64>,
+    reconnects: Arc<AtomicU64>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Received>>,
 }
 
 impl Listening {
-    fn start(sockets: Vec<Socket>, epoch: Instant) -> Self {
+    fn start(sockets: Vec<(Socket, Option<clients::Resume>)>, epoch: Instant) -> Self {
         let counter = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
+        let reconnects = sockets
+            .iter()
+            .find_map(|(_, resume)| resume.as_ref().map(|r| r.count.clone()))
+            .unwrap_or_default();
         let tasks = sockets
             .into_iter()
-            .map(|ws| tokio::spawn(clients::receive(ws, epoch, counter.clone(), stop.clone())))
+            .map(|(ws, resume)| {
+                tokio::spawn(clients::receive(
+                    ws,
+                    epoch,
+                    counter.clone(),
+                    stop.clone(),
+                    resume,
+                ))
+            })
             .collect();
         Self {
             counter,
+            reconnects,
             stop,
             tasks,
         }
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// Waits until `n` messages have arrived (or `limit` passes).
@@ -180,6 +208,7 @@ pub async fn throughput(
         .await;
     let elapsed = started.elapsed();
     let cpu = meter.stop();
+    let reconnects = listening.reconnects();
     let received = listening.finish().await;
 
     let mut seen: Vec<i64> = received
@@ -205,6 +234,7 @@ pub async fn throughput(
         lost: accepted.len() - delivered,
         duplicates,
         errors: errors.load(Ordering::Relaxed),
+        reconnects,
         delivered_per_sec: delivered as f64 / elapsed.as_secs_f64(),
         recorded,
         cpu,
@@ -305,7 +335,7 @@ pub async fn idle(cluster: &BenchCluster, count: usize) -> anyhow::Result<Idle> 
             drop(permit);
             // Keep reading, so that pings are answered.
             if let Ok(ws) = ws {
-                let _ = clients::receive(ws, Instant::now(), counter, stop).await;
+                let _ = clients::receive(ws, Instant::now(), counter, stop, None).await;
                 true
             } else {
                 false
@@ -357,7 +387,7 @@ pub async fn fanout(
             .await?;
             clients::wait_for(&mut ws, "\"subscribed\"").await?;
             drop(permit);
-            anyhow::Ok(ws)
+            anyhow::Ok((ws, None))
         }));
     }
     let mut sockets = Vec::with_capacity(subscribers);

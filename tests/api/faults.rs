@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use pgrelay::pgtemp::{self, TempPostgres};
 use serde_json::{Value, json};
+use sqlx::Connection;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
@@ -508,5 +509,84 @@ async fn a_rolling_restart_of_every_node_under_traffic_loses_nothing() {
     for node in nodes {
         assert_eq!(node.terminate().await, Some(0));
     }
+    db.drop_database().await;
+}
+
+/// A claim whose caller stops waiting (a timeout, a cancelled task) while its
+/// statement waits in PostgreSQL: the server still runs the statement after
+/// the caller has gone, so unless the claim is a transaction that then never
+/// commits, its rows are deleted and their messages never delivered.
+#[tokio::test]
+async fn an_abandoned_claim_loses_no_outbox_work() {
+    let db = TestDb::new().await;
+    // A registered node with no task running, so that nothing else claims.
+    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
+        .await
+        .unwrap();
+    let ctx = node.ctx.clone();
+    sqlx::query(
+        "INSERT INTO relay.connections (id, node_id, user_id, protocol) VALUES ($1, 'node-a', 'wes', 'json')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // Every connection of the pool has the claim prepared, as a node that has
+    // run a while has: the claim is then sent whole, in one go.
+    let warm_up: Vec<_> = (0..4).map(|_| pgrelay::outbox::claim_once(&ctx)).collect();
+    for claimed in futures_util::future::join_all(warm_up).await {
+        assert_eq!(claimed.unwrap().rows, 0);
+    }
+
+    // The message commits while the claim is held up by a lock on messages.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT relay.send_to_user('wes', '{\"n\": 1}')")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("LOCK TABLE relay.messages IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let claim = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { pgrelay::outbox::claim_once(&ctx).await }
+    });
+    eventually("the claim waiting on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
+                AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    claim.abort();
+    assert!(claim.await.unwrap_err().is_cancelled());
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    // The work comes back for the next claim. No session of wes is on this
+    // node, so that claim parks the message for wes's next connect.
+    let claimed = eventually("the outbox row claimable again", || async {
+        let claimed = pgrelay::outbox::claim_once(&ctx).await.unwrap();
+        (claimed.rows == 1).then_some(claimed)
+    })
+    .await;
+    assert_eq!(claimed.parked, 1);
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM relay.outbox WHERE node_id IS NULL AND user_id = 'wes' AND message_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(parked, 1);
+    ctx.pool.close().await;
+    ctx.bookkeeping.close().await;
     db.drop_database().await;
 }

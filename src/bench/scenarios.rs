@@ -190,7 +190,9 @@ pub async fn throughput(
                 n += submitters;
                 let body = clients::message_body(&to, clients::now_micros(epoch), &padding);
                 match http.post(&url, body).await {
-                    Ok((202, body)) => accepted.extend(clients::parse_id(&body)),
+                    Ok((202, body)) => accepted.extend(
+                        clients::parse_id(&body).map(|id| (id, (n - submitters) % receiver_count)),
+                    ),
                     _ => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -199,10 +201,11 @@ pub async fn throughput(
             accepted
         }));
     }
-    let mut accepted = Vec::new();
+    let mut addressed = Vec::new();
     for task in tasks {
-        accepted.extend(task.await?);
+        addressed.extend(task.await?);
     }
+    let accepted: Vec<i64> = addressed.iter().map(|(id, _)| *id).collect();
     listening
         .until(accepted.len() as u64, Duration::from_secs(60))
         .await;
@@ -223,6 +226,9 @@ pub async fn throughput(
         .iter()
         .filter(|id| seen.binary_search(id).is_ok())
         .count();
+    if delivered < accepted.len() {
+        explain_losses(pool, &addressed, &received, &seen).await;
+    }
     let recorded = recorded_deliveries(pool, &accepted, delivered as i64).await?;
     Ok(Throughput {
         submitters,
@@ -239,6 +245,44 @@ pub async fn throughput(
         recorded,
         cpu,
     })
+}
+
+/// Says on stderr where undelivered messages are: still in the outbox, or
+/// taken from it but not delivered, before or after newer messages of
+/// their user.
+async fn explain_losses(
+    pool: &PgPool,
+    addressed: &[(i64, usize)],
+    received: &[Received],
+    seen: &[i64],
+) {
+    let newest: Vec<i64> = received
+        .iter()
+        .map(|r| r.ids.iter().max().copied().unwrap_or(0))
+        .collect();
+    let lost: Vec<(i64, usize)> = addressed
+        .iter()
+        .filter(|(id, _)| seen.binary_search(id).is_err())
+        .copied()
+        .collect();
+    let overtaken = lost.iter().filter(|(id, user)| *id < newest[*user]).count();
+    let ids: Vec<i64> = lost.iter().map(|(id, _)| *id).collect();
+    let in_outbox: Result<(i64, i64), _> = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE node_id IS NULL) FROM relay.outbox WHERE message_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(pool)
+    .await;
+    eprintln!(
+        "({} undelivered: {overtaken} older than a message their receiver got; in the outbox (routed, parked): {in_outbox:?}; users: {:?})",
+        lost.len(),
+        {
+            let mut users: Vec<usize> = lost.iter().map(|(_, u)| *u).collect();
+            users.sort_unstable();
+            users.dedup();
+            users
+        }
+    );
 }
 
 /// Delivery rows of `ids`, once the writers have caught up (or 30 s).

@@ -47,16 +47,25 @@ pub struct Claimed {
 pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
+    // The batch is chosen once (ARRAY() runs as an init plan): as `IN
+    // (subquery)` the planner, on a table that statistics call empty, ran the
+    // subquery again for every row deleted, and each run skipped the rows
+    // already deleted and took later ones. The claim then deleted a batch
+    // with holes and took the holes later, behind newer messages.
+    // FOR UPDATE waits, where SKIP LOCKED would skip: a row held by another
+    // transaction (an abandoned claim not yet rolled back, the sweeper) would
+    // be overtaken by newer messages of its stream, and sessions drop a
+    // message older than one they have delivered.
     let mut tx = ctx.bookkeeping.begin().await?;
     let rows = sqlx::query!(
         r#"
         WITH claimed AS (
             DELETE FROM relay.outbox o
-             WHERE o.id IN (SELECT id FROM relay.outbox
-                             WHERE node_id = $1
-                             ORDER BY message_id
-                             LIMIT $2
-                               FOR UPDATE SKIP LOCKED)
+             WHERE o.id = ANY (ARRAY(SELECT id FROM relay.outbox
+                                      WHERE node_id = $1
+                                      ORDER BY message_id
+                                      LIMIT $2
+                                        FOR UPDATE))
             RETURNING o.id, o.kind, o.message_id, o.user_id, o.connection_ids
         )
         SELECT c.id AS "outbox_id!", c.kind AS "kind!", c.message_id, c.user_id,

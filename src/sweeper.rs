@@ -5,7 +5,8 @@
 //! work is parked for its users' next connections (G6). It removes what
 //! retention no longer keeps, in bounded batches (never one
 //! unbounded DELETE, never a long lock), drops parked work whose message
-//! expired, and forgets old idempotency keys.
+//! expired, and forgets old idempotency keys. And it vacuums the outbox when
+//! claims have left it full of dead rows, rather than wait for autovacuum.
 //!
 //! Which node sweeps is decided by a session advisory lock held on a
 //! dedicated connection: when the holder dies, its connection dies, the lock
@@ -31,6 +32,13 @@ const TIME_BUDGET: Duration = Duration::from_secs(2);
 /// The advisory lock (two-key form, in a key space of its own).
 const LOCK_CLASS: i32 = 0x7067_726c; // "pgrl"
 const LOCK_SWEEPER: i32 = 1;
+/// Dead outbox rows past which the sweeper vacuums the outbox itself. Every
+/// claim deletes rows, and until a vacuum passes each claim still walks their
+/// index entries: after a burst of 150,000 messages a claim took 0.5 ms
+/// instead of 0.03, for as long as autovacuum (which looks at a table about
+/// once a minute) had not come by. A vacuum of the mostly empty outbox takes
+/// milliseconds.
+pub const OUTBOX_VACUUM_DEAD_ROWS: i64 = 10_000;
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,6 +57,8 @@ pub struct SweepReport {
     pub parked_expired: u64,
     /// Idempotency keys past retention forgotten.
     pub idempotency_keys_removed: u64,
+    /// Whether the outbox was vacuumed (it had many dead rows).
+    pub outbox_vacuumed: bool,
 }
 
 impl SweepReport {
@@ -174,7 +184,29 @@ pub async fn sweep_once(
     .execute(pool)
     .await?
     .rows_affected();
+    report.outbox_vacuumed = vacuum_outbox_once(pool, OUTBOX_VACUUM_DEAD_ROWS).await?;
     Ok(report)
+}
+
+/// Vacuums the outbox if PostgreSQL counts at least `dead_rows` dead rows in
+/// it; answers whether it did. A vacuum already running (autovacuum's) is
+/// not waited for. Without ownership of the table PostgreSQL skips it with a
+/// warning, which costs nothing but leaves the job to autovacuum.
+pub async fn vacuum_outbox_once(pool: &PgPool, dead_rows: i64) -> Result<bool, sqlx::Error> {
+    let dead = sqlx::query_scalar!(
+        r#"SELECT n_dead_tup AS "dead!" FROM pg_stat_user_tables WHERE relid = 'relay.outbox'::regclass"#
+    )
+    .fetch_optional(pool)
+    .await?
+    .unwrap_or(0);
+    if dead < dead_rows {
+        return Ok(false);
+    }
+    // VACUUM cannot be checked at compile time (nor run in a transaction).
+    sqlx::query("VACUUM (SKIP_LOCKED) relay.outbox")
+        .execute(pool)
+        .await?;
+    Ok(true)
 }
 
 /// Reaps nodes silent for longer than `node_timeout`, and the leftovers of

@@ -273,6 +273,12 @@ async fn explain_losses(
     .bind(&ids)
     .fetch_one(pool)
     .await;
+    for (id, user) in lost.iter().take(3) {
+        let ids = &received[*user].ids;
+        let after = ids.iter().position(|i| i > id);
+        let around = after.map(|p| &ids[p.saturating_sub(3)..(p + 3).min(ids.len())]);
+        eprintln!("(message {id} for receiver {user}: received around it, in order: {around:?})");
+    }
     eprintln!(
         "({} undelivered: {overtaken} older than a message their receiver got; in the outbox (routed, parked): {in_outbox:?}; users: {:?})",
         lost.len(),

@@ -103,8 +103,10 @@ async fn exactly_one_sweeper_runs_and_another_takes_over_when_it_dies() {
     }
     let holders = || async {
         let holders: i64 = sqlx::query_scalar(
+            // pg_locks covers every database: other tests' nodes sweep too.
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
-                AND classid = x'7067726c'::int::oid AND objid = 1",
+                AND classid = x'7067726c'::int::oid AND objid = 1
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(&db.pool)
         .await
@@ -589,4 +591,117 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
     ctx.pool.close().await;
     ctx.bookkeeping.close().await;
     db.drop_database().await;
+}
+
+/// A message whose outbox row another transaction holds (an abandoned claim
+/// not yet rolled back, the sweeper) is waited for, not overtaken: a session
+/// that had delivered a newer message of the stream would drop it.
+#[tokio::test]
+async fn a_claim_waits_for_a_held_row_rather_than_overtake_it() {
+    let db = TestDb::new().await;
+    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
+        .await
+        .unwrap();
+    let ctx = node.ctx.clone();
+    sqlx::query(
+        "INSERT INTO relay.connections (id, node_id, user_id, protocol) VALUES ($1, 'node-a', 'xia', 'json')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let send = |n: i64| {
+        sqlx::query_scalar::<_, i64>("SELECT relay.send_to_user('xia', to_jsonb($1::bigint))")
+            .bind(n)
+            .fetch_one(&db.pool)
+    };
+    let older = send(1).await.unwrap();
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM relay.outbox WHERE message_id = $1 FOR UPDATE")
+        .bind(older)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    send(2).await.unwrap();
+
+    let claim = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { pgrelay::outbox::claim_once(&ctx).await }
+    });
+    eventually("the claim waiting for the held row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
+                AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    assert!(!claim.is_finished());
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let claimed = claim.await.unwrap().unwrap();
+    assert_eq!(claimed.rows, 2, "both messages, in one claim, in order");
+    ctx.pool.close().await;
+    ctx.bookkeeping.close().await;
+    db.drop_database().await;
+}
+
+/// PostgreSQL stalls longer than a claim may wait: the node's claims time
+/// out and are abandoned one after another while work piles up. Once the stall
+/// ends, the client gets all of it, in order, and what follows.
+#[tokio::test]
+async fn claims_that_time_out_in_a_stall_lose_nothing_and_keep_order() {
+    let cluster = Cluster::start(1).await;
+    let mut yul = cluster.connect(0, "yul").await;
+    let first = cluster.send_to_user(0, "yul", json!(0)).await;
+    assert_eq!(id_of(&yul.next_message().await), first);
+
+    let mut holder = sqlx::PgConnection::connect(&cluster.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    let mut held = Vec::new();
+    for n in 1..=5 {
+        held.push(
+            sqlx::query_scalar::<_, i64>("SELECT relay.send_to_user('yul', to_jsonb($1::int))")
+                .bind(n)
+                .fetch_one(&mut holder)
+                .await
+                .unwrap(),
+        );
+    }
+    sqlx::query("LOCK TABLE relay.messages IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // Two claims waiting: the first timed out (after pgrelay::db::OP_TIMEOUT)
+    // and was abandoned, the second is its retry.
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
+                AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&cluster.db.pool)
+        .await
+        .unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < pgrelay::db::OP_TIMEOUT * 2,
+            "no claim was abandoned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    assert_eq!(yul.message_ids(5).await, held);
+    let after = cluster.send_to_user(0, "yul", json!(6)).await;
+    assert_eq!(id_of(&yul.next_message().await), after);
+    yul.close().await;
+    cluster.finish().await;
 }

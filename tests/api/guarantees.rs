@@ -714,3 +714,49 @@ async fn the_readme_audit_queries_answer_their_questions() {
     assert_eq!(ids, vec![pending]);
     cluster.finish().await;
 }
+
+#[tokio::test]
+async fn the_sweeper_vacuums_an_outbox_left_full_of_dead_rows() {
+    use pgrelay::sweeper::vacuum_outbox_once;
+    let cluster = Cluster::start(1).await;
+    let pool = &cluster.db.pool;
+    // Parked for an offline user, then taken by their connect: every outbox
+    // row written is dead afterwards.
+    let batch: Vec<Value> = (0..300)
+        .map(|i| json!({"to": {"user": "vic"}, "data": i}))
+        .collect();
+    let (status, body) = cluster.post(0, "/v1/messages/batch", &json!(batch)).await;
+    assert_eq!(status, 202, "{body}");
+    let mut vic = cluster.connect(0, "vic").await;
+    assert_eq!(vic.message_ids(300).await.len(), 300);
+
+    let stats = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables
+              WHERE relid = 'relay.outbox'::regclass",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    // PostgreSQL publishes a session's row counts within about a second.
+    eventually("the dead outbox rows counted", || async {
+        (stats().await.0 >= 300).then_some(())
+    })
+    .await;
+    assert!(
+        !vacuum_outbox_once(pool, 1_000).await.unwrap(),
+        "below the threshold"
+    );
+    assert_eq!(stats().await.1, 0);
+    assert!(vacuum_outbox_once(pool, 300).await.unwrap());
+    let (dead, vacuums) = stats().await;
+    assert_eq!(vacuums, 1);
+    assert!(dead < 300, "{dead} dead rows left");
+    assert!(
+        !vacuum_outbox_once(pool, 300).await.unwrap(),
+        "nothing left to vacuum"
+    );
+    vic.close().await;
+    cluster.finish().await;
+}

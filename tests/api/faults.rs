@@ -514,6 +514,27 @@ async fn a_rolling_restart_of_every_node_under_traffic_loses_nothing() {
     db.drop_database().await;
 }
 
+/// A registered node with no task running (nothing else claims), and one
+/// connection of `user` on it in the registry (no socket: the node serves
+/// none).
+async fn taskless_node_with_a_connection(
+    db: &TestDb,
+    user: &str,
+) -> std::sync::Arc<pgrelay::node::NodeContext> {
+    let node = pgrelay::node::prepare(settings(db, AuthKind::None, 0), db.pool.clone())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO relay.connections (id, node_id, user_id, protocol) VALUES ($1, 'node-a', $2, 'json')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    node.ctx
+}
+
 /// A claim whose caller stops waiting (a timeout, a cancelled task) while its
 /// statement waits in PostgreSQL: the server still runs the statement after
 /// the caller has gone, so unless the claim is a transaction that then never
@@ -521,18 +542,7 @@ async fn a_rolling_restart_of_every_node_under_traffic_loses_nothing() {
 #[tokio::test]
 async fn an_abandoned_claim_loses_no_outbox_work() {
     let db = TestDb::new().await;
-    // A registered node with no task running, so that nothing else claims.
-    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
-        .await
-        .unwrap();
-    let ctx = node.ctx.clone();
-    sqlx::query(
-        "INSERT INTO relay.connections (id, node_id, user_id, protocol) VALUES ($1, 'node-a', 'wes', 'json')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let ctx = taskless_node_with_a_connection(&db, "wes").await;
 
     // Every connection of the pool has the claim prepared, as a node that has
     // run a while has: the claim is then sent whole, in one go.
@@ -556,18 +566,7 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
         let ctx = ctx.clone();
         async move { pgrelay::outbox::claim_once(&ctx).await }
     });
-    eventually("the claim waiting on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
-                AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        (waiting == 1).then_some(())
-    })
-    .await;
+    assert_eq!(node_sessions_waiting_on_locks(&db.pool, 1).await, 1);
     claim.abort();
     assert!(claim.await.unwrap_err().is_cancelled());
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
@@ -599,17 +598,7 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
 #[tokio::test]
 async fn a_claim_waits_for_a_held_row_rather_than_overtake_it() {
     let db = TestDb::new().await;
-    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
-        .await
-        .unwrap();
-    let ctx = node.ctx.clone();
-    sqlx::query(
-        "INSERT INTO relay.connections (id, node_id, user_id, protocol) VALUES ($1, 'node-a', 'xia', 'json')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let ctx = taskless_node_with_a_connection(&db, "xia").await;
     let send = |n: i64| {
         sqlx::query_scalar::<_, i64>("SELECT relay.send_to_user('xia', to_jsonb($1::bigint))")
             .bind(n)
@@ -629,18 +618,7 @@ async fn a_claim_waits_for_a_held_row_rather_than_overtake_it() {
         let ctx = ctx.clone();
         async move { pgrelay::outbox::claim_once(&ctx).await }
     });
-    eventually("the claim waiting for the held row", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
-                AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        (waiting == 1).then_some(())
-    })
-    .await;
+    assert_eq!(node_sessions_waiting_on_locks(&db.pool, 1).await, 1);
     assert!(!claim.is_finished());
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     let claimed = claim.await.unwrap().unwrap();
@@ -678,25 +656,7 @@ async fn claims_that_time_out_in_a_stall_lose_nothing_and_keep_order() {
         .unwrap();
     // Two claims waiting: the first timed out (after pgrelay::db::OP_TIMEOUT)
     // and was abandoned, the second is its retry.
-    let started = Instant::now();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
-                AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&cluster.db.pool)
-        .await
-        .unwrap();
-        if waiting >= 2 {
-            break;
-        }
-        assert!(
-            started.elapsed() < pgrelay::db::OP_TIMEOUT * 2,
-            "no claim was abandoned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node_sessions_waiting_on_locks(&cluster.db.pool, 2).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
 
     assert_eq!(yul.message_ids(5).await, held);

@@ -12,18 +12,7 @@ type Time = chrono::DateTime<chrono::Utc>;
 
 /// Waits until `n` sessions of the nodes are blocked on a lock.
 async fn lock_waiters(cluster: &Cluster, n: i64) {
-    eventually(&format!("{n} node sessions waiting on a lock"), || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
-                AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&cluster.db.pool)
-        .await
-        .unwrap();
-        (waiting >= n).then_some(())
-    })
-    .await;
+    node_sessions_waiting_on_locks(&cluster.db.pool, n).await;
 }
 
 async fn connection(cluster: &Cluster) -> PgConnection {

@@ -761,3 +761,20 @@ pub fn npm_installed(dir: &str, marker: &str) {
     }
     installed.push(dir.to_owned());
 }
+
+/// Waits until at least `n` of the nodes' database sessions wait on a lock
+/// (a test holds it), and answers how many do.
+pub async fn node_sessions_waiting_on_locks(pool: &PgPool, n: i64) -> i64 {
+    eventually(&format!("{n} node sessions waiting on a lock"), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
+                AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (waiting >= n).then_some(waiting)
+    })
+    .await
+}

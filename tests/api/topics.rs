@@ -150,23 +150,7 @@ async fn a_subscribe_racing_a_publish_never_loses_a_message_committed_after_it()
     client
         .send_json(json!({"op": "subscribe", "topic": "race"}))
         .await;
-    let waiting = |n: i64| {
-        let pool = cluster.db.pool.clone();
-        eventually("sessions waiting on the topic", move || {
-            let pool = pool.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE datname = current_database() AND application_name LIKE 'pgrelay node-%'
-                        AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                (waiting >= n).then_some(())
-            }
-        })
-    };
+    let waiting = |n: i64| node_sessions_waiting_on_locks(&cluster.db.pool, n);
     waiting(1).await;
     let http = cluster.http.clone();
     let url = cluster.url(0, "/v1/messages");

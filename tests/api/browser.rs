@@ -36,23 +36,15 @@ async fn in_the_demo_page_a_message_typed_in_pane_a_is_delivered_in_pane_b_by_th
         "nodes": [cluster.node_id(0), cluster.node_id(1)],
         "screenshot": screenshot,
     });
-    let output = tokio::process::Command::new("node")
-        .arg("demo.mjs")
-        .arg(config.to_string())
-        .env("CHROMIUM", chromium)
-        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser"))
-        .kill_on_drop(true)
-        .output();
-    let output = within(Duration::from_secs(90), output)
-        .await
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the browser scenario failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("ok demo"), "{stdout}");
+    node_scenario(
+        "tests/browser",
+        "demo.mjs",
+        "demo",
+        &config,
+        &[("CHROMIUM", chromium.as_str())],
+        Duration::from_secs(90),
+    )
+    .await;
     assert!(
         std::fs::metadata(&screenshot).unwrap().len() > 10_000,
         "a screenshot was saved"

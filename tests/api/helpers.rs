@@ -762,6 +762,34 @@ pub fn npm_installed(dir: &str, marker: &str) {
     installed.push(dir.to_owned());
 }
 
+/// Runs `node <script> <name> <config>` in `dir` (under the crate), with
+/// `env`, and asserts that it succeeded and printed `ok <name>`.
+pub async fn node_scenario(
+    dir: &str,
+    script: &str,
+    name: &str,
+    config: &Value,
+    env: &[(&str, &str)],
+    limit: Duration,
+) {
+    let output = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(name)
+        .arg(config.to_string())
+        .envs(env.iter().copied())
+        .current_dir(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir))
+        .kill_on_drop(true)
+        .output();
+    let output = within(limit, output).await.expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scenario {name} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(&format!("ok {name}")), "{stdout}");
+}
+
 /// Waits until at least `n` of the nodes' database sessions wait on a lock
 /// (a test holds it), and answers how many do.
 pub async fn node_sessions_waiting_on_locks(pool: &PgPool, n: i64) -> i64 {

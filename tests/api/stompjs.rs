@@ -2,16 +2,11 @@
 //! scenarios are in tests/stomp/scenarios.mjs; the packages are pinned in its
 //! package-lock.json and installed (`npm ci`) on first use.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::helpers::*;
-
-fn stomp_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/stomp")
-}
 
 async fn scenario(name: &str) {
     npm_installed("tests/stomp", "@stomp/stompjs");
@@ -23,22 +18,15 @@ async fn scenario(name: &str) {
         "ws": [cluster.ws_url(0, "").trim_end_matches('?'), cluster.ws_url(1, "").trim_end_matches('?')],
         "http": [cluster.url(0, ""), cluster.url(1, "")],
     });
-    let output = tokio::process::Command::new("node")
-        .arg("scenarios.mjs")
-        .arg(name)
-        .arg(config.to_string())
-        .current_dir(stomp_dir())
-        .output();
-    let output = within(Duration::from_secs(60), output)
-        .await
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "scenario {name} failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains(&format!("ok {name}")), "{stdout}");
+    node_scenario(
+        "tests/stomp",
+        "scenarios.mjs",
+        name,
+        &config,
+        &[],
+        Duration::from_secs(60),
+    )
+    .await;
     cluster.finish().await;
 }
 

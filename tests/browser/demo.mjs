@@ -9,7 +9,8 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const config = JSON.parse(process.argv[2]);
+// Called as `node demo.mjs demo <config>`, like the STOMP scenarios.
+const config = JSON.parse(process.argv[3]);
 const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const TIMEOUT = 20_000;
 

@@ -217,6 +217,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_SLOW_CONSUMER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub slow_consumer_timeout: Duration,
 
+    /// How long a client has, from accept, to complete its handshake (the
+    /// STOMP CONNECT frame); whatever it sends meanwhile, it is then closed.
+    #[arg(long, env = "PGRELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Open TCP connections (HTTP and WebSocket) one node accepts.
     #[arg(long, env = "PGRELAY_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -305,6 +310,7 @@ pub struct Limits {
     pub max_frames_per_second: u32,
     pub api_rate_limit: u32,
     pub slow_consumer_timeout: Duration,
+    pub handshake_timeout: Duration,
     pub max_connections: usize,
     pub request_timeout: Duration,
 }
@@ -317,6 +323,7 @@ impl Default for Limits {
             max_frames_per_second: 100,
             api_rate_limit: 10_000,
             slow_consumer_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             request_timeout: Duration::from_secs(10),
         }
@@ -348,6 +355,20 @@ impl Settings {
             limits: Limits::default(),
             exposure: Exposure::default(),
         }
+    }
+
+    /// How long a transaction of this node may sit idle before the server
+    /// ends it: a node paused or cut off in the middle of one holds its locks
+    /// no longer than this, well before it could be reaped.
+    pub fn idle_transaction_timeout(&self) -> Duration {
+        (self.node_timeout / 2).clamp(Duration::from_millis(200), Duration::from_secs(5))
+    }
+
+    /// How long the node's liveness work (its heartbeat, the sweeper's lease)
+    /// may take before it counts as failed.
+    pub fn liveness_timeout(&self) -> Duration {
+        self.heartbeat_interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(5))
     }
 
     /// Validates the flags of `pgrelay serve`.
@@ -470,6 +491,7 @@ impl Settings {
                 max_frames_per_second: args.max_frames_per_second,
                 api_rate_limit: args.api_rate_limit,
                 slow_consumer_timeout: args.slow_consumer_timeout,
+                handshake_timeout: args.handshake_timeout,
                 max_connections: args.max_connections,
                 request_timeout: args.request_timeout,
             },

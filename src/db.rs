@@ -18,6 +18,117 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// a task until TCP gives up, many minutes later.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The SQLSTATE of `relay.fence`: the node is no longer registered under
+/// the incarnation its transaction named (it was reaped, or another process
+/// took its id).
+pub const FENCED: &str = "PR410";
+
+/// Whether `error` is the fence refusing this node's transaction.
+pub fn is_fenced(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == FENCED)
+}
+
+/// Limits the server itself enforces on a transaction, set with `SET LOCAL`
+/// in the `BEGIN` round trip (no session state, nothing a transaction-mode
+/// pooler would keep).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Each statement is cancelled by the server after this long.
+    pub statement: Duration,
+    /// The server ends the session if the transaction sits idle this long
+    /// (its node paused or cut off): nothing of a node that stopped running
+    /// holds locks for long.
+    pub idle: Duration,
+    /// Lock waits give up after this long (None: only `statement` bounds them).
+    pub lock: Option<Duration>,
+}
+
+/// How the node's own database work fails.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    /// The node's registration is no longer current (it was declared dead,
+    /// or another process took its id): nothing was committed.
+    #[error("this node is no longer registered under this incarnation (it was declared dead)")]
+    Fenced,
+    #[error(transparent)]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for WorkError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_fenced(&error) {
+            WorkError::Fenced
+        } else {
+            WorkError::Database(error)
+        }
+    }
+}
+
+/// Opens a transaction under `bounds`.
+pub async fn begin_bounded(
+    pool: &PgPool,
+    bounds: Bounds,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    use std::fmt::Write;
+    // Only statements that cannot fail here: a failing BEGIN statement would
+    // leave its connection in an aborted transaction that sqlx does not know
+    // it opened.
+    let mut begin = format!(
+        "BEGIN; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+        bounds.statement.as_millis().max(1),
+        bounds.idle.as_millis().max(1)
+    );
+    if let Some(lock) = bounds.lock {
+        let _ = write!(
+            begin,
+            "; SET LOCAL lock_timeout = {}",
+            lock.as_millis().max(1)
+        );
+    }
+    pool.begin_with(sqlx::AssertSqlSafe(begin)).await
+}
+
+/// Why a `COMMIT` did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The server answered that it rolled the transaction back (a
+    /// serialization failure, a deferred constraint): nothing was committed.
+    #[error("the transaction was rolled back: {0}")]
+    RolledBack(sqlx::Error),
+    /// No answer came (the connection broke, or the wait timed out): the
+    /// transaction may or may not have committed.
+    #[error("the outcome of the commit is unknown: {0}")]
+    Unknown(String),
+}
+
+/// Commits, waiting at most `limit` for the answer, and says honestly what
+/// a failure means. The commit runs to its end in a task of its own: giving
+/// up on the answer never cancels it half-way, which would leave the
+/// connection with a half-read reply.
+pub async fn commit_within(
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    limit: Duration,
+) -> Result<(), CommitError> {
+    let committing = tokio::spawn(tx.commit());
+    match tokio::time::timeout(limit, committing).await {
+        Ok(Err(panicked)) => Err(CommitError::Unknown(panicked.to_string())),
+        Ok(Ok(Ok(()))) => Ok(()),
+        // The connection ending (08…) or the server shutting it down (57…)
+        // in place of the answer says nothing about the commit itself.
+        Ok(Ok(Err(error @ sqlx::Error::Database(_)))) if !is_connection_loss(&error) => {
+            Err(CommitError::RolledBack(error))
+        }
+        Ok(Ok(Err(error))) => Err(CommitError::Unknown(error.to_string())),
+        Err(_) => Err(CommitError::Unknown(format!(
+            "no answer to COMMIT within {} ms",
+            limit.as_millis()
+        ))),
+    }
+}
+
 /// Runs a database operation under [`OP_TIMEOUT`]; a timeout is an I/O error,
 /// which callers treat as "the database is unavailable".
 pub async fn bounded<T>(
@@ -106,6 +217,15 @@ pub async fn publish_config(pool: &PgPool, settings: &Settings) -> Result<(), sq
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Whether a server error reports the end of the connection rather than
+/// the failure of a statement.
+fn is_connection_loss(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code.starts_with("08") || code.starts_with("57"))
 }
 
 /// Whether an error means "the database is not reachable right now" (answer

@@ -1,18 +1,31 @@
 //! The delivery log: every message written to a socket becomes a row in
-//! `relay.deliveries`, and every client ack sets its `acked_at`. Sessions hand
-//! their records to one writer per node, which stores them in batches: one
-//! transaction for many deliveries instead of one each.
+//! `relay.deliveries`, every client ack sets its `acked_at`, and every
+//! closed session leaves the registry here. Sessions hand their records to
+//! one writer per node, which stores them in batches: one transaction for
+//! many records instead of one each.
+//!
+//! The log also finishes the node's outbox rows (see the migrations: a
+//! claimed row stays until its messages are written or parked). In the
+//! transaction that records a delivery, the connection is struck off the
+//! row that routed the message to it (the row goes with its last one), and
+//! copies parked for the user go too: a parked row means "no socket of
+//! this user has been written this message". In the transaction that
+//! records a departure, every message still routed to the departed
+//! connection, and written to no socket of its user, is parked for the
+//! user's next connection. Nothing a session held exists only in memory.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::NodeId;
+use crate::db::{self, Bounds};
+use crate::registry::nodes::Registration;
 
 /// Records taken per transaction.
 const BATCH: usize = 4096;
@@ -26,13 +39,21 @@ pub enum Record {
         connection_id: Uuid,
         user_id: Arc<str>,
         at: DateTime<Utc>,
-        /// The message came from the user's parked work: remove it from there.
-        unpark: bool,
+        /// Through the user's stream (not a topic or the broadcast): the
+        /// outbox row that routed it, and any parked copy, are finished.
+        user_stream: bool,
     },
     Acked {
         message_id: i64,
         connection_id: Uuid,
         at: DateTime<Utc>,
+    },
+    /// A connection that has closed (or whose row has no session): its row
+    /// and subscriptions go, and what was routed to it and never written is
+    /// parked. `done` is told once that has committed.
+    Departed {
+        connection_id: Uuid,
+        done: Option<oneshot::Sender<()>>,
     },
 }
 
@@ -54,24 +75,49 @@ impl DeliveryLog {
         // Fails only once the writer has stopped, at the very end of shutdown.
         let _ = self.records.send(record).await;
     }
+
+    /// Records that `connection_id` has closed, and waits up to `wait` for
+    /// that to commit; answers whether it did. Past `wait` the record stays
+    /// queued and is written when the database answers.
+    pub async fn depart(&self, connection_id: Uuid, wait: Duration) -> bool {
+        let (done, committed) = oneshot::channel();
+        let record = Record::Departed {
+            connection_id,
+            done: Some(done),
+        };
+        let queued = tokio::time::timeout(wait, self.records.send(record)).await;
+        if !matches!(queued, Ok(Ok(()))) {
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, committed).await, Ok(Ok(())))
+    }
 }
 
-/// Writes one batch in one transaction: deliveries before acks, so an ack
-/// that follows its delivery in the queue always finds the row.
+/// What a batch found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The node's registration was no longer current: the delivery rows
+    /// were written, but nothing of the registry or the outbox was touched
+    /// (whoever reaped the node handed its work back).
+    pub fenced: bool,
+}
+
+/// Writes one batch in one transaction: deliveries before acks and
+/// departures, so that an ack finds its delivery row and a departure does
+/// not park what its session wrote.
 pub async fn write_batch(
     pool: &PgPool,
     node_id: &NodeId,
+    incarnation: Uuid,
     batch: &[Record],
-) -> Result<(), sqlx::Error> {
-    let mut delivered_messages = Vec::new();
-    let mut delivered_connections = Vec::new();
-    let mut delivered_users = Vec::new();
-    let mut delivered_at = Vec::new();
-    let mut unparked_messages = Vec::new();
-    let mut unparked_users = Vec::new();
+    idle: Duration,
+) -> Result<Written, sqlx::Error> {
+    let mut delivered = Delivered::default();
+    let mut user_delivered = Delivered::default();
     let mut acked_messages = Vec::new();
     let mut acked_connections = Vec::new();
     let mut acked_at = Vec::new();
+    let mut departed = Vec::new();
     for record in batch {
         match record {
             Record::Delivered {
@@ -79,15 +125,11 @@ pub async fn write_batch(
                 connection_id,
                 user_id,
                 at,
-                unpark,
+                user_stream,
             } => {
-                delivered_messages.push(*message_id);
-                delivered_connections.push(*connection_id);
-                delivered_users.push(user_id.to_string());
-                delivered_at.push(*at);
-                if *unpark {
-                    unparked_messages.push(*message_id);
-                    unparked_users.push(user_id.to_string());
+                delivered.push(*message_id, *connection_id, user_id, *at);
+                if *user_stream {
+                    user_delivered.push(*message_id, *connection_id, user_id, *at);
                 }
             }
             Record::Acked {
@@ -99,13 +141,34 @@ pub async fn write_batch(
                 acked_connections.push(*connection_id);
                 acked_at.push(*at);
             }
+            Record::Departed { connection_id, .. } => departed.push(*connection_id),
         }
     }
     // On the bookkeeping pool (synchronous_commit off): a crash of PostgreSQL
     // can lose the last moments of this record (a delivered message may read
-    // as pending again), never a message.
-    let mut tx = pool.begin().await?;
-    if !delivered_messages.is_empty() {
+    // as pending again and be delivered again), never a message. Departures
+    // wait for the flush: a closed connection's messages are parked for sure.
+    let bounds = Bounds {
+        statement: Duration::from_secs(8),
+        idle,
+        lock: None,
+    };
+    let mut tx = db::begin_bounded(pool, bounds).await?;
+    if !departed.is_empty() {
+        sqlx::query!("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let touches_the_outbox = !user_delivered.messages.is_empty() || !departed.is_empty();
+    let alive = !touches_the_outbox
+        || sqlx::query_scalar!(
+            r#"SELECT relay.node_alive($1, $2) AS "alive!""#,
+            node_id.as_str(),
+            incarnation
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+    if !delivered.messages.is_empty() {
         sqlx::query!(
             r#"
             INSERT INTO relay.deliveries (message_id, connection_id, user_id, node_id, delivered_at)
@@ -114,26 +177,57 @@ pub async fn write_batch(
                    AS d(message_id, connection_id, user_id, delivered_at)
             ON CONFLICT (message_id, connection_id) DO NOTHING
             "#,
-            &delivered_messages,
-            &delivered_connections,
-            &delivered_users,
-            &delivered_at,
+            &delivered.messages,
+            &delivered.connections,
+            &delivered.users,
+            &delivered.at,
             node_id.as_str(),
         )
         .execute(&mut *tx)
         .await?;
     }
-    if !unparked_messages.is_empty() {
+    if !user_delivered.messages.is_empty() {
+        // Rows are locked in message order, as claims lock them.
         sqlx::query!(
             r#"
-            DELETE FROM relay.outbox o
-             USING unnest($1::bigint[], $2::text[]) AS p(message_id, user_id)
-             WHERE o.node_id IS NULL AND o.user_id = p.user_id AND o.message_id = p.message_id
+            WITH d AS (
+                SELECT x.m, x.u, array_agg(x.c) AS cs
+                  FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS x(m, c, u)
+                 GROUP BY x.m, x.u
+            ), routed AS (
+                SELECT o.id
+                  FROM relay.outbox o
+                  JOIN d ON o.message_id = d.m AND o.user_id = d.u
+                 WHERE $5 AND o.node_id = $4 AND o.connection_ids && d.cs
+                 ORDER BY o.message_id
+                   FOR UPDATE OF o
+            ), finished AS (
+                DELETE FROM relay.outbox o USING d
+                 WHERE o.id IN (SELECT id FROM routed) AND o.message_id = d.m AND o.user_id = d.u
+                   AND o.connection_ids <@ d.cs
+                RETURNING 1
+            ), struck_off AS (
+                UPDATE relay.outbox o
+                   SET connection_ids = ARRAY(SELECT c FROM unnest(o.connection_ids) AS c WHERE c <> ALL (d.cs))
+                  FROM d
+                 WHERE o.id IN (SELECT id FROM routed) AND o.message_id = d.m AND o.user_id = d.u
+                   AND NOT (o.connection_ids <@ d.cs)
+                RETURNING 1
+            ), unparked AS (
+                DELETE FROM relay.outbox o USING d
+                 WHERE o.node_id IS NULL AND o.user_id = d.u AND o.message_id = d.m
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM finished) AS "finished!", (SELECT count(*) FROM struck_off) AS "struck_off!",
+                   (SELECT count(*) FROM unparked) AS "unparked!"
             "#,
-            &unparked_messages,
-            &unparked_users,
+            &user_delivered.messages,
+            &user_delivered.connections,
+            &user_delivered.users,
+            node_id.as_str(),
+            alive,
         )
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
     }
     if !acked_messages.is_empty() {
@@ -150,7 +244,85 @@ pub async fn write_batch(
         .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await
+    if alive && !departed.is_empty() {
+        depart(&mut tx, node_id, &departed).await?;
+    }
+    tx.commit().await?;
+    Ok(Written { fenced: !alive })
+}
+
+/// Columns of delivery rows, for `unnest`.
+#[derive(Default)]
+struct Delivered {
+    messages: Vec<i64>,
+    connections: Vec<Uuid>,
+    users: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+}
+
+impl Delivered {
+    fn push(&mut self, message: i64, connection: Uuid, user: &str, at: DateTime<Utc>) {
+        self.messages.push(message);
+        self.connections.push(connection);
+        self.users.push(user.to_owned());
+        self.at.push(at);
+    }
+}
+
+/// Removes departed connections: their rows and subscriptions, and their
+/// share of this node's outbox rows. A row left with no connection goes,
+/// and its message is parked for the user unless a socket of the user has
+/// been written it.
+async fn depart(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    node_id: &NodeId,
+    departed: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        WITH routed AS (
+            SELECT o.id
+              FROM relay.outbox o
+             WHERE o.node_id = $2 AND o.connection_ids && $1::uuid[]
+             ORDER BY o.message_id
+               FOR UPDATE
+        ), finished AS (
+            DELETE FROM relay.outbox o
+             WHERE o.id IN (SELECT id FROM routed) AND o.connection_ids <@ $1::uuid[]
+            RETURNING o.kind, o.message_id, o.user_id
+        ), parking AS (
+            -- From the rows actually deleted (their latest versions), not
+            -- from this statement's snapshot of them.
+            INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+            SELECT DISTINCT NULL::text, f.message_id, f.user_id, m.expires_at
+              FROM finished f
+              JOIN relay.messages m ON m.id = f.message_id
+             WHERE f.kind = 'deliver' AND f.user_id IS NOT NULL
+               AND m.target_connection IS NULL AND m.expires_at > now()
+               AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
+                                WHERE d.message_id = f.message_id AND d.user_id = f.user_id)
+            ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
+            RETURNING 1
+        ), struck_off AS (
+            UPDATE relay.outbox o
+               SET connection_ids = ARRAY(SELECT c FROM unnest(o.connection_ids) AS c WHERE c <> ALL ($1::uuid[]))
+             WHERE o.id IN (SELECT id FROM routed) AND NOT (o.connection_ids <@ $1::uuid[])
+            RETURNING 1
+        ), subscriptions AS (
+            DELETE FROM relay.subscriptions WHERE connection_id = ANY ($1) RETURNING 1
+        ), connections AS (
+            DELETE FROM relay.connections WHERE id = ANY ($1) AND node_id = $2 RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM parking) AS "parked!", (SELECT count(*) FROM finished) AS "finished!",
+               (SELECT count(*) FROM struck_off) AS "struck_off!", (SELECT count(*) FROM subscriptions) AS "subscriptions!",
+               (SELECT count(*) FROM connections) AS "connections!"
+        "#,
+        departed,
+        node_id.as_str(),
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The writer task: batches records until `stop` is cancelled and the queue
@@ -159,6 +331,8 @@ pub async fn write_batch(
 pub async fn run(
     pool: PgPool,
     node_id: NodeId,
+    registration: Arc<Registration>,
+    idle: Duration,
     mut records: mpsc::Receiver<Record>,
     stop: CancellationToken,
 ) {
@@ -182,14 +356,25 @@ pub async fn run(
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            match crate::db::bounded(write_batch(&pool, &node_id, &batch)).await {
-                Ok(()) => {
+            let incarnation = registration.current();
+            match db::bounded(write_batch(&pool, &node_id, incarnation, &batch, idle)).await {
+                Ok(written) => {
+                    if written.fenced {
+                        registration.report_fenced(incarnation);
+                    }
                     let acked = batch
                         .iter()
                         .filter(|r| matches!(r, Record::Acked { .. }))
                         .count();
                     metrics::counter!(crate::metrics::MESSAGES_ACKED).increment(acked as u64);
-                    batch.clear();
+                    for record in batch.drain(..) {
+                        if let Record::Departed {
+                            done: Some(done), ..
+                        } = record
+                        {
+                            let _ = done.send(());
+                        }
+                    }
                     break;
                 }
                 Err(error) if stop.is_cancelled() && backoff >= Duration::from_secs(2) => {

@@ -15,7 +15,8 @@
 //! - [`stream`]: reading a stream back for backfill and resume;
 //! - [`sweeper`]: retention and cleanup, on one node at a time.
 //!
-//! Around them: [`config`], [`auth`], [`topic`] (names and patterns), [`db`], [`node`] (lifecycle), [`cli`],
+//! Around them: [`config`], [`auth`], [`topic`] (names and patterns), [`db`], [`node`] (lifecycle),
+//! [`liveness`] (heartbeats and the sweeper's lease, on a connection of their own), [`cli`],
 //! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests), and
 //! [`bench`] (the load generator behind `pgrelay bench`).
 
@@ -29,6 +30,7 @@ pub mod dev;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod liveness;
 pub mod message;
 pub mod metrics;
 pub mod node;

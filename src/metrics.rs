@@ -28,6 +28,9 @@ pub const SWEEPER_REAPED: &str = "pgrelay_sweeper_reaped_rows_total";
 pub const DB_POOL_CONNECTIONS: &str = "pgrelay_db_pool_connections";
 pub const DB_ERRORS: &str = "pgrelay_db_errors_total";
 pub const SUBMIT_LATENCY: &str = "pgrelay_submit_duration_seconds";
+pub const NODE_HEALED: &str = "pgrelay_node_reregistrations_total";
+pub const REAPS_DEFERRED: &str = "pgrelay_sweeper_reaps_deferred_total";
+pub const SUBMIT_OUTCOMES: &str = "pgrelay_submissions_total";
 
 /// Seconds, from a millisecond to a minute: delivery and commit latencies.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -101,6 +104,19 @@ fn describe() {
         Unit::Seconds,
         "HTTP submissions: from request to commit."
     );
+    describe_counter!(
+        NODE_HEALED,
+        "Times this node found it had been declared dead (paused, cut off) and registered again."
+    );
+    describe_counter!(
+        REAPS_DEFERRED,
+        "Reaps of a dead node put off to the next sweep: the node was in a transaction that had not ended yet."
+    );
+    describe_counter!(
+        SUBMIT_OUTCOMES,
+        "Submissions (HTTP, WebSocket publish, STOMP SEND) that were not stored, by outcome: \
+         not_stored (it will never be), unknown (the commit's answer was lost)."
+    );
     describe_gauge!(OUTBOX_BACKLOG, "Outbox rows waiting for this node.");
     describe_gauge!(
         OUTBOX_OLDEST,
@@ -117,7 +133,7 @@ fn describe() {
     );
     describe_counter!(
         SWEEPER_RUNS,
-        "Sweeps run by this node (while it holds the sweeper lock)."
+        "Sweeps run by this node (while it holds the sweeper's lease)."
     );
     describe_counter!(SWEEPER_REAPED, "Rows removed by the sweeper, by kind.");
     describe_gauge!(

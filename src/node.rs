@@ -1,28 +1,29 @@
 //! A running node: its shared state, its background tasks and its lifecycle
-//! (start, serve, stop).
+//! (start, serve, heal, stop).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::FutureExt;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::{Auth, NodeId, Settings};
-use crate::deliveries::DeliveryLog;
+use crate::deliveries::{DeliveryLog, Record};
 use crate::hub::{Control, Hub};
 use crate::limits::KeyedLimiter;
+use crate::liveness::Liveness;
 use crate::metrics as m;
-use crate::registry::connections::Departures;
+use crate::registry::nodes::Registration;
 use crate::router::GroupCommit;
 use crate::{db, deliveries, http, outbox, registry, sweeper};
 
@@ -30,19 +31,24 @@ use crate::{db, deliveries, http, outbox, registry, sweeper};
 pub struct NodeContext {
     pub settings: Settings,
     pub node_id: NodeId,
-    /// This process's claim on `node_id` (see `relay.nodes.incarnation`).
-    pub incarnation: Uuid,
+    /// This process's claim on `node_id`: the incarnation its transactions
+    /// are fenced by (see `relay.nodes.incarnation`).
+    pub registration: Arc<Registration>,
     pub pool: PgPool,
     /// Claims and delivery records: see [`db::connect_bookkeeping`].
     pub bookkeeping: PgPool,
+    /// Heartbeats, the sweeper's lease, registration: never behind traffic.
+    pub liveness: Liveness,
     pub hub: Hub,
     pub deliveries: DeliveryLog,
     /// Stores single HTTP submissions in shared transactions.
     pub submitter: GroupCommit,
+    /// Submissions that must wait for a stream another transaction holds
+    /// take a permit: they are bounded, so that a held stream cannot take
+    /// every pooled connection.
+    pub slow_submissions: Arc<Semaphore>,
     /// Submissions per second per API key.
     pub api_limiter: KeyedLimiter,
-    /// Removes closed sessions from the registry, in batches.
-    pub departures: Departures,
     /// Cancelled when the node stops: sessions close, tasks end.
     pub shutdown: CancellationToken,
     /// Sessions and background tasks, awaited on shutdown.
@@ -53,17 +59,21 @@ pub struct NodeContext {
     pub listen_addr: SocketAddr,
     /// The address registered for it (`PGRELAY_ADVERTISE_ADDR`, or the above).
     pub advertised_addr: String,
-    /// Set when closed sessions could not be removed from the registry (the
-    /// database was away): the next heartbeat reconciles.
+    /// Where the sweeper's pruning of `relay.streams` goes on from.
+    pub prune_from: Mutex<String>,
+    /// Set when a registry row may exist without its session (an attach whose
+    /// answer was lost): the presence task then reconciles.
     registry_dirty: AtomicBool,
-    /// Messages closed sessions had taken but not written, to park for their
-    /// users: at shutdown in bulk, or once the database answers again.
-    unparked: Mutex<Vec<(i64, String)>>,
     /// Why the node stopped itself, if it did.
     fatal: Mutex<Option<String>>,
 }
 
 impl NodeContext {
+    /// The incarnation this node's transactions name now.
+    pub fn incarnation(&self) -> Uuid {
+        self.registration.current()
+    }
+
     /// Sets the database pool gauges (read at each scrape).
     pub fn export_pool_gauges(&self) {
         for (name, pool) in [("main", &self.pool), ("bookkeeping", &self.bookkeeping)] {
@@ -75,25 +85,23 @@ impl NodeContext {
         }
     }
 
-    /// Leaves a closed session's cleanup to the node: its unwritten messages
-    /// are parked, and its row removed, by the final deregistration or the
-    /// next heartbeat.
-    pub fn defer_cleanup(&self, user_id: &str, message_ids: &[i64]) {
-        let mut unparked = self.unparked.lock().expect("unparked lock");
-        unparked.extend(message_ids.iter().map(|id| (*id, user_id.to_owned())));
+    /// A registry row may exist without its session: the next presence step
+    /// removes it.
+    pub fn registry_may_be_dirty(&self) {
         self.registry_dirty.store(true, Ordering::Release);
     }
 
-    fn defer_cleanup_again(&self, unparked: Vec<(i64, String)>) {
-        self.unparked
-            .lock()
-            .expect("unparked lock")
-            .extend(unparked);
-        self.registry_dirty.store(true, Ordering::Release);
-    }
-
-    fn take_unparked(&self) -> Vec<(i64, String)> {
-        std::mem::take(&mut *self.unparked.lock().expect("unparked lock"))
+    /// Why the node is not ready to serve, if it is not (for `/readyz`):
+    /// answered from what it knows, without asking the database.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        let within = self.settings.heartbeat_interval * 2 + self.settings.liveness_timeout();
+        if let Some(reason) = self.liveness.not_ready(within) {
+            return Some(reason);
+        }
+        if !self.listener_up.load(Ordering::Acquire) {
+            return Some("the LISTEN connection is down");
+        }
+        None
     }
 
     /// Stops the node from within, e.g. when another process took its id.
@@ -139,7 +147,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
 pub struct Prepared {
     pub ctx: Arc<NodeContext>,
     listener: TcpListener,
-    records: tokio::sync::mpsc::Receiver<deliveries::Record>,
+    records: tokio::sync::mpsc::Receiver<Record>,
 }
 
 /// [`start`] on an existing pool whose database is already migrated.
@@ -162,36 +170,61 @@ pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepare
         .advertise_addr
         .clone()
         .unwrap_or_else(|| addr.to_string());
-    registry::nodes::register(&pool, &settings.node_id, incarnation, &advertised_addr)
-        .await
-        .context("cannot register the node")?;
+    let liveness = Liveness::new(
+        db::connect_options(
+            &settings.database_url,
+            &format!("pgrelay {} liveness", settings.node_id),
+        )?,
+        settings.liveness_timeout(),
+    );
+    {
+        let mut held = liveness
+            .hold()
+            .await
+            .context("cannot connect to the database (DATABASE_URL)")?;
+        let registered = tokio::time::timeout(
+            db::OP_TIMEOUT,
+            registry::nodes::register(
+                held.connection(),
+                &settings.node_id,
+                incarnation,
+                &advertised_addr,
+            ),
+        )
+        .await;
+        held.settle(registered)
+            .context("cannot register the node")?;
+    }
+    liveness.beat_succeeded(false);
 
     let (deliveries, records) = DeliveryLog::new();
+    let slow_submissions = Arc::new(Semaphore::new((settings.db_pool_size as usize / 4).max(1)));
     let submitter = GroupCommit::start(
         pool.clone(),
         settings.submit_batch,
         settings.submit_concurrency,
+        slow_submissions.clone(),
     );
-    let departures = Departures::start(pool.clone(), settings.node_id.clone());
     let api_limiter = KeyedLimiter::new(settings.limits.api_rate_limit);
     let ctx = Arc::new(NodeContext {
         node_id: settings.node_id.clone(),
         settings,
-        incarnation,
+        registration: Arc::new(Registration::new(incarnation)),
         pool: pool.clone(),
         bookkeeping: bookkeeping.clone(),
+        liveness,
         hub: Hub::default(),
         deliveries,
         submitter,
+        slow_submissions,
         api_limiter,
-        departures,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         listener_up: AtomicBool::new(false),
         listen_addr: addr,
         advertised_addr,
+        prune_from: Mutex::new(String::new()),
         registry_dirty: AtomicBool::new(false),
-        unparked: Mutex::new(Vec::new()),
         fatal: Mutex::new(None),
     });
     Ok(Prepared {
@@ -211,13 +244,20 @@ impl Prepared {
         } = self;
         let addr = ctx.listen_addr;
         tracing::info!(node_id = %ctx.node_id, %addr, "node started");
+        // The delivery log outlives the sessions: it writes their last
+        // records when the node stops.
         let recorder_stop = CancellationToken::new();
-        let recorder = tokio::spawn(deliveries::run(
-            ctx.bookkeeping.clone(),
-            ctx.node_id.clone(),
-            records,
-            recorder_stop.clone(),
-        ));
+        let recorder = tokio::spawn(
+            deliveries::run(
+                ctx.bookkeeping.clone(),
+                ctx.node_id.clone(),
+                ctx.registration.clone(),
+                ctx.settings.idle_transaction_timeout(),
+                records,
+                recorder_stop.clone(),
+            )
+            .inspect(|()| tracing::info!("the delivery log has written its last records")),
+        );
 
         let wake = Arc::new(Notify::new());
         spawn_supervised(&ctx, "listener", {
@@ -235,6 +275,10 @@ impl Prepared {
         spawn_supervised(&ctx, "heartbeat", {
             let ctx = ctx.clone();
             move |token| run_heartbeat(ctx.clone(), token)
+        });
+        spawn_supervised(&ctx, "presence", {
+            let ctx = ctx.clone();
+            move |token| run_presence(ctx.clone(), token)
         });
 
         if let Auth::Jwt { api_keys, .. } = &ctx.settings.auth {
@@ -270,8 +314,9 @@ impl RunningNode {
     }
 
     /// Stops the node cleanly: stops accepting, closes every socket with 1012,
-    /// writes the last delivery records, hands unfinished work back and removes
-    /// the node and its connections from the registry.
+    /// writes the last delivery records (its sessions' departures park what
+    /// they had not written), hands unfinished work back and removes the node
+    /// and its connections from the registry.
     pub async fn stop(self) -> anyhow::Result<()> {
         let ctx = self.ctx;
         let grace = ctx.settings.shutdown_grace;
@@ -284,21 +329,22 @@ impl RunningNode {
         let _ = tokio::time::timeout(grace, self.server).await;
         self.recorder_stop.cancel();
         let _ = tokio::time::timeout(grace, self.recorder).await;
-        let unparked = ctx.take_unparked();
         let fatal = ctx.fatal.lock().expect("fatal lock").take();
-        // A node whose id was taken over must not remove the other's rows.
+        // A node whose id was taken over must not remove the other's rows
+        // (deregister removes only this incarnation's).
         if fatal.is_none() {
             db::bounded(registry::nodes::deregister(
                 &ctx.pool,
                 &ctx.node_id,
-                ctx.incarnation,
-                &unparked,
+                ctx.incarnation(),
             ))
             .await
             .context("cannot deregister the node")?;
         }
-        ctx.pool.close().await;
-        ctx.bookkeeping.close().await;
+        // Bounded: a connection whose answer never comes (a network cut)
+        // must not keep the process from exiting.
+        let _ = tokio::time::timeout(grace, ctx.pool.close()).await;
+        let _ = tokio::time::timeout(grace, ctx.bookkeeping.close()).await;
         tracing::info!(node_id = %ctx.node_id, "stopped");
         match fatal {
             Some(reason) => Err(anyhow::anyhow!(reason)),
@@ -354,24 +400,30 @@ async fn run_api_keys(ctx: Arc<NodeContext>, keys: crate::auth::ApiKeys, token: 
             _ = interval.tick() => {}
             () = token.cancelled() => return,
         }
-        let stored = db::bounded(
-            sqlx::query_scalar!("SELECT key_digest FROM relay.api_keys WHERE revoked_at IS NULL")
-                .fetch_all(&ctx.pool),
-        )
-        .await;
-        match stored {
-            Ok(digests) => keys.set_stored(
-                digests
-                    .into_iter()
-                    .filter_map(|d| d.try_into().ok())
-                    .collect(),
-            ),
-            Err(error) => {
-                metrics::counter!(m::DB_ERRORS, "operation" => "api_keys").increment(1);
-                tracing::warn!(%error, "could not reload the API keys");
-            }
+        if let Err(error) = api_keys_once(&ctx, &keys).await {
+            metrics::counter!(m::DB_ERRORS, "operation" => "api_keys").increment(1);
+            tracing::warn!(%error, "could not reload the API keys");
         }
     }
+}
+
+/// Loads the live keys of `relay.api_keys` into `keys`.
+pub async fn api_keys_once(
+    ctx: &NodeContext,
+    keys: &crate::auth::ApiKeys,
+) -> Result<(), sqlx::Error> {
+    let digests = db::bounded(
+        sqlx::query_scalar!("SELECT key_digest FROM relay.api_keys WHERE revoked_at IS NULL")
+            .fetch_all(&ctx.pool),
+    )
+    .await?;
+    keys.set_stored(
+        digests
+            .into_iter()
+            .filter_map(|d| d.try_into().ok())
+            .collect(),
+    );
+    Ok(())
 }
 
 /// What a heartbeat found.
@@ -380,65 +432,203 @@ pub enum Heartbeat {
     /// Registered and refreshed.
     Alive,
     /// The node had been declared dead (its row was reaped): its sockets were
-    /// closed so that clients reconnect, and it registered again.
+    /// closed so that clients reconnect, and it registered again under a new
+    /// incarnation.
     Reregistered,
     /// Another process runs under this node id: this one stops.
     TakenOver,
 }
 
-/// Refreshes the node's `last_seen_at` and that of its live connections, and
-/// repairs the registry if closed sessions could not be removed earlier.
+/// Refreshes the node's `last_seen_at` (and the sweeper's lease, if it holds
+/// it) on the liveness connection. A node that finds it was declared dead
+/// heals: see [`heal`].
 pub async fn heartbeat_once(ctx: &NodeContext) -> Result<Heartbeat, sqlx::Error> {
-    let seen = ctx.hub.take_seen();
-    let alive = db::bounded(registry::nodes::heartbeat(
-        &ctx.pool,
-        &ctx.node_id,
-        ctx.incarnation,
-        &seen,
-    ))
-    .await?;
-    if alive {
-        if ctx.registry_dirty.swap(false, Ordering::AcqRel) {
-            let unparked = ctx.take_unparked();
-            let live = ctx.hub.ids();
-            let repaired = db::bounded(registry::nodes::reconcile(
-                &ctx.pool,
-                &ctx.node_id,
-                &live,
-                &unparked,
-            ))
-            .await;
-            if let Err(error) = repaired {
-                ctx.defer_cleanup_again(unparked);
-                return Err(error);
-            }
+    let incarnation = ctx.registration.current();
+    let lease = ctx.settings.node_timeout;
+    let beat = async {
+        let mut held = ctx.liveness.hold().await?;
+        let limit = held.timeout();
+        let beat = tokio::time::timeout(
+            limit,
+            registry::nodes::beat(held.connection(), &ctx.node_id, incarnation, lease),
+        )
+        .await;
+        held.settle(beat)
+    }
+    .await;
+    let beat = match beat {
+        Ok(beat) => beat,
+        Err(error) => {
+            ctx.liveness.beat_failed();
+            return Err(error);
         }
+    };
+    if beat.alive {
+        ctx.liveness.beat_succeeded(beat.leading);
         return Ok(Heartbeat::Alive);
     }
-    let owner = db::bounded(registry::nodes::owner(&ctx.pool, &ctx.node_id)).await?;
-    if owner.is_some_and(|incarnation| incarnation != ctx.incarnation) {
+    let owner = {
+        let mut held = ctx.liveness.hold().await?;
+        let limit = held.timeout();
+        let owner = tokio::time::timeout(
+            limit,
+            registry::nodes::owner(held.connection(), &ctx.node_id),
+        )
+        .await;
+        held.settle(owner)?
+    };
+    if owner.is_some_and(|incarnation| !ctx.registration.is_ours(incarnation)) {
         ctx.fail(format!(
             "another process registered as node {}",
             ctx.node_id
         ));
         return Ok(Heartbeat::TakenOver);
     }
-    // Declared dead while alive (a long pause, a network cut): the sweeper
-    // removed its connections and parked its work. Its clients must reconnect
-    // (with `since`, they miss nothing) to be registered again.
+    heal(ctx).await?;
+    Ok(Heartbeat::Reregistered)
+}
+
+/// Declared dead while alive (a long pause, a network cut): the sweeper has
+/// removed this node's connections and parked its work, and whatever the
+/// node still had in flight cannot commit (it is fenced by its
+/// incarnation). The node closes every socket (clients resume with `since`,
+/// or get what was parked for them), then registers again under a new
+/// incarnation. A session that attaches meanwhile names the old incarnation
+/// and is refused (its client retries), or the new one and is routable:
+/// none is left open without a row.
+pub async fn heal(ctx: &NodeContext) -> Result<(), sqlx::Error> {
+    ctx.liveness.set_healing(true);
+    ctx.liveness.set_leading(false);
     tracing::error!(node_id = %ctx.node_id, "this node was declared dead; closing its sockets and registering again");
+    metrics::counter!(m::NODE_HEALED).increment(1);
     ctx.hub.control_all(Control::Close {
         code: 1012,
         reason: "node re-registering; reconnect with since".into(),
     });
-    db::bounded(registry::nodes::register(
+    let incarnation = Uuid::new_v4();
+    {
+        let mut held = ctx.liveness.hold().await?;
+        let registered = tokio::time::timeout(
+            db::OP_TIMEOUT,
+            registry::nodes::register(
+                held.connection(),
+                &ctx.node_id,
+                incarnation,
+                &ctx.advertised_addr,
+            ),
+        )
+        .await;
+        held.settle(registered)?;
+    }
+    ctx.registration.replace(incarnation);
+    ctx.liveness.beat_succeeded(false);
+    ctx.liveness.set_healing(false);
+    tracing::info!(node_id = %ctx.node_id, %incarnation, "registered again");
+    Ok(())
+}
+
+async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
+    let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            // A transaction was refused by the fence: heal now rather than at
+            // the next tick.
+            () = ctx.registration.fenced() => {}
+            () = token.cancelled() => return,
+        }
+        match heartbeat_once(&ctx).await {
+            Ok(Heartbeat::TakenOver) => return,
+            Ok(_) => {}
+            Err(error) => {
+                metrics::counter!(m::DB_ERRORS, "operation" => "heartbeat").increment(1);
+                tracing::warn!(%error, "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Heartbeats of this node's presence rows, on the main pool: every
+/// interval, `last_seen_at` of the connections that showed signs of life,
+/// the outbox backlog gauge, and, when rows may exist without a session,
+/// the reconciliation of the registry with the hub.
+async fn run_presence(ctx: Arc<NodeContext>, token: CancellationToken) {
+    let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = token.cancelled() => return,
+        }
+        ticks += 1;
+        if let Err(error) = presence_once(&ctx, ticks.is_multiple_of(RECONCILE_EVERY)).await {
+            metrics::counter!(m::DB_ERRORS, "operation" => "presence").increment(1);
+            tracing::warn!(%error, "refreshing the node's connections failed");
+        }
+    }
+}
+
+/// Presence steps between two full reconciliations of the registry.
+const RECONCILE_EVERY: u64 = 30;
+
+/// One presence step. With `full`, or when the registry may hold rows
+/// without a session (an attach whose answer was lost, more rows than
+/// sessions), the rows of this node's connections are compared with the
+/// hub, and those without a session depart (their undelivered messages are
+/// parked, see `deliveries`).
+pub async fn presence_once(ctx: &NodeContext, full: bool) -> Result<u64, sqlx::Error> {
+    let seen = ctx.hub.take_seen();
+    db::bounded(registry::connections::refresh(
         &ctx.pool,
         &ctx.node_id,
-        ctx.incarnation,
-        &ctx.advertised_addr,
+        &seen,
     ))
     .await?;
-    Ok(Heartbeat::Reregistered)
+    export_backlog(ctx).await;
+    let dirty = ctx.registry_dirty.swap(false, Ordering::AcqRel);
+    let rows = db::bounded(registry::connections::count(&ctx.pool, &ctx.node_id)).await;
+    let suspicious = rows
+        .as_ref()
+        .map_or(true, |rows| *rows > ctx.hub.len() as i64);
+    if !(full || dirty || suspicious) {
+        return Ok(0);
+    }
+    let reconciled = reconcile(ctx).await;
+    if reconciled.is_err() && dirty {
+        ctx.registry_may_be_dirty();
+    }
+    reconciled
+}
+
+/// Makes the registry match the hub: every connection this node's rows name
+/// (connection rows, and claimed outbox rows) that has no session here
+/// departs. Rows are read before the hub, and a session joins the hub
+/// before its row commits: a row read whose session is not in the hub has
+/// no session, or one that has closed.
+async fn reconcile(ctx: &NodeContext) -> Result<u64, sqlx::Error> {
+    let named = db::bounded(registry::connections::named(&ctx.pool, &ctx.node_id)).await?;
+    let live: std::collections::HashSet<Uuid> = ctx.hub.ids().into_iter().collect();
+    let ghosts: Vec<Uuid> = named.into_iter().filter(|id| !live.contains(id)).collect();
+    if ghosts.is_empty() {
+        return Ok(0);
+    }
+    tracing::warn!(
+        ghosts = ghosts.len(),
+        "registry rows without a session on this node; removing them"
+    );
+    let started = Instant::now();
+    for id in &ghosts {
+        ctx.deliveries
+            .record(Record::Departed {
+                connection_id: *id,
+                done: None,
+            })
+            .await;
+    }
+    tracing::debug!(took = ?started.elapsed(), "ghost departures queued");
+    Ok(ghosts.len() as u64)
 }
 
 /// This node's outbox backlog and the age of its oldest row: work that
@@ -463,24 +653,5 @@ async fn export_backlog(ctx: &NodeContext) {
             metrics::gauge!(m::OUTBOX_OLDEST, "node" => node).set(backlog.oldest_secs);
         }
         Err(error) => tracing::debug!(%error, "could not measure the outbox backlog"),
-    }
-}
-
-async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
-    let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            () = token.cancelled() => return,
-        }
-        match heartbeat_once(&ctx).await {
-            Ok(Heartbeat::TakenOver) => return,
-            Ok(_) => export_backlog(&ctx).await,
-            Err(error) => {
-                metrics::counter!(m::DB_ERRORS, "operation" => "heartbeat").increment(1);
-                tracing::warn!(%error, "heartbeat failed");
-            }
-        }
     }
 }

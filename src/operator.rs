@@ -133,7 +133,17 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
                 payload: Payload::Json(data.into()),
                 ttl_secs,
             };
-            let ids = router::enqueue(&pool, &[message], Source::Cli).await?;
+            // A command line waits longer than a request would, and still
+            // says honestly whether the message was stored.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let ids = router::store(
+                &pool,
+                &tokio::sync::Semaphore::new(1),
+                &[message],
+                Source::Cli,
+                deadline,
+            )
+            .await?;
             ids[0].to_string()
         }
         api => {

@@ -13,6 +13,9 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use uuid::Uuid;
+
+use crate::db::{self, Bounds, WorkError};
 use crate::hub::{Control, Envelope, Offer};
 use crate::message::{StoredMessage, StreamKey};
 use crate::metrics as m;
@@ -38,62 +41,90 @@ pub struct Claimed {
 /// Claims one batch of this node's outbox rows and hands them to sessions, in
 /// message id order (which is each stream's order, see the migrations).
 ///
-/// The claim is a transaction, and messages are offered to sessions before it
-/// commits: if the commit fails, or this future is dropped (a timeout) at any
-/// point before it, the rows come back and are delivered again; sessions drop
-/// by id what they already have. A claim as a single autocommit statement
-/// would not be safe: a caller that gives up waiting leaves the statement to
-/// finish and commit on the server, its rows deleted and never delivered.
-pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
+/// A claim marks its rows (topic and broadcast rows, which are done once
+/// handed to the local subscribers, it deletes); a user's row stays until
+/// every connection it lists has been written the message or has gone (see
+/// `deliveries`), so what a session holds is also in the database. The claim
+/// is a transaction, and messages are offered to sessions before it
+/// commits: if the commit fails, or this future is dropped (a timeout) at
+/// any point before it, the rows come back and are offered again; sessions
+/// drop by id what they already have.
+///
+/// The claim is fenced: its first lock is a KEY SHARE on this node's row
+/// under its current incarnation. Once the node has been reaped, a claim
+/// takes nothing and answers [`WorkError::Fenced`].
+pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
+    let incarnation = ctx.registration.current();
+    let bounds = Bounds {
+        // Longer than the caller waits (OP_TIMEOUT): an abandoned claim is
+        // rolled back, not cut short under its successor.
+        statement: db::OP_TIMEOUT * 3,
+        idle: ctx.settings.idle_transaction_timeout(),
+        lock: None,
+    };
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
+    let mut tx = db::begin_bounded(&ctx.bookkeeping, bounds).await?;
     // The batch is chosen once (ARRAY() runs as an init plan): as `IN
     // (subquery)` the planner, on a table that statistics call empty, ran the
-    // subquery again for every row deleted, and each run skipped the rows
-    // already deleted and took later ones. The claim then deleted a batch
-    // with holes and took the holes later, behind newer messages.
+    // subquery again for every row changed, and each run skipped the rows
+    // already taken and took later ones: batches with holes, whose messages
+    // then came after newer ones of their stream.
     // FOR UPDATE waits, where SKIP LOCKED would skip: a row held by another
-    // transaction (an abandoned claim not yet rolled back, the sweeper) would
-    // be overtaken by newer messages of its stream, and sessions drop a
-    // message older than one they have delivered.
-    let mut tx = ctx.bookkeeping.begin().await?;
+    // transaction would be overtaken by newer messages of its stream, and
+    // sessions drop a message older than one they have delivered.
+    // `alive` is evaluated first (it is the batch's one-time filter): the
+    // node's row is locked before any outbox row, as the reaper locks it.
     let rows = sqlx::query!(
         r#"
-        WITH claimed AS (
+        WITH alive AS (
+            SELECT true FROM relay.nodes WHERE id = $1 AND incarnation = $3 FOR KEY SHARE
+        ), batch AS (
+            SELECT ARRAY(SELECT id FROM relay.outbox
+                          WHERE node_id = $1 AND claimed_at IS NULL AND EXISTS (SELECT 1 FROM alive)
+                          ORDER BY message_id
+                          LIMIT $2
+                            FOR UPDATE) AS ids
+        ), claimed AS (
+            UPDATE relay.outbox o SET claimed_at = now()
+             WHERE o.id = ANY ((SELECT ids FROM batch)::bigint[]) AND o.user_id IS NOT NULL
+            RETURNING o.id, o.kind, o.message_id, o.user_id, o.connection_ids
+        ), taken AS (
             DELETE FROM relay.outbox o
-             WHERE o.id = ANY (ARRAY(SELECT id FROM relay.outbox
-                                      WHERE node_id = $1
-                                      ORDER BY message_id
-                                      LIMIT $2
-                                        FOR UPDATE))
+             WHERE o.id = ANY ((SELECT ids FROM batch)::bigint[]) AND o.user_id IS NULL
             RETURNING o.id, o.kind, o.message_id, o.user_id, o.connection_ids
         )
-        SELECT c.id AS "outbox_id!", c.kind AS "kind!", c.message_id, c.user_id,
-               c.connection_ids AS "connection_ids?: Vec<uuid::Uuid>",
-               m.id AS "id?", m.stream, m.destination, m.data::text AS data, m.body, m.content_type,
-               m.created_at AS "created_at?", m.target_connection, (m.expires_at <= now()) AS "expired?"
-          FROM claimed c
-          LEFT JOIN relay.messages m ON m.id = c.message_id
-         ORDER BY c.message_id, c.id
+        SELECT a.alive AS "alive!", r.id AS "outbox_id?", r.kind AS "kind?", r.message_id AS "message_id?",
+               r.user_id AS "user_id?", r.connection_ids AS "connection_ids?: Vec<uuid::Uuid>",
+               m.id AS "id?", m.stream AS "stream?", m.destination AS "destination?",
+               m.data::text AS "data?", m.body AS "body?", m.content_type AS "content_type?",
+               m.created_at AS "created_at?", m.target_connection AS "target_connection?",
+               (m.expires_at <= now()) AS "expired?"
+          FROM (SELECT EXISTS (SELECT 1 FROM alive) AS alive) a
+          LEFT JOIN ((SELECT * FROM claimed UNION ALL SELECT * FROM taken) r
+                     LEFT JOIN relay.messages m ON m.id = r.message_id) ON true
+         ORDER BY r.message_id, r.id
         "#,
         ctx.node_id.as_str(),
         CLAIM_BATCH,
+        incarnation,
     )
     .fetch_all(&mut *tx)
     .await?;
-
-    let mut claimed = Claimed {
-        rows: rows.len(),
-        ..Claimed::default()
-    };
-    if !rows.is_empty() {
-        metrics::histogram!(m::CLAIM_BATCH).record(rows.len() as f64);
+    if !rows.first().is_some_and(|r| r.alive) {
+        ctx.registration.report_fenced(incarnation);
+        return Err(WorkError::Fenced);
     }
-    let mut park_messages = Vec::new();
-    let mut park_users = Vec::new();
+
+    let mut claimed = Claimed::default();
+    let mut settle = Settle::default();
     for row in rows {
+        let (Some(outbox_id), Some(kind)) = (row.outbox_id, row.kind) else {
+            continue; // the one row of an empty claim
+        };
+        claimed.rows += 1;
         let connections = row.connection_ids.unwrap_or_default();
-        if row.kind == "disconnect" {
+        if kind == "disconnect" {
             for id in connections {
                 ctx.hub.control(
                     id,
@@ -108,11 +139,13 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         // The message itself is gone (retention) or expired: never delivered.
         let (Some(id), Some(created_at)) = (row.id, row.created_at) else {
             claimed.expired += 1;
+            settle.finished.push(outbox_id);
             continue;
         };
         if row.expired == Some(true) {
             claimed.expired += 1;
             metrics::counter!(m::MESSAGES_EXPIRED).increment(1);
+            settle.finished.push(outbox_id);
             continue;
         }
         // A row with a user is for that user's connections; one without is a
@@ -123,7 +156,10 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
         ) {
             (Some(user), _) => StreamKey::User(user.as_str().into()),
             (None, Some(stream @ (StreamKey::Topic(_) | StreamKey::Broadcast))) => stream,
-            _ => continue,
+            _ => {
+                settle.finished.push(outbox_id);
+                continue;
+            }
         };
         let message = StoredMessage::from_row(
             id,
@@ -139,31 +175,116 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, sqlx::Error> {
             message,
             stream,
         });
-        let reached = match &envelope.stream {
-            StreamKey::User(_) => connections
-                .iter()
-                .filter(|c| ctx.hub.offer(**c, &envelope) != Offer::Gone)
-                .count(),
-            StreamKey::Topic(topic) => ctx.hub.offer_topic(topic, &envelope),
-            StreamKey::Broadcast => ctx.hub.offer_all(&envelope),
-        };
-        if reached > 0 {
-            claimed.handed_over += 1;
-        } else if let (StreamKey::User(_), Some(user_id)) = (&envelope.stream, row.user_id)
-            && envelope.message.target_connection.is_none()
-        {
-            // Every connection it was routed to has closed since: the user
-            // gets it on their next connect.
-            park_messages.push(id);
-            park_users.push(user_id);
-            claimed.parked += 1;
+        match &envelope.stream {
+            StreamKey::User(_) => {
+                let (reached, gone): (Vec<Uuid>, Vec<Uuid>) = connections
+                    .iter()
+                    .partition(|c| ctx.hub.offer(**c, &envelope) != Offer::Gone);
+                if !reached.is_empty() {
+                    claimed.handed_over += 1;
+                }
+                if gone.is_empty() {
+                    continue;
+                }
+                if !reached.is_empty() {
+                    // The others have it, and finish the row.
+                    settle
+                        .struck_off
+                        .extend(gone.into_iter().map(|c| (outbox_id, c)));
+                    continue;
+                }
+                // Every connection it was routed to has closed since: the
+                // user gets it on their next connect.
+                settle.finished.push(outbox_id);
+                if let Some(user_id) = row.user_id
+                    && envelope.message.target_connection.is_none()
+                {
+                    settle.park_messages.push(id);
+                    settle.park_users.push(user_id);
+                    claimed.parked += 1;
+                }
+            }
+            StreamKey::Topic(topic) => {
+                if ctx.hub.offer_topic(topic, &envelope) > 0 {
+                    claimed.handed_over += 1;
+                }
+            }
+            StreamKey::Broadcast => {
+                if ctx.hub.offer_all(&envelope) > 0 {
+                    claimed.handed_over += 1;
+                }
+            }
         }
     }
-    // Parked in the claim's transaction: a message is parked if and only if
-    // its claim commits.
-    crate::registry::connections::park(&mut tx, &park_messages, &park_users).await?;
+    if claimed.rows > 0 {
+        metrics::histogram!(m::CLAIM_BATCH).record(claimed.rows as f64);
+    }
+    // In the claim's transaction: a message is parked if and only if its
+    // claim commits.
+    settle.apply(&mut tx).await?;
     tx.commit().await?;
     Ok(claimed)
+}
+
+/// What a claim does to its rows besides marking them, in its transaction.
+#[derive(Default)]
+struct Settle {
+    /// Rows that are done: nothing more to deliver from them here.
+    finished: Vec<i64>,
+    /// (row, connection): connections that have closed, struck off rows that
+    /// others still deliver.
+    struck_off: Vec<(i64, Uuid)>,
+    /// Messages to park for their users (every connection had closed).
+    park_messages: Vec<i64>,
+    park_users: Vec<String>,
+}
+
+impl Settle {
+    async fn apply(
+        self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    ) -> Result<(), sqlx::Error> {
+        if self.finished.is_empty() && self.struck_off.is_empty() && self.park_messages.is_empty() {
+            return Ok(());
+        }
+        let (struck_rows, struck_connections): (Vec<i64>, Vec<Uuid>) =
+            self.struck_off.into_iter().unzip();
+        sqlx::query!(
+            r#"
+            WITH finished AS (
+                DELETE FROM relay.outbox WHERE id = ANY ($1) RETURNING 1
+            ), struck_off AS (
+                UPDATE relay.outbox o
+                   SET connection_ids = ARRAY(SELECT c FROM unnest(o.connection_ids) AS c WHERE c <> ALL (g.gone))
+                  FROM (SELECT x.id, array_agg(x.c) AS gone
+                          FROM unnest($2::bigint[], $3::uuid[]) AS x(id, c)
+                         GROUP BY x.id) g
+                 WHERE o.id = g.id
+                RETURNING 1
+            ), parked AS (
+                INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+                SELECT NULL, p.message_id, p.user_id, m.expires_at
+                  FROM unnest($4::bigint[], $5::text[]) AS p(message_id, user_id)
+                  JOIN relay.messages m ON m.id = p.message_id
+                 WHERE m.expires_at > now()
+                   AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
+                                    WHERE d.message_id = p.message_id AND d.user_id = p.user_id)
+                ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM finished) AS "finished!", (SELECT count(*) FROM struck_off) AS "struck_off!",
+                   (SELECT count(*) FROM parked) AS "parked!"
+            "#,
+            &self.finished,
+            &struck_rows,
+            &struck_connections,
+            &self.park_messages,
+            &self.park_users,
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 
 /// The claimer task: claims whenever woken, and at least every
@@ -176,7 +297,14 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        match crate::db::bounded(claim_once(&ctx)).await {
+        let outcome = match tokio::time::timeout(db::OP_TIMEOUT, claim_once(&ctx)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(WorkError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the claim took too long and was abandoned",
+            )))),
+        };
+        match outcome {
             Ok(claimed) => {
                 backoff = Duration::from_millis(100);
                 if claimed.rows as i64 == CLAIM_BATCH {
@@ -188,8 +316,16 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
                 }
             }
             Err(error) => {
-                metrics::counter!(m::DB_ERRORS, "operation" => "claim").increment(1);
-                tracing::warn!(%error, "claiming outbox work failed; retrying");
+                if matches!(error, WorkError::Fenced) {
+                    // The node registers again (the heartbeat task heals it);
+                    // until then there is nothing to claim.
+                    tracing::info!(
+                        "claim refused: this node was declared dead; waiting to register again"
+                    );
+                } else {
+                    metrics::counter!(m::DB_ERRORS, "operation" => "claim").increment(1);
+                    tracing::warn!(%error, "claiming outbox work failed; retrying");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = token.cancelled() => return,

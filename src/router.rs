@@ -2,12 +2,30 @@
 //! recipients, in one transaction. The routing itself lives in the SQL
 //! function `relay.enqueue` (see the migrations), so that the HTTP API and
 //! `relay.send_to_user()` share one implementation of the ordering protocol.
+//!
+//! Every submission has a deadline, and its answer is honest about it (G8):
+//! - until COMMIT has been sent, giving up rolls the transaction back (the
+//!   server also stops its statements at the deadline), so "not stored"
+//!   ([`EnqueueError::is_not_stored`]) is said only when the message can
+//!   never commit;
+//! - once COMMIT has been sent, a lost answer (the connection broke, the
+//!   answer did not come in time) is [`EnqueueError::OutcomeUnknown`]: the
+//!   message may be stored; retrying with the same `Idempotency-Key` is safe.
+//!
+//! A submission first tries without waiting for any stream lock. Only when a
+//! stream is held by another transaction (an application's, in SQL) does it
+//! wait for it, and such waits are bounded in number (a semaphore), so that
+//! a held stream cannot take every pooled connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
-use sqlx::{PgExecutor, PgPool};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 
+use crate::db::{self, Bounds, CommitError};
 use crate::message::{NewMessage, Payload, Target};
 
 /// Where a message was submitted, recorded in `relay.messages.source`.
@@ -29,7 +47,15 @@ impl Source {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// How long a submission may take, from its start, before it gives up: the
+/// contract answers within 5 s.
+pub const SUBMIT_TIMEOUT: Duration = Duration::from_millis(4500);
+
+/// Time kept for COMMIT itself: work before it must be done this long
+/// before the deadline.
+const COMMIT_MARGIN: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EnqueueError {
     #[error("{0}")]
     ConnectionNotFound(String),
@@ -37,29 +63,45 @@ pub enum EnqueueError {
     Unsupported(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("a stream is held by another transaction")]
+    /// Not stored: a stream was held by another transaction for longer than
+    /// the submission could wait (or too many submissions wait already).
+    #[error("a stream is held by another transaction; nothing was stored")]
     Busy,
-    #[error("the database is unavailable: {0}")]
-    Unavailable(sqlx::Error),
+    /// Not stored: the database is unavailable, or did not answer before the
+    /// deadline (the transaction was rolled back before COMMIT).
+    #[error("the database is unavailable; nothing was stored ({0})")]
+    Unavailable(String),
+    /// Stored or not: COMMIT was sent and its answer was lost.
+    #[error("the outcome is unknown: the answer to COMMIT was lost ({0})")]
+    OutcomeUnknown(String),
+    /// Not stored: an unexpected database error.
     #[error("database error: {0}")]
-    Database(sqlx::Error),
+    Database(String),
 }
 
 impl EnqueueError {
-    /// The same error for another caller of a failed batch.
-    fn replicate(&self) -> Self {
-        let text = |e: &sqlx::Error| sqlx::Error::Protocol(e.to_string());
-        match self {
-            EnqueueError::ConnectionNotFound(m) => EnqueueError::ConnectionNotFound(m.clone()),
-            EnqueueError::Unsupported(m) => EnqueueError::Unsupported(m.clone()),
-            EnqueueError::Invalid(m) => EnqueueError::Invalid(m.clone()),
-            EnqueueError::Busy => EnqueueError::Busy,
-            EnqueueError::Unavailable(e) => EnqueueError::Unavailable(text(e)),
-            EnqueueError::Database(e) => EnqueueError::Database(text(e)),
+    /// Whether the message can never be stored (everything but an unknown
+    /// outcome).
+    pub fn is_not_stored(&self) -> bool {
+        !matches!(self, EnqueueError::OutcomeUnknown(_))
+    }
+
+    /// The metric label for a failure: `not_stored` or `unknown`.
+    pub fn outcome(&self) -> &'static str {
+        if self.is_not_stored() {
+            "not_stored"
+        } else {
+            "unknown"
         }
+    }
+
+    fn timed_out() -> Self {
+        EnqueueError::Unavailable("the database did not answer in time".into())
     }
 }
 
+/// Statement errors, before COMMIT: the transaction is rolled back, so
+/// nothing is stored whatever the error.
 impl From<sqlx::Error> for EnqueueError {
     fn from(error: sqlx::Error) -> Self {
         if let Some(db) = error.as_database_error() {
@@ -69,32 +111,157 @@ impl From<sqlx::Error> for EnqueueError {
                 Some("0A000") => return EnqueueError::Unsupported(message),
                 Some("22023") | Some("54000") => return EnqueueError::Invalid(message),
                 Some("55P03") => return EnqueueError::Busy,
+                // The server stopped the statement at the submission's
+                // deadline (statement_timeout) or ended an idle transaction:
+                // rolled back, nothing stored.
+                Some("57014") | Some("25P03") => return EnqueueError::timed_out(),
                 _ => {}
             }
         }
-        if crate::db::is_unavailable(&error) {
-            EnqueueError::Unavailable(error)
+        if db::is_unavailable(&error) {
+            EnqueueError::Unavailable(error.to_string())
         } else {
-            EnqueueError::Database(error)
+            EnqueueError::Database(error.to_string())
         }
     }
 }
 
-/// Stores and routes `messages` atomically and returns their ids, in order.
-/// The ids are durable when this returns: the transaction has committed.
-pub async fn enqueue(
+/// A submission's transaction: it commits by its deadline, or says why
+/// not, honestly (see the module's documentation). Run each statement in it
+/// through [`in_time`] with [`Submission::until`].
+pub struct Submission {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    until: Instant,
+    deadline: Instant,
+}
+
+impl Submission {
+    /// Begins, under limits the server enforces too: its statements stop at
+    /// the deadline, lock waits after `lock` (None: only the deadline bounds
+    /// them).
+    pub async fn begin(
+        pool: &PgPool,
+        deadline: Instant,
+        lock: Option<Duration>,
+    ) -> Result<Self, EnqueueError> {
+        let Some(until) = deadline.checked_sub(COMMIT_MARGIN) else {
+            return Err(EnqueueError::timed_out());
+        };
+        let budget = until.saturating_duration_since(Instant::now());
+        if budget.is_zero() {
+            return Err(EnqueueError::timed_out());
+        }
+        let bounds = Bounds {
+            statement: budget,
+            idle: budget,
+            lock: lock.map(|lock| lock.min(budget)),
+        };
+        let tx = in_time(until, db::begin_bounded(pool, bounds)).await?;
+        Ok(Self {
+            tx,
+            until,
+            deadline,
+        })
+    }
+
+    /// When the work before COMMIT must be done.
+    pub fn until(&self) -> Instant {
+        self.until
+    }
+
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Commits, and says what a failure means: rolled back (not stored), or
+    /// unknown.
+    pub async fn commit(self) -> Result<(), EnqueueError> {
+        let left = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match db::commit_within(self.tx, left).await {
+            Ok(()) => Ok(()),
+            Err(CommitError::RolledBack(error)) => Err(error.into()),
+            Err(CommitError::Unknown(why)) => Err(EnqueueError::OutcomeUnknown(why)),
+        }
+    }
+}
+
+/// How much longer than the server the client waits for a statement of a
+/// submission. The server stops it at the deadline (statement_timeout) and
+/// says so; the client gives up only when no answer comes at all (a network
+/// cut): cancelling a statement in flight would leave its connection with a
+/// half-read answer.
+const CLIENT_GRACE: Duration = Duration::from_millis(300);
+
+/// Runs a statement of a [`Submission`], giving up shortly after `until`
+/// (when the server stops it): the transaction is then dropped before
+/// COMMIT, and rolls back.
+pub async fn in_time<T, E: Into<EnqueueError>>(
+    until: Instant,
+    statement: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, EnqueueError> {
+    match tokio::time::timeout_at(until + CLIENT_GRACE, statement).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(EnqueueError::timed_out()),
+    }
+}
+
+/// A permit to wait for a held stream, by `deadline`.
+pub async fn slow_permit(
+    slow: &Semaphore,
+    deadline: Instant,
+) -> Result<tokio::sync::SemaphorePermit<'_>, EnqueueError> {
+    match tokio::time::timeout_at(deadline, slow.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(EnqueueError::Busy),
+    }
+}
+
+/// Stores and routes `messages` atomically by `deadline` and returns their
+/// ids, in order, once committed: first without waiting for stream locks;
+/// if a stream is held, once more, waiting for it, under a permit of `slow`.
+pub async fn store(
+    pool: &PgPool,
+    slow: &Semaphore,
+    messages: &[NewMessage],
+    source: Source,
+    deadline: Instant,
+) -> Result<Vec<i64>, EnqueueError> {
+    match store_once(pool, messages, source, deadline, true).await {
+        Err(EnqueueError::Busy) => {}
+        done => return done,
+    }
+    let _permit = slow_permit(slow, deadline).await?;
+    store_once(pool, messages, source, deadline, false).await
+}
+
+async fn store_once(
     pool: &PgPool,
     messages: &[NewMessage],
     source: Source,
+    deadline: Instant,
+    nowait: bool,
 ) -> Result<Vec<i64>, EnqueueError> {
-    enqueue_with(pool, messages, source, false).await
+    let lock = (!nowait).then_some(SUBMIT_TIMEOUT);
+    let mut submission = Submission::begin(pool, deadline, lock).await?;
+    let until = submission.until();
+    let ids = in_time(
+        until,
+        enqueue_with(submission.connection(), messages, source, nowait),
+    )
+    .await?;
+    submission.commit().await?;
+    Ok(ids)
 }
 
-/// [`enqueue`] on any executor, e.g. inside a caller's transaction. With
-/// `nowait`, a stream held by another transaction fails the call at once
-/// ([`EnqueueError::Busy`]) instead of waiting for it.
+/// Stores and routes `messages` on `executor` (e.g. inside a caller's
+/// transaction) and returns their ids. With `nowait`, a stream held by
+/// another transaction fails the call at once ([`EnqueueError::Busy`])
+/// instead of waiting for it.
 pub async fn enqueue_with<'e>(
-    executor: impl PgExecutor<'e>,
+    executor: impl sqlx::PgExecutor<'e>,
     messages: &[NewMessage],
     source: Source,
     nowait: bool,
@@ -164,25 +331,44 @@ pub async fn enqueue_with<'e>(
 /// is one message and costs no latency; under load batches grow, and
 /// PostgreSQL's per-transaction costs (the commit's flush, the NOTIFY
 /// serialization) are paid once per batch. Every caller is answered only
-/// after its batch has committed.
+/// after its batch has committed; a caller whose deadline passes while its
+/// message still waits in the queue withdraws it (it is then never stored).
 #[derive(Clone)]
 pub struct GroupCommit {
     shards: Arc<[mpsc::Sender<Job>]>,
 }
 
+/// A job's state, shared by its caller and its shard: the caller may
+/// withdraw a job only while it is queued.
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
 struct Job {
     message: NewMessage,
+    deadline: Instant,
+    state: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<i64, EnqueueError>>,
+}
+
+impl Job {
+    /// Takes the job for a batch, unless its caller has withdrawn it.
+    fn take(&self) -> bool {
+        self.state
+            .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 impl GroupCommit {
     /// Starts the shards; each ends when every `GroupCommit` handle is
-    /// dropped and its queue is empty.
-    pub fn start(pool: PgPool, max_batch: usize, shards: usize) -> Self {
+    /// dropped and its queue is empty. `slow` bounds the submissions that
+    /// wait for a held stream.
+    pub fn start(pool: PgPool, max_batch: usize, shards: usize, slow: Arc<Semaphore>) -> Self {
         let shards: Vec<_> = (0..shards.max(1))
             .map(|_| {
                 let (jobs, queue) = mpsc::channel(max_batch * 4);
-                tokio::spawn(run_shard(pool.clone(), queue, max_batch));
+                tokio::spawn(run_shard(pool.clone(), queue, max_batch, slow.clone()));
                 jobs
             })
             .collect();
@@ -191,16 +377,54 @@ impl GroupCommit {
         }
     }
 
-    /// Stores and routes one message; returns its id once committed.
-    pub async fn submit(&self, message: NewMessage) -> Result<i64, EnqueueError> {
+    /// Stores and routes one message by `deadline`; returns its id once
+    /// committed.
+    pub async fn submit(
+        &self,
+        message: NewMessage,
+        deadline: Instant,
+    ) -> Result<i64, EnqueueError> {
         let shard = &self.shards[shard_of(&message.target, self.shards.len())];
-        let (reply, answer) = oneshot::channel();
-        let closed = || EnqueueError::Unavailable(sqlx::Error::PoolClosed);
-        shard
-            .send(Job { message, reply })
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let (reply, mut answer) = oneshot::channel();
+        let job = Job {
+            message,
+            deadline,
+            state: state.clone(),
+            reply,
+        };
+        match tokio::time::timeout_at(deadline, shard.send(job)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(EnqueueError::Unavailable("the node is stopping".into())),
+            Err(_) => return Err(EnqueueError::timed_out()),
+        }
+        if let Ok(answer) = tokio::time::timeout_at(deadline, &mut answer).await {
+            return answer.unwrap_or_else(|_| Err(lost(&state)));
+        }
+        // The deadline has passed. Still queued: withdrawn, never stored.
+        if state
+            .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Err(EnqueueError::timed_out());
+        }
+        // In a batch: its transaction answers shortly (it is bounded by the
+        // same deadline), and says what became of it.
+        match tokio::time::timeout(COMMIT_MARGIN * 2, answer).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&state))),
+            Err(_) => Err(EnqueueError::OutcomeUnknown(
+                "the batch's transaction did not answer in time".into(),
+            )),
+        }
+    }
+}
+
+/// What a job whose shard went away (a panic) became.
+fn lost(state: &AtomicU8) -> EnqueueError {
+    if state.load(Ordering::Acquire) == TAKEN {
+        EnqueueError::OutcomeUnknown("the node's group commit stopped".into())
+    } else {
+        EnqueueError::Unavailable("the node's group commit stopped".into())
     }
 }
 
@@ -218,56 +442,78 @@ fn shard_of(target: &Target, shards: usize) -> usize {
     (hasher.finish() % shards as u64) as usize
 }
 
-async fn run_shard(pool: PgPool, mut queue: mpsc::Receiver<Job>, max_batch: usize) {
+async fn run_shard(
+    pool: PgPool,
+    mut queue: mpsc::Receiver<Job>,
+    max_batch: usize,
+    slow: Arc<Semaphore>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut batch, max_batch).await > 0 {
-        store_batch(&pool, std::mem::take(&mut batch)).await;
+        let jobs: Vec<Job> = std::mem::take(&mut batch)
+            .into_iter()
+            .filter(|job| job.take())
+            .collect();
+        if !jobs.is_empty() {
+            store_batch(&pool, jobs, &slow).await;
+        }
     }
 }
 
-async fn store_batch(pool: &PgPool, jobs: Vec<Job>) {
-    let (messages, replies): (Vec<NewMessage>, Vec<_>) =
-        jobs.into_iter().map(|j| (j.message, j.reply)).unzip();
-    let mut result = enqueue_with(pool, &messages, Source::Http, true).await;
-    if let Err(EnqueueError::Busy) = result {
-        // A stream is held (an application transaction, a connect): its
-        // messages wait for it on their own, while this shard moves on.
-        for (message, reply) in messages.into_iter().zip(replies) {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let stored = enqueue(&pool, std::slice::from_ref(&message), Source::Http).await;
-                let _ = reply.send(stored.map(|ids| ids[0]));
-            });
-        }
-        return;
-    }
-    // A conflict between concurrent batches is retried once as a whole.
-    if let Err(EnqueueError::Unavailable(error)) = &result
-        && error.as_database_error().is_some()
+async fn store_batch(pool: &PgPool, jobs: Vec<Job>, slow: &Arc<Semaphore>) {
+    let deadline = jobs
+        .iter()
+        .map(|job| job.deadline)
+        .min()
+        .expect("a batch has jobs");
+    let (messages, rest): (Vec<NewMessage>, Vec<_>) = jobs
+        .into_iter()
+        .map(|j| (j.message, (j.deadline, j.reply)))
+        .unzip();
+    let mut result = store_once(pool, &messages, Source::Http, deadline, true).await;
+    // A conflict between concurrent batches (a deadlock, a serialization
+    // failure) is retried once as a whole: it stored nothing.
+    if let Err(EnqueueError::Unavailable(_)) = &result
+        && Instant::now() + COMMIT_MARGIN * 2 < deadline
     {
-        result = enqueue(pool, &messages, Source::Http).await;
+        result = store_once(pool, &messages, Source::Http, deadline, true).await;
     }
     match result {
         Ok(ids) => {
-            for (reply, id) in replies.into_iter().zip(ids) {
+            for ((_, reply), id) in rest.into_iter().zip(ids) {
                 let _ = reply.send(Ok(id));
             }
         }
-        // One bad message (an unknown connection) fails the transaction:
-        // store the others one by one, so that each caller gets its own answer.
+        // A stream is held (an application transaction, a connect), or one
+        // bad message (an unknown connection) failed the transaction: each
+        // message is stored on its own, so that each caller gets its own
+        // answer and only the held stream's messages wait, while this shard
+        // moves on.
         Err(
-            EnqueueError::ConnectionNotFound(_)
+            EnqueueError::Busy
+            | EnqueueError::ConnectionNotFound(_)
             | EnqueueError::Invalid(_)
             | EnqueueError::Unsupported(_),
-        ) if messages.len() > 1 => {
-            for (message, reply) in messages.iter().zip(replies) {
-                let single = enqueue(pool, std::slice::from_ref(message), Source::Http).await;
-                let _ = reply.send(single.map(|ids| ids[0]));
+        ) if messages.len() > 1 || matches!(result, Err(EnqueueError::Busy)) => {
+            for (message, (deadline, reply)) in messages.into_iter().zip(rest) {
+                let (pool, slow) = (pool.clone(), slow.clone());
+                tokio::spawn(async move {
+                    let stored = store(
+                        &pool,
+                        &slow,
+                        std::slice::from_ref(&message),
+                        Source::Http,
+                        deadline,
+                    )
+                    .await
+                    .map(|ids| ids[0]);
+                    let _ = reply.send(stored);
+                });
             }
         }
         Err(error) => {
-            for reply in replies {
-                let _ = reply.send(Err(error.replicate()));
+            for (_, reply) in rest {
+                let _ = reply.send(Err(error.clone()));
             }
         }
     }

@@ -40,6 +40,7 @@ use crate::node::NodeContext;
 use crate::protocol::Protocol;
 use crate::registry::connections::{self, NewConnection};
 use crate::registry::subscriptions;
+use crate::registry::subscriptions::SubscribeFailure;
 use crate::router::{self, EnqueueError, Source};
 use crate::{db, stream};
 
@@ -49,8 +50,10 @@ const BAD_FRAMES_PER_MINUTE: usize = 10;
 const WRITE_BATCH: usize = 64;
 /// Room for the protocol around a message's data in an inbound frame.
 const FRAME_OVERHEAD: usize = 16 * 1024;
-/// Most unsent message ids a session remembers for parking.
-const MAX_UNSENT: usize = 100_000;
+/// How long a closing session waits for its departure to commit (its
+/// unwritten messages parked), before it closes anyway: the delivery log
+/// writes it when the database answers.
+const DEPARTURE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Deserialize)]
 struct WsQuery {
@@ -174,9 +177,13 @@ pub async fn upgrade(
         };
     }
 
+    let accepted = slot
+        .as_ref()
+        .map_or_else(tokio::time::Instant::now, |slot| slot.accepted);
     let params = SessionParams {
         identity,
         since,
+        accepted,
         protocol,
         remote_addr: remote.to_string(),
         user_agent: headers
@@ -208,6 +215,8 @@ pub struct SessionParams {
     /// None for a STOMP client that authenticates in CONNECT.
     pub identity: Option<Identity>,
     pub since: Option<i64>,
+    /// When its TCP connection was accepted.
+    pub accepted: tokio::time::Instant,
     pub protocol: Protocol,
     pub remote_addr: String,
     pub user_agent: Option<String>,
@@ -246,6 +255,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
                 &mut sink,
                 &mut incoming,
                 params.identity.clone(),
+                params.accepted + ctx.settings.limits.handshake_timeout,
             ))
             .await
             {
@@ -261,28 +271,47 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
     let registration = NewConnection {
         id,
         node_id: &ctx.node_id,
+        incarnation: ctx.incarnation(),
         user_id: &user,
         protocol: params.protocol.as_str(),
         remote_addr: &params.remote_addr,
         user_agent: params.user_agent.as_deref(),
-        since: params.since,
         max_per_user: ctx.settings.limits.max_connections_per_user,
     };
-    let attach = connections::attach(&ctx.pool, &registration);
-    let attached = Box::pin(tokio::time::timeout(db::OP_TIMEOUT, attach)).await;
+    let attached = Box::pin(connections::attach(
+        &ctx.pool,
+        &registration,
+        ctx.settings.idle_transaction_timeout(),
+    ))
+    .await;
     let heads = match attached {
-        Ok(Ok(heads)) => heads,
-        refused => {
+        Ok(heads) => heads,
+        Err(refused) => {
             ctx.hub.remove(id, &[]);
-            let (code, reason) = match refused {
-                Ok(Err(connections::AttachError::TooMany)) => {
-                    (1008, "too many connections for this user")
+            let (code, reason) = match &refused {
+                connections::AttachError::TooMany => (1008, "too many connections for this user"),
+                connections::AttachError::Fenced => {
+                    ctx.registration.report_fenced(registration.incarnation);
+                    (1013, "node re-registering; reconnect")
                 }
-                Ok(Err(error)) => {
+                connections::AttachError::NotRegistered(error) => {
                     tracing::warn!(%error, "could not register the connection");
                     (1013, "cannot register the connection now; try again")
                 }
-                _ => (1013, "cannot register the connection now; try again"),
+                connections::AttachError::Unknown(error) => {
+                    // The row may exist: it departs (with anything routed to
+                    // it meanwhile parked), now and again once the node
+                    // reconciles its registry.
+                    tracing::warn!(%error, "the connection's registration is in doubt");
+                    ctx.registry_may_be_dirty();
+                    ctx.deliveries
+                        .record(crate::deliveries::Record::Departed {
+                            connection_id: id,
+                            done: None,
+                        })
+                        .await;
+                    (1013, "cannot register the connection now; try again")
+                }
             };
             if let Proto::Stomp(state) = &proto {
                 let _ = stomp::send_error(&mut sink, state.version, reason, None).await;
@@ -304,17 +333,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
 
     let now = Instant::now();
     let ctx_limits = ctx.settings.limits.clone();
-    let origin = if params.since.is_some() {
-        Origin::Stream
-    } else {
-        Origin::Parked
-    };
-    let from = params.since.unwrap_or(0);
-    // Nothing to read back: no parked messages, or a cursor at the head.
-    let backfill = match origin {
-        Origin::Parked => heads.parked,
-        _ => from < heads.user,
-    };
+    let backfills = backfill_plan(params.since, heads);
     let mut session = Session {
         ctx,
         id,
@@ -326,18 +345,13 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         user_cursor: heads.user,
         broadcast_cursor: heads.broadcast,
         topics: HashMap::new(),
-        pending_backfill: backfill.then_some(Backfill {
-            origin,
-            from,
-            head: heads.user,
-        }),
+        pending_backfill: backfills,
         held: VecDeque::new(),
         unacked: Unacked::default(),
         inbound_rate: TokenBucket::new(ctx_limits.max_frames_per_second),
         bad_frames: VecDeque::new(),
         last_inbound: now,
         last_marked: now,
-        unsent: Vec::new(),
     };
     let Err(exit) = session.serve(&mut inbox, &mut incoming).await;
     Box::pin(session.finish(inbox, &mut incoming, exit)).await;
@@ -367,15 +381,14 @@ impl Exit {
     }
 }
 
-/// Where a message came from; decides what a failed write means.
+/// Where a message came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
-    /// Routed here by the outbox: a user message is parked for the user if it
-    /// cannot be written.
+    /// Routed here by the outbox.
     Live,
-    /// Parked for the user: stays parked until a write succeeds.
+    /// Parked for the user (written to none of their sockets yet).
     Parked,
-    /// Read from a stream: the client gets it again by resuming.
+    /// Read from a stream (a resume, or catching up after a full queue).
     Stream,
 }
 
@@ -397,12 +410,53 @@ struct Ready {
     origin: Origin,
 }
 
-/// A backfill to run: the user's stream (or parked messages) up to `head`.
-#[derive(Clone, Copy)]
+/// A backfill to run: the user's stream (or parked messages) after `from`
+/// up to `head`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Backfill {
     origin: Origin,
     from: i64,
     head: i64,
+}
+
+/// What a new connection is sent before live messages. Parked messages are
+/// the user's messages that no socket of theirs has been written (a node
+/// that died with them in a session's queue, a session closed before writing
+/// them): they go to the next connection whatever its cursor. Without
+/// `since`, that is all; with it, first those at or below the cursor (the
+/// client may have seen them already, on a socket whose write was never
+/// recorded: it dedupes by id), then the stream after the cursor. Each
+/// connection's ids stay in increasing order.
+fn backfill_plan(since: Option<i64>, heads: connections::Heads) -> Vec<Backfill> {
+    let mut plan = Vec::new();
+    match since {
+        None => {
+            if heads.parked {
+                plan.push(Backfill {
+                    origin: Origin::Parked,
+                    from: 0,
+                    head: heads.user,
+                });
+            }
+        }
+        Some(since) => {
+            if heads.parked {
+                plan.push(Backfill {
+                    origin: Origin::Parked,
+                    from: 0,
+                    head: since.min(heads.user),
+                });
+            }
+            if since < heads.user {
+                plan.push(Backfill {
+                    origin: Origin::Stream,
+                    from: since,
+                    head: heads.user,
+                });
+            }
+        }
+    }
+    plan
 }
 
 enum Proto {
@@ -423,9 +477,9 @@ struct Session {
     broadcast_cursor: i64,
     /// Subscribed topics and their cursors.
     topics: HashMap<Arc<str>, i64>,
-    /// The backfill not yet run: at once for JSON; for STOMP at the first
-    /// `/user/` subscription, which is where user messages can go.
-    pending_backfill: Option<Backfill>,
+    /// The backfills not yet run, in order: at once for JSON; for STOMP at
+    /// the first `/user/` subscription, which is where user messages can go.
+    pending_backfill: Vec<Backfill>,
     /// STOMP: user messages no subscription matches yet, in order.
     held: VecDeque<Item>,
     unacked: Unacked,
@@ -434,9 +488,6 @@ struct Session {
     bad_frames: VecDeque<Instant>,
     last_inbound: Instant,
     last_marked: Instant,
-    /// Live user messages that could not be written: parked when the
-    /// session ends.
-    unsent: Vec<i64>,
 }
 
 impl Session {
@@ -448,9 +499,7 @@ impl Session {
         match &self.proto {
             Proto::Json => {
                 self.json_welcome().await?;
-                if let Some(backfill) = self.pending_backfill.take() {
-                    Box::pin(self.backfill(self.user_stream.clone(), backfill)).await?;
-                }
+                Box::pin(self.run_pending_backfills()).await?;
             }
             Proto::Stomp(_) => self.stomp_connected().await?,
         }
@@ -517,6 +566,14 @@ impl Session {
             Proto::Stomp(state) => state.heartbeat_out,
             Proto::Json => None,
         }
+    }
+
+    /// Runs the backfills of the user's stream planned at connect.
+    async fn run_pending_backfills(&mut self) -> Result<(), Exit> {
+        for backfill in std::mem::take(&mut self.pending_backfill) {
+            self.backfill(self.user_stream.clone(), backfill).await?;
+        }
+        Ok(())
     }
 
     /// Writes a stream, or the user's parked messages, from `from` up to
@@ -671,23 +728,12 @@ impl Session {
     }
 
     /// Keeps a user message until a subscription wants it; the oldest are let
-    /// go past the send queue's size (parked for the user if live).
+    /// go past the send queue's size. What is let go stays routed to this
+    /// connection in the outbox: parked for the user when it closes.
     fn hold(&mut self, item: Item) {
         self.held.push_back(item);
-        if self.held.len() > self.ctx.settings.send_queue
-            && let Some(oldest) = self.held.pop_front()
-        {
-            self.note_unsent(&oldest.message, &oldest.stream, oldest.origin);
-        }
-    }
-
-    fn note_unsent(&mut self, message: &StoredMessage, stream: &StreamKey, origin: Origin) {
-        if origin == Origin::Live
-            && matches!(stream, StreamKey::User(_))
-            && message.target_connection.is_none()
-            && self.unsent.len() < MAX_UNSENT
-        {
-            self.unsent.push(message.id);
+        if self.held.len() > self.ctx.settings.send_queue {
+            self.held.pop_front();
         }
     }
 
@@ -718,9 +764,8 @@ impl Session {
             )),
         };
         if let Some(exit) = failure {
-            for item in &batch {
-                self.note_unsent(&item.message, &item.stream, item.origin);
-            }
+            // Not recorded as written: these stay routed to this connection
+            // in the outbox, and are parked for the user when it departs.
             return Err(exit);
         }
         let at = chrono::Utc::now();
@@ -744,7 +789,7 @@ impl Session {
                     connection_id: self.id,
                     user_id: self.user.clone(),
                     at,
-                    unpark: item.origin == Origin::Parked,
+                    user_stream: matches!(item.stream, StreamKey::User(_)),
                 })
                 .await;
         }
@@ -832,21 +877,35 @@ impl Session {
             ));
         }
         self.ctx.hub.subscribe(self.id, topic);
-        match db::bounded(subscriptions::attach(
+        let incarnation = self.ctx.incarnation();
+        let attached = subscriptions::attach(
             &self.ctx.pool,
             self.id,
             &self.ctx.node_id,
+            incarnation,
             topic,
-        ))
-        .await
-        {
+            self.ctx.settings.idle_transaction_timeout(),
+        )
+        .await;
+        match attached {
             Ok(head) => {
                 self.topics.insert(topic.clone(), head);
                 Ok(head)
             }
-            Err(error) => {
+            Err(failure) => {
                 self.ctx.hub.unsubscribe(self.id, topic);
-                tracing::warn!(%error, %topic, "could not register a subscription");
+                tracing::warn!(error = %failure, %topic, "could not register a subscription");
+                match failure {
+                    SubscribeFailure::Fenced => self.ctx.registration.report_fenced(incarnation),
+                    // The row may exist: it is removed (or goes with the
+                    // connection's); topic messages routed to it meanwhile
+                    // find no subscriber here.
+                    SubscribeFailure::Unknown(_) => {
+                        let _ = db::bounded(subscriptions::detach(&self.ctx.pool, self.id, topic))
+                            .await;
+                    }
+                    SubscribeFailure::NotRegistered(_) => {}
+                }
                 Err(SubscribeError::Unavailable)
             }
         }
@@ -866,55 +925,46 @@ impl Session {
     }
 
     /// Stores a message this client sends (JSON publish, STOMP SEND).
+    /// Its answer is honest (see `router`): an error either means "never
+    /// stored" or says the outcome is unknown.
     async fn submit(&self, message: NewMessage) -> Result<i64, EnqueueError> {
-        let messages = [message];
-        let stored = router::enqueue(&self.ctx.pool, &messages, Source::WebSocket);
-        match tokio::time::timeout(db::OP_TIMEOUT, stored).await {
-            Ok(result) => {
-                let id = result.map(|ids| ids[0])?;
+        let deadline = tokio::time::Instant::now() + router::SUBMIT_TIMEOUT;
+        let stored = router::store(
+            &self.ctx.pool,
+            &self.ctx.slow_submissions,
+            std::slice::from_ref(&message),
+            Source::WebSocket,
+            deadline,
+        )
+        .await;
+        match stored {
+            Ok(ids) => {
                 metrics::counter!(crate::metrics::MESSAGES_ACCEPTED, "source" => self.protocol_name()).increment(1);
-                Ok(id)
+                Ok(ids[0])
             }
-            Err(_) => Err(EnqueueError::Unavailable(sqlx::Error::Io(
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the database did not answer in time",
-                ),
-            ))),
+            Err(error) => {
+                metrics::counter!(crate::metrics::SUBMIT_OUTCOMES, "source" => self.protocol_name(), "outcome" => error.outcome())
+                    .increment(1);
+                Err(error)
+            }
         }
     }
 
     /// Deregisters, then closes the socket (if we are the ones closing) or
     /// completes the client's close. Deregistering first means that once a
     /// client's close completes, every message routed to this connection has
-    /// been written or parked for the user: a reconnect, even without `since`,
-    /// cannot race it.
+    /// been written (and recorded) or parked for the user: a reconnect, even
+    /// without `since`, cannot race it. What its queue held, what it dropped
+    /// while lagging and what STOMP held for a subscription never came are
+    /// all still routed to it in the outbox: the departure parks them.
     async fn finish(mut self, mut inbox: Inbox, incoming: &mut Incoming, exit: Exit) {
         let topics: Vec<Arc<str>> = self.topics.keys().cloned().collect();
         self.ctx.hub.remove(self.id, &topics);
         inbox.messages.close();
-        while let Ok(envelope) = inbox.messages.try_recv() {
-            if matches!(envelope.stream, StreamKey::User(_))
-                && envelope.message.id > self.user_cursor
-            {
-                self.note_unsent(&envelope.message, &envelope.stream, Origin::Live);
-            }
-        }
-        let held: Vec<Item> = self.held.drain(..).collect();
-        for item in held {
-            self.note_unsent(&item.message, &item.stream, item.origin);
-        }
-        let departure = connections::Departure {
-            id: self.id,
-            user_id: self.user.clone(),
-            unsent: self.unsent.clone(),
-            cursor: self.user_cursor,
-        };
-        if let Err(error) = self.ctx.departures.depart(departure).await {
-            // The heartbeat removes the row once the database answers again;
-            // until then, work routed to it is parked by the claimer.
-            tracing::warn!(%error, "could not remove the connection row");
-            self.ctx.defer_cleanup(&self.user, &self.unsent);
+        if !self.ctx.deliveries.depart(self.id, DEPARTURE_WAIT).await {
+            // Queued: written once the database answers; until then, work
+            // routed to the connection is parked by the claimer.
+            tracing::warn!("the connection's departure is not recorded yet");
         }
         let protocol = self.protocol_name();
         let why = match &exit {

@@ -53,6 +53,9 @@ pub struct PendingWork {
 pub struct SweeperStatus {
     pub node_id: String,
     pub since: DateTime<Utc>,
+    /// Until when its lease runs: it renews it with every heartbeat; past
+    /// it, another node takes the role.
+    pub lease_until: DateTime<Utc>,
     pub last_run_at: Option<DateTime<Utc>>,
     /// What the last sweep did.
     #[schema(value_type = Object)]
@@ -118,7 +121,8 @@ pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus
     };
     let sweeper = sqlx::query_as!(
         SweeperStatus,
-        "SELECT node_id, since, last_run_at, last_report FROM relay.sweeper"
+        r#"SELECT node_id AS "node_id!", since, lease_until, last_run_at, last_report
+             FROM relay.sweeper WHERE node_id IS NOT NULL"#
     )
     .fetch_optional(pool)
     .await?;

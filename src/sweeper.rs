@@ -8,30 +8,36 @@
 //! expired, and forgets old idempotency keys. And it vacuums the outbox when
 //! claims have left it full of dead rows, rather than wait for autovacuum.
 //!
-//! Which node sweeps is decided by a session advisory lock held on a
-//! dedicated connection: when the holder dies, its connection dies, the lock
-//! is released and another node takes over. `relay.sweeper` shows who holds
-//! it.
+//! Which node sweeps is decided by a lease, `relay.sweeper.lease_until`:
+//! taken when it has expired, renewed by its holder's heartbeats. When the
+//! holder stops running — killed, paused, cut off, whatever its TCP
+//! connections do — its heartbeats stop, the lease expires after the node
+//! timeout, and another node takes it at its next sweep interval. Reaping is
+//! fenced by the lease (a former holder, resumed, reaps nothing) and by the
+//! reaped node's incarnation (see `registry::nodes::reap`). `relay.sweeper`
+//! shows who holds it.
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlx::postgres::PgConnection;
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::NodeId;
 use crate::metrics as m;
 use crate::node::NodeContext;
+use crate::registry::nodes::{self, HandedBack};
 
 /// Rows removed per statement: small enough that no statement holds locks for
 /// long, large enough to keep up with heavy traffic.
 pub const BATCH: i64 = 5000;
 /// One sweep stops after this long, leaving the rest for the next.
 const TIME_BUDGET: Duration = Duration::from_secs(2);
-/// The advisory lock (two-key form, in a key space of its own).
-const LOCK_CLASS: i32 = 0x7067_726c; // "pgrl"
-const LOCK_SWEEPER: i32 = 1;
+/// How long a reap waits for the dead node's transactions in flight (a
+/// node paused inside one holds its row): past it, the node is reaped at the
+/// next sweep, once the server has ended that transaction.
+const REAP_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Stream rows looked at per sweep for pruning.
+const PRUNE_BATCH: i64 = 5000;
 /// Dead outbox rows past which the sweeper vacuums the outbox itself. Every
 /// claim deletes rows, and until a vacuum passes each claim still walks their
 /// index entries: after a burst of 150,000 messages a claim took 0.5 ms
@@ -57,6 +63,10 @@ pub struct SweepReport {
     pub parked_expired: u64,
     /// Idempotency keys past retention forgotten.
     pub idempotency_keys_removed: u64,
+    /// `relay.streams` rows that kept nothing, removed.
+    pub streams_pruned: u64,
+    /// Dead nodes whose reap waited for a transaction of theirs: put off.
+    pub reaps_deferred: u64,
     /// Whether the outbox was vacuumed (it had many dead rows).
     pub outbox_vacuumed: bool,
 }
@@ -73,10 +83,12 @@ impl SweepReport {
             ("deliveries", self.deliveries_removed),
             ("parked_expired", self.parked_expired),
             ("idempotency_keys", self.idempotency_keys_removed),
+            ("streams", self.streams_pruned),
         ] {
             metrics::counter!(m::SWEEPER_REAPED, "kind" => kind).increment(rows);
         }
         metrics::counter!(m::MESSAGES_EXPIRED).increment(self.parked_expired);
+        metrics::counter!(m::REAPS_DEFERRED).increment(self.reaps_deferred);
     }
 }
 
@@ -96,23 +108,49 @@ async fn export_parked_backlog(pool: &PgPool) {
     }
 }
 
-/// One sweep. Safe to run anywhere at any time (also concurrently: every
-/// step is an idempotent, bounded delete); the leader election only keeps
-/// the cluster from doing the work twice.
+/// Takes the sweeper's lease, or renews it; answers whether this node holds
+/// it. On the liveness connection: a node busy with traffic keeps its lease.
+pub async fn lead_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
+    let incarnation = ctx.registration.current();
+    let lease = ctx.settings.node_timeout;
+    let held = {
+        let mut liveness = ctx.liveness.hold().await?;
+        let limit = liveness.timeout();
+        let led = tokio::time::timeout(
+            limit,
+            nodes::lead(liveness.connection(), &ctx.node_id, incarnation, lease),
+        )
+        .await;
+        liveness.settle(led)?
+    };
+    if held == Some(true) {
+        tracing::info!(node_id = %ctx.node_id, "this node is now the sweeper");
+    }
+    ctx.liveness.set_leading(held.is_some());
+    Ok(held.is_some())
+}
+
+/// One sweep, if this node holds the sweeper's lease (taking it if it is
+/// free); None if another node does. Every step is an idempotent, bounded
+/// delete, and reaps check the lease again, so a former holder that resumes
+/// mid-sweep does no harm.
 ///
 /// `reap_after`: reap nodes silent for this long; None skips reaping (the
 /// sweeper does that right after a database outage, when every node's last
 /// heartbeat looks old until the nodes have had time to send the next one).
 pub async fn sweep_once(
-    pool: &PgPool,
-    retention: Duration,
+    ctx: &NodeContext,
     reap_after: Option<Duration>,
-) -> Result<SweepReport, sqlx::Error> {
+) -> Result<Option<SweepReport>, sqlx::Error> {
+    if !lead_once(ctx).await? {
+        return Ok(None);
+    }
+    let pool = &ctx.pool;
     let started = Instant::now();
-    let retention_secs = retention.as_secs_f64();
+    let retention_secs = ctx.settings.retention.as_secs_f64();
     let mut report = SweepReport::default();
     if let Some(node_timeout) = reap_after {
-        reap(pool, node_timeout, &mut report).await?;
+        reap(ctx, node_timeout, &mut report).await?;
     }
 
     // Oldest first, by id (ids follow time): each batch looks at the BATCH
@@ -184,8 +222,52 @@ pub async fn sweep_once(
     .execute(pool)
     .await?
     .rows_affected();
+    report.streams_pruned = prune_streams(ctx).await?;
     report.outbox_vacuumed = vacuum_outbox_once(pool, OUTBOX_VACUUM_DEAD_ROWS).await?;
-    Ok(report)
+    Ok(Some(report))
+}
+
+/// Removes `relay.streams` rows that keep nothing — no message within
+/// retention, no connection of the user, no subscription to the topic —
+/// looking at [`PRUNE_BATCH`] rows per sweep, where the last sweep stopped.
+/// Rows a writer or a connect holds are skipped. Writers insert a missing
+/// row again (ids come from one sequence, so a stream that comes back keeps
+/// its order), so pruning one that comes back to life races with nothing.
+async fn prune_streams(ctx: &NodeContext) -> Result<u64, sqlx::Error> {
+    let from = ctx.prune_from.lock().expect("prune lock").clone();
+    let pruned = sqlx::query!(
+        r#"
+        WITH candidates AS (
+            SELECT stream FROM relay.streams WHERE stream > $1 ORDER BY stream LIMIT $2
+        ), gone AS (
+            DELETE FROM relay.streams
+             WHERE stream = ANY (ARRAY(
+                SELECT s.stream FROM relay.streams s
+                 WHERE s.stream IN (SELECT stream FROM candidates)
+                   AND s.stream <> 'broadcast'
+                   AND NOT EXISTS (SELECT 1 FROM relay.messages m WHERE m.stream = s.stream)
+                   AND NOT EXISTS (SELECT 1 FROM relay.message_streams x WHERE x.stream = s.stream)
+                   AND NOT (s.stream LIKE 'user:%' AND EXISTS (
+                           SELECT 1 FROM relay.connections c WHERE c.user_id = substr(s.stream, 6)))
+                   AND NOT (s.stream LIKE 'topic:%' AND EXISTS (
+                           SELECT 1 FROM relay.subscriptions t WHERE t.topic = substr(s.stream, 7)))
+                   FOR UPDATE SKIP LOCKED))
+            RETURNING 1
+        )
+        SELECT (SELECT max(stream) FROM candidates) AS last, (SELECT count(*) FROM candidates) AS "seen!",
+               (SELECT count(*) FROM gone) AS "pruned!"
+        "#,
+        from,
+        PRUNE_BATCH,
+    )
+    .fetch_one(&ctx.pool)
+    .await?;
+    // A short page is the end of the table: start over next time.
+    *ctx.prune_from.lock().expect("prune lock") = match pruned.last {
+        Some(last) if pruned.seen >= PRUNE_BATCH => last,
+        _ => String::new(),
+    };
+    Ok(pruned.pruned as u64)
 }
 
 /// Vacuums the outbox if PostgreSQL counts at least `dead_rows` dead rows in
@@ -209,140 +291,122 @@ pub async fn vacuum_outbox_once(pool: &PgPool, dead_rows: i64) -> Result<bool, s
     Ok(true)
 }
 
-/// Reaps nodes silent for longer than `node_timeout`, and the leftovers of
-/// nodes that no longer exist (rows written by a node after it was reaped).
+/// Reaps nodes silent for longer than `node_timeout`, and hands back the
+/// leftovers of nodes that no longer exist (rows of a reaped node that
+/// another transaction held at the time). Each node on its own: one whose
+/// reap has to wait (a transaction of it is still in flight), or fails, is
+/// left for the next sweep and keeps no other from being reaped.
 async fn reap(
-    pool: &PgPool,
+    ctx: &NodeContext,
     node_timeout: Duration,
     report: &mut SweepReport,
 ) -> Result<(), sqlx::Error> {
-    let timeout = node_timeout.as_secs_f64();
     let suspects = sqlx::query_scalar!(
         r#"
+        WITH RECURSIVE connection_nodes AS (
+            (SELECT node_id FROM relay.connections ORDER BY node_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT c.node_id FROM relay.connections c WHERE c.node_id > n.node_id
+                     ORDER BY c.node_id LIMIT 1)
+              FROM connection_nodes n WHERE n.node_id IS NOT NULL
+        ), work_nodes AS (
+            (SELECT node_id FROM relay.outbox WHERE node_id IS NOT NULL ORDER BY node_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT o.node_id FROM relay.outbox o WHERE o.node_id > w.node_id
+                     ORDER BY o.node_id LIMIT 1)
+              FROM work_nodes w WHERE w.node_id IS NOT NULL
+        ), subscription_nodes AS (
+            (SELECT node_id FROM relay.subscriptions ORDER BY node_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT s.node_id FROM relay.subscriptions s WHERE s.node_id > n.node_id
+                     ORDER BY s.node_id LIMIT 1)
+              FROM subscription_nodes n WHERE n.node_id IS NOT NULL
+        ), named AS (
+            SELECT node_id FROM connection_nodes
+            UNION SELECT node_id FROM work_nodes
+            UNION SELECT node_id FROM subscription_nodes
+        )
         SELECT id AS "id!" FROM relay.nodes WHERE last_seen_at < now() - make_interval(secs => $1)
         UNION
-        SELECT DISTINCT c.node_id FROM relay.connections c
-         WHERE NOT EXISTS (SELECT 1 FROM relay.nodes n WHERE n.id = c.node_id)
-        UNION
-        SELECT DISTINCT o.node_id FROM relay.outbox o
-         WHERE o.node_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM relay.nodes n WHERE n.id = o.node_id)
+        SELECT n.node_id FROM named n
+         WHERE n.node_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM relay.nodes x WHERE x.id = n.node_id)
         LIMIT 100
         "#,
-        timeout
+        node_timeout.as_secs_f64()
     )
-    .fetch_all(pool)
+    .fetch_all(&ctx.pool)
     .await?;
+    let incarnation = ctx.registration.current();
     for node_id in suspects {
-        let mut tx = pool.begin().await?;
-        // Checked again under the row lock: a node may have come back.
-        let node = sqlx::query!(
-            r#"
-            SELECT id, last_seen_at < now() - make_interval(secs => $2) AS "dead!"
-              FROM relay.nodes WHERE id = $1 FOR UPDATE
-            "#,
-            node_id,
-            timeout
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        if node.as_ref().is_some_and(|n| !n.dead) {
-            tx.rollback().await?;
+        if node_id == ctx.node_id.as_str() {
             continue;
         }
-        let counts = sqlx::query!(
-            r#"
-            SELECT (SELECT count(*) FROM relay.connections WHERE node_id = $1) AS "connections!",
-                   (SELECT count(*) FROM relay.outbox WHERE node_id = $1) AS "work!"
-            "#,
-            node_id
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query!("SELECT relay.release_node($1)", node_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query!("DELETE FROM relay.nodes WHERE id = $1", node_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        if node.is_some() {
-            report.nodes_reaped += 1;
-        }
-        report.connections_reaped += counts.connections as u64;
-        report.work_handed_back += counts.work as u64;
-        tracing::warn!(
-            %node_id,
-            connections = counts.connections,
-            work = counts.work,
-            "reaped a dead node: its connections are removed and its work parked"
-        );
-    }
-    Ok(())
-}
-
-/// Leadership: a dedicated connection holding the sweeper's advisory lock.
-struct Leadership {
-    connection: Option<PgConnection>,
-}
-
-impl Leadership {
-    /// Whether this node holds the lock now, taking it if it is free.
-    async fn check(&mut self, ctx: &NodeContext) -> Result<bool, sqlx::Error> {
-        if let Some(connection) = self.connection.as_mut() {
-            // Still ours if the connection that holds it still answers.
-            match sqlx::query!("SELECT 1 AS alive")
-                .fetch_one(&mut *connection)
-                .await
-            {
-                Ok(_) => return Ok(true),
+        let mut total = HandedBack::default();
+        let started = Instant::now();
+        loop {
+            let reaped = crate::db::bounded(nodes::reap(
+                &ctx.pool,
+                &node_id,
+                node_timeout,
+                &ctx.node_id,
+                incarnation,
+                BATCH as i32,
+                REAP_LOCK_TIMEOUT,
+            ))
+            .await;
+            match reaped {
+                Ok(None) => break,
+                Ok(Some(handed)) => {
+                    total.reaped |= handed.reaped;
+                    total.work += handed.work;
+                    total.parked += handed.parked;
+                    total.connections += handed.connections;
+                    if !handed.more || started.elapsed() > TIME_BUDGET {
+                        break;
+                    }
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    report.reaps_deferred += 1;
+                    tracing::info!(%node_id, "reap put off: a transaction of the dead node has not ended yet");
+                    break;
+                }
+                Err(error) if crate::db::is_unavailable(&error) => return Err(error),
                 Err(error) => {
-                    self.connection = None;
-                    tracing::warn!(%error, "lost the sweeper lock connection; no longer the sweeper");
-                    return Err(error);
+                    tracing::warn!(%node_id, %error, "reaping a node failed; trying again next sweep");
+                    break;
                 }
             }
         }
-        let options = crate::db::connect_options(
-            &ctx.settings.database_url,
-            &format!("pgrelay {} sweeper", ctx.node_id),
-        )?;
-        let mut connection = PgConnection::connect_with(&options).await?;
-        let acquired = sqlx::query_scalar!(
-            r#"SELECT pg_try_advisory_lock($1, $2) AS "acquired!""#,
-            LOCK_CLASS,
-            LOCK_SWEEPER
-        )
-        .fetch_one(&mut connection)
-        .await?;
-        if !acquired {
-            let _ = connection.close().await;
-            return Ok(false);
+        if total.reaped {
+            report.nodes_reaped += 1;
         }
-        announce(&ctx.pool, &ctx.node_id).await?;
-        tracing::info!(node_id = %ctx.node_id, "this node is now the sweeper");
-        self.connection = Some(connection);
-        Ok(true)
+        report.connections_reaped += total.connections;
+        report.work_handed_back += total.work;
+        if total.reaped || total.work > 0 || total.connections > 0 {
+            tracing::warn!(
+                %node_id,
+                reaped = total.reaped,
+                connections = total.connections,
+                work = total.work,
+                parked = total.parked,
+                "reaped a dead node: its connections are removed and its work parked"
+            );
+        }
     }
-}
-
-async fn announce(pool: &PgPool, node_id: &NodeId) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        INSERT INTO relay.sweeper (node_id) VALUES ($1)
-        ON CONFLICT (singleton) DO UPDATE SET node_id = excluded.node_id, since = now(),
-                                              last_run_at = NULL, last_report = NULL
-        "#,
-        node_id.as_str()
-    )
-    .execute(pool)
-    .await?;
     Ok(())
 }
 
+/// A lock wait given up (lock_timeout): SQLSTATE 55P03.
+fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03")
+}
+
 /// The sweeper task: every `sweep_interval`, sweeps if this node holds the
-/// lock (or can take it).
+/// lease (or can take it).
 pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
-    let mut leadership = Leadership { connection: None };
     // Since when this node has swept without a database error: reaping waits
     // for a node timeout of health, so that nodes get to heartbeat after an
     // outage before anyone is judged by their last heartbeat.
@@ -352,36 +416,25 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            () = token.cancelled() => break,
+            () = token.cancelled() => return,
         }
-        match crate::db::bounded(leadership.check(&ctx)).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Not the sweeper, but the database answers: health counts
-                // from here, so a takeover can reap at once.
-                healthy_since.get_or_insert_with(Instant::now);
-                continue;
-            }
-            Err(error) => {
-                healthy_since = None;
-                metrics::counter!(m::DB_ERRORS, "operation" => "sweep").increment(1);
-                tracing::warn!(%error, "sweeper election failed; retrying");
-                continue;
-            }
+        if ctx.liveness.is_healing() {
+            continue;
         }
         let healthy_for = healthy_since.get_or_insert_with(Instant::now).elapsed();
         let reap_after =
             (healthy_for >= ctx.settings.node_timeout).then_some(ctx.settings.node_timeout);
-        match crate::db::bounded(sweep_once(&ctx.pool, ctx.settings.retention, reap_after)).await {
-            Ok(report) => {
+        match crate::db::bounded(sweep_once(&ctx, reap_after)).await {
+            Ok(None) => {}
+            Ok(Some(report)) => {
                 if report != SweepReport::default() {
                     tracing::info!(?report, "swept");
                 }
                 report.export();
                 export_parked_backlog(&ctx.pool).await;
                 let recorded = sqlx::query!(
-                    "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE node_id = $1",
-                    ctx.node_id.as_str(),
+                    "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE incarnation = $1",
+                    ctx.registration.current(),
                     serde_json::to_value(report).expect("serializable"),
                 )
                 .execute(&ctx.pool)
@@ -396,9 +449,5 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
                 tracing::warn!(%error, "sweep failed; retrying next interval");
             }
         }
-    }
-    if let Some(connection) = leadership.connection.take() {
-        // Closing the connection releases the lock for the next node.
-        let _ = connection.close().await;
     }
 }

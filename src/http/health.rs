@@ -1,8 +1,6 @@
 //! Liveness and readiness, for load balancers and orchestrators.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -38,8 +36,10 @@ pub async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Json<Health> {
 
 /// Readiness
 ///
-/// The node can do its work: the database answers and the LISTEN connection
-/// is up. No credentials needed.
+/// The node can do its work: its last heartbeat succeeded (lately), it is
+/// registered (not re-registering after being declared dead), and its LISTEN
+/// connection is up. Answered at once from what the node knows: it never
+/// waits for the database. No credentials needed.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -50,26 +50,8 @@ pub async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Json<Health> {
     )
 )]
 pub async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Result<Json<Health>, Problem> {
-    let ping = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query!("SELECT 1 AS one").fetch_one(&ctx.pool),
-    )
-    .await;
-    match ping {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => {
-            return Err(Problem::unavailable(format!(
-                "the database is unavailable: {error}"
-            )));
-        }
-        Err(_) => {
-            return Err(Problem::unavailable(
-                "the database did not answer within 2 s",
-            ));
-        }
-    }
-    if !ctx.listener_up.load(Ordering::Acquire) {
-        return Err(Problem::unavailable("the LISTEN connection is down"));
+    if let Some(reason) = ctx.not_ready() {
+        return Err(Problem::unavailable(reason));
     }
     Ok(Json(Health {
         status: "ready",

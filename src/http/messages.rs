@@ -1,7 +1,6 @@
 //! `POST /v1/messages` and `GET /v1/messages/{id}`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -21,10 +20,6 @@ use crate::message::{
 };
 use crate::node::NodeContext;
 use crate::router::{self, EnqueueError, Source};
-
-/// A submission never waits longer than this for the database: past it, the
-/// caller gets 503 (the contract promises an answer within 5 s).
-const SUBMIT_TIMEOUT: Duration = Duration::from_millis(4500);
 
 /// A message to send.
 #[derive(Deserialize, ToSchema)]
@@ -146,7 +141,8 @@ pub const MAX_BATCH: usize = 1000;
         (status = 409, description = "The Idempotency-Key was used with another request", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "`data` over the size limit", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 429, description = "Over the API key's rate limit (see Retry-After)", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable: nothing was stored", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable: nothing was stored, and it never will be", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 504, description = "Outcome unknown (`urn:pgrelay:problem:outcome-unknown`): the answer to COMMIT was lost, the message may be stored; retry with the same Idempotency-Key", body = ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("api_key" = []))
 )]
@@ -203,7 +199,8 @@ pub struct IdempotencyKey {
         (status = 409, description = "The Idempotency-Key was used with another request", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "Over a size limit", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 429, description = "Over the API key's rate limit (each message counts)", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable: nothing was stored", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable: nothing was stored, and it never will be", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 504, description = "Outcome unknown (`urn:pgrelay:problem:outcome-unknown`): the answer to COMMIT was lost, the message may be stored; retry with the same Idempotency-Key", body = ProblemDetails, content_type = "application/problem+json"),
     ),
     security(("api_key" = []))
 )]
@@ -277,7 +274,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 /// Stores messages, honouring an idempotency key: the first request with a
 /// key stores and answers 202; a later one with the same key and the same
 /// body answers 200 with the same ids and stores nothing; the same key with
-/// another body is a 409.
+/// another body is a 409. Every answer is honest about what was stored (see
+/// `router`): by the deadline, or "outcome unknown".
 async fn store(
     ctx: &NodeContext,
     caller: &ApiCaller,
@@ -286,69 +284,49 @@ async fn store(
     body: &Bytes,
     messages: &[NewMessage],
 ) -> Result<(StatusCode, Vec<i64>), Problem> {
-    let work = async {
-        let Some(key) = key else {
-            let ids = match messages {
-                // One message: shares a transaction with concurrent ones.
-                [single] => vec![ctx.submitter.submit(single.clone()).await?],
-                _ => router::enqueue(&ctx.pool, messages, Source::Http).await?,
-            };
-            return Ok((StatusCode::ACCEPTED, ids));
-        };
-        let hash = request_hash(kind, body);
-        let mut tx = ctx.pool.begin().await.map_err(EnqueueError::from)?;
-        // Waits for a concurrent request with the same key to finish first.
-        let claimed = sqlx::query_scalar!(
-            r#"
-            INSERT INTO relay.idempotency_keys (scope, key, request_hash, message_ids)
-            VALUES ($1, $2, $3, '{}')
-            ON CONFLICT (scope, key) DO NOTHING
-            RETURNING true AS "claimed!"
-            "#,
-            caller.scope,
-            key,
-            &hash[..],
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(EnqueueError::from)?;
-        if claimed.is_some() {
-            let ids = router::enqueue_with(&mut *tx, messages, Source::Http, false).await?;
-            sqlx::query!(
-                "UPDATE relay.idempotency_keys SET message_ids = $3 WHERE scope = $1 AND key = $2",
-                caller.scope,
-                key,
-                &ids
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + router::SUBMIT_TIMEOUT;
+    let stored = match key {
+        None => match messages {
+            // One message: shares a transaction with concurrent ones.
+            [single] => ctx
+                .submitter
+                .submit(single.clone(), deadline)
+                .await
+                .map(|id| (StatusCode::ACCEPTED, vec![id])),
+            _ => router::store(
+                &ctx.pool,
+                &ctx.slow_submissions,
+                messages,
+                Source::Http,
+                deadline,
             )
-            .execute(&mut *tx)
             .await
-            .map_err(EnqueueError::from)?;
-            tx.commit().await.map_err(EnqueueError::from)?;
-            return Ok((StatusCode::ACCEPTED, ids));
-        }
-        tx.rollback().await.map_err(EnqueueError::from)?;
-        let earlier = sqlx::query!(
-            "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
-            caller.scope,
-            key
-        )
-        .fetch_optional(&ctx.pool)
-        .await
-        .map_err(EnqueueError::from)?;
-        match earlier {
-            Some(earlier) if earlier.request_hash == hash => {
-                Ok((StatusCode::OK, earlier.message_ids))
+            .map(|ids| (StatusCode::ACCEPTED, ids)),
+        },
+        Some(key) => {
+            let hash = request_hash(kind, body);
+            let keyed = Keyed {
+                scope: &caller.scope,
+                key: &key,
+                hash: &hash,
+            };
+            match keyed.store(ctx, messages, deadline).await {
+                Ok(KeyedOutcome::Stored(ids)) => Ok((StatusCode::ACCEPTED, ids)),
+                Ok(KeyedOutcome::Replay(ids)) => Ok((StatusCode::OK, ids)),
+                Ok(KeyedOutcome::Conflict) => {
+                    return Err(Problem::new(
+                        StatusCode::CONFLICT,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request",
+                    ));
+                }
+                Err(error) => Err(error),
             }
-            _ => Err(StoreError::Problem(Problem::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request",
-            ))),
         }
     };
-    let started = std::time::Instant::now();
-    match tokio::time::timeout(SUBMIT_TIMEOUT, work).await {
-        Ok(Ok(stored)) => {
+    match stored {
+        Ok(stored) => {
             if stored.0 == StatusCode::ACCEPTED {
                 metrics::counter!(crate::metrics::MESSAGES_ACCEPTED, "source" => "http")
                     .increment(messages.len() as u64);
@@ -357,22 +335,115 @@ async fn store(
             }
             Ok(stored)
         }
-        Ok(Err(StoreError::Enqueue(error))) => Err(error.into()),
-        Ok(Err(StoreError::Problem(problem))) => Err(problem),
-        Err(_) => Err(Problem::unavailable(
-            "the database did not answer in time; the message may not have been stored",
-        )),
+        Err(error) => {
+            metrics::counter!(crate::metrics::SUBMIT_OUTCOMES, "source" => "http", "outcome" => error.outcome())
+                .increment(1);
+            Err(error.into())
+        }
     }
 }
 
-enum StoreError {
-    Enqueue(EnqueueError),
-    Problem(Problem),
+/// A submission under an `Idempotency-Key`.
+struct Keyed<'a> {
+    scope: &'a str,
+    key: &'a str,
+    hash: &'a [u8; 32],
 }
 
-impl From<EnqueueError> for StoreError {
-    fn from(error: EnqueueError) -> Self {
-        StoreError::Enqueue(error)
+enum KeyedOutcome {
+    Stored(Vec<i64>),
+    /// An earlier request with this key and body stored these.
+    Replay(Vec<i64>),
+    /// An earlier request with this key had another body.
+    Conflict,
+}
+
+impl Keyed<'_> {
+    /// One attempt: None when the key was already claimed.
+    async fn store_once(
+        &self,
+        ctx: &NodeContext,
+        messages: &[NewMessage],
+        deadline: tokio::time::Instant,
+        nowait: bool,
+    ) -> Result<Option<Vec<i64>>, EnqueueError> {
+        let mut submission =
+            router::Submission::begin(&ctx.pool, deadline, Some(router::SUBMIT_TIMEOUT)).await?;
+        let until = submission.until();
+        let claimed = router::in_time(
+            until,
+            sqlx::query_scalar!(
+                r#"
+                INSERT INTO relay.idempotency_keys (scope, key, request_hash, message_ids)
+                VALUES ($1, $2, $3, '{}')
+                ON CONFLICT (scope, key) DO NOTHING
+                RETURNING true AS "claimed!"
+                "#,
+                self.scope,
+                self.key,
+                &self.hash[..],
+            )
+            .fetch_optional(submission.connection()),
+        )
+        .await?;
+        if claimed.is_none() {
+            // Dropped: rolled back, nothing was written.
+            return Ok(None);
+        }
+        let ids = router::in_time(
+            until,
+            router::enqueue_with(submission.connection(), messages, Source::Http, nowait),
+        )
+        .await?;
+        router::in_time(
+            until,
+            sqlx::query!(
+                "UPDATE relay.idempotency_keys SET message_ids = $3 WHERE scope = $1 AND key = $2",
+                self.scope,
+                self.key,
+                &ids
+            )
+            .execute(submission.connection()),
+        )
+        .await?;
+        submission.commit().await?;
+        Ok(Some(ids))
+    }
+
+    /// Claims the key and stores the messages in one transaction; a
+    /// concurrent request with the same key waits for this one to end. A
+    /// retry after "outcome unknown" finds the key if the first commit
+    /// happened, and stores otherwise.
+    async fn store(
+        &self,
+        ctx: &NodeContext,
+        messages: &[NewMessage],
+        deadline: tokio::time::Instant,
+    ) -> Result<KeyedOutcome, EnqueueError> {
+        let stored = match self.store_once(ctx, messages, deadline, true).await {
+            Err(EnqueueError::Busy) => {
+                let _permit = router::slow_permit(&ctx.slow_submissions, deadline).await?;
+                self.store_once(ctx, messages, deadline, false).await
+            }
+            done => done,
+        }?;
+        if let Some(ids) = stored {
+            return Ok(KeyedOutcome::Stored(ids));
+        }
+        let earlier = sqlx::query!(
+            "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
+            self.scope,
+            self.key
+        )
+        .fetch_optional(&ctx.pool)
+        .await
+        .map_err(EnqueueError::from)?;
+        Ok(match earlier {
+            Some(earlier) if earlier.request_hash == self.hash[..] => {
+                KeyedOutcome::Replay(earlier.message_ids)
+            }
+            _ => KeyedOutcome::Conflict,
+        })
     }
 }
 

@@ -51,11 +51,21 @@ impl Problem {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", detail)
     }
 
-    /// The database cannot be reached: nothing was stored, try again.
+    /// The database cannot be reached (or a stream is held): nothing was
+    /// stored, try again.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self {
             retry_after_secs: Some(1),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+        }
+    }
+
+    /// COMMIT was sent and its answer lost: the message may be stored (G8).
+    /// 504, not 503: a 503 always means "nothing was stored".
+    pub fn outcome_unknown(detail: impl Into<String>) -> Self {
+        Self {
+            retry_after_secs: Some(1),
+            ..Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome-unknown", detail)
         }
     }
 
@@ -96,11 +106,20 @@ impl From<EnqueueError> for Problem {
             EnqueueError::Invalid(detail) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail)
             }
-            EnqueueError::Busy => Problem::unavailable("a stream is busy; try again"),
+            EnqueueError::Busy => Problem::unavailable(
+                "a recipient's stream is held by another transaction; nothing was stored, try again",
+            ),
             EnqueueError::Unavailable(error) => {
                 metrics::counter!(crate::metrics::DB_ERRORS, "operation" => "submit").increment(1);
                 Problem::unavailable(format!(
                     "the database is unavailable; nothing was stored ({error})"
+                ))
+            }
+            EnqueueError::OutcomeUnknown(error) => {
+                metrics::counter!(crate::metrics::DB_ERRORS, "operation" => "submit").increment(1);
+                Problem::outcome_unknown(format!(
+                    "the message may or may not have been stored: the database's answer to COMMIT \
+                     was lost ({error}); retry with the same Idempotency-Key to store it exactly once"
                 ))
             }
             EnqueueError::Database(error) => Problem::internal(&error),

@@ -18,7 +18,11 @@ use tower::ServiceExt;
 /// A connection's place under the node's cap. WebSocket sessions keep it
 /// (it rides in the request's extensions) for as long as the socket lives.
 #[derive(Clone)]
-pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+    /// When the TCP connection was accepted: handshakes are timed from here.
+    pub accepted: tokio::time::Instant,
+}
 
 /// Serves `router` on `listener` until `shutdown`, then lets open HTTP
 /// requests finish for up to `grace`.
@@ -53,7 +57,10 @@ pub async fn serve(
         // Messages are small writes that must leave at once: no Nagle delay
         // waiting for the client's acknowledgement of the previous one.
         let _ = stream.set_nodelay(true);
-        let slot = ConnectionSlot(Arc::new(slot));
+        let slot = ConnectionSlot {
+            _permit: Arc::new(slot),
+            accepted: tokio::time::Instant::now(),
+        };
         let router = router.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -1,24 +1,25 @@
 //! Connection rows: a socket is registered before its `welcome` is sent and
-//! removed when it closes.
+//! removed when it closes (by the delivery log, see `deliveries`, which also
+//! parks what was routed to it and never written).
 
-use std::sync::Arc;
+use std::time::Duration;
 
-use sqlx::{PgPool, Postgres, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::NodeId;
+use crate::db::{self, Bounds, CommitError};
 
 /// What a connection row records about its socket.
 pub struct NewConnection<'a> {
     pub id: Uuid,
     pub node_id: &'a NodeId,
+    /// The node's registration the row is fenced by.
+    pub incarnation: Uuid,
     pub user_id: &'a str,
     pub protocol: &'a str,
     pub remote_addr: &'a str,
     pub user_agent: Option<&'a str>,
-    /// The client's cursor (`since`), when it resumes.
-    pub since: Option<i64>,
     /// Connections the user may hold across the cluster.
     pub max_per_user: u32,
 }
@@ -28,8 +29,17 @@ pub struct NewConnection<'a> {
 pub enum AttachError {
     #[error("this user already has the most connections allowed")]
     TooMany,
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    /// The node's registration is no longer current: it was declared dead
+    /// and registers again.
+    #[error("the node is registering again")]
+    Fenced,
+    /// Not registered, for certain: try again later.
+    #[error("the connection could not be registered: {0}")]
+    NotRegistered(String),
+    /// The commit's answer was lost: the row may exist. The node removes it
+    /// if it does (see [`reconcile`]).
+    #[error("the registration's outcome is unknown: {0}")]
+    Unknown(String),
 }
 
 /// Where a new connection starts in its streams.
@@ -40,168 +50,105 @@ pub struct Heads {
     pub user: i64,
     /// Broadcasts up to here were sent before the connection existed.
     pub broadcast: i64,
-    /// Whether messages are parked for the user (without `since`).
+    /// Whether messages are parked for the user.
     pub parked: bool,
 }
 
-/// Registers a connection under its user's stream lock.
-pub async fn attach(pool: &PgPool, conn: &NewConnection<'_>) -> Result<Heads, AttachError> {
-    let mut tx = pool.begin().await?;
-    // A sender holding the lock inside a long application transaction must not
-    // hang the handshake: give up, and let the client retry.
-    sqlx::query!("SET LOCAL lock_timeout = '5s'")
-        .execute(&mut *tx)
-        .await?;
-    let heads = sqlx::query!(
-        r#"SELECT user_head AS "user_head!", broadcast_head AS "broadcast_head!", parked AS "parked!"
-             FROM relay.attach_connection($1, $2, $3, $4, $5, $6, $7, $8)"#,
-        conn.id,
-        conn.node_id.as_str(),
-        conn.user_id,
-        conn.protocol,
-        conn.remote_addr,
-        conn.user_agent,
-        conn.since,
-        conn.max_per_user as i32,
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(|error| match error.as_database_error().and_then(|e| e.code()).as_deref() {
-        Some("PR429") => AttachError::TooMany,
-        _ => AttachError::Database(error),
-    })?;
-    tx.commit().await?;
-    Ok(Heads {
-        user: heads.user_head,
-        broadcast: heads.broadcast_head,
-        parked: heads.parked,
-    })
-}
+/// The longest a connect may wait for its user's stream, which a sender's
+/// long transaction may hold: the client is then told to try again.
+const ATTACH_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A closed connection, for [`Departures`].
-pub struct Departure {
-    pub id: Uuid,
-    pub user_id: Arc<str>,
-    /// Messages its session had taken but not written.
-    pub unsent: Vec<i64>,
-    /// The last id of the user's stream the session took.
-    pub cursor: i64,
-}
-
-/// Removes closed connections from the registry, many per transaction: a
-/// node whose sockets all drop at once (a network blip, a deploy) would
-/// otherwise queue one transaction per socket and starve its pool.
-#[derive(Clone)]
-pub struct Departures {
-    queue: mpsc::Sender<(Departure, oneshot::Sender<Result<(), String>>)>,
-}
-
-/// Departures removed per transaction.
-const DEPARTURE_BATCH: usize = 1000;
-
-impl Departures {
-    pub fn start(pool: PgPool, node_id: NodeId) -> Self {
-        let (queue, mut rx) =
-            mpsc::channel::<(Departure, oneshot::Sender<Result<(), String>>)>(DEPARTURE_BATCH * 4);
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(DEPARTURE_BATCH);
-            while rx.recv_many(&mut batch, DEPARTURE_BATCH).await > 0 {
-                let (departures, replies): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut batch).into_iter().unzip();
-                let result = crate::db::bounded(detach(&pool, &node_id, &departures))
-                    .await
-                    .map_err(|e| e.to_string());
-                for reply in replies {
-                    let _ = reply.send(result.clone());
-                }
-            }
-        });
-        Self { queue }
-    }
-
-    /// Removes a closed connection's rows and parks, for its user's next
-    /// connection, the messages that were routed to it but never written;
-    /// returns once that has committed.
-    pub async fn depart(&self, departure: Departure) -> Result<(), String> {
-        let (reply, done) = oneshot::channel();
-        self.queue
-            .send((departure, reply))
-            .await
-            .map_err(|_| "the node is stopping".to_owned())?;
-        done.await.map_err(|_| "the node is stopping".to_owned())?
-    }
-}
-
-/// Removes closed connections' rows and parks, for their users' next
-/// connections, the messages routed to them but never written: those their
-/// sessions had taken (`unsent`) and those still waiting in the outbox past
-/// each one's cursor (a claim still committing may show rows the session has
-/// already written).
-pub async fn detach(
+/// Registers a connection under its user's stream lock, fenced by the
+/// node's incarnation. Every way it can fail says whether the row may exist.
+pub async fn attach(
     pool: &PgPool,
-    node_id: &NodeId,
-    departures: &[Departure],
-) -> Result<(), sqlx::Error> {
-    let ids: Vec<Uuid> = departures.iter().map(|d| d.id).collect();
-    let cursors: Vec<i64> = departures.iter().map(|d| d.cursor).collect();
-    let mut tx = pool.begin().await?;
-    sqlx::query!(
-        r#"
-        INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
-        SELECT NULL, o.message_id, o.user_id, o.expires_at
-          FROM relay.outbox o
-          JOIN unnest($2::uuid[], $3::bigint[]) AS d(id, cursor)
-            ON d.id = ANY (o.connection_ids) AND o.message_id > d.cursor
-          JOIN relay.messages m ON m.id = o.message_id
-         WHERE o.node_id = $1 AND o.kind = 'deliver' AND o.user_id IS NOT NULL
-           AND m.target_connection IS NULL AND m.expires_at > now()
-        ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
-        "#,
-        node_id.as_str(),
-        &ids,
-        &cursors
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query!(
-        "DELETE FROM relay.subscriptions WHERE connection_id = ANY ($1)",
-        &ids
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query!("DELETE FROM relay.connections WHERE id = ANY ($1)", &ids)
-        .execute(&mut *tx)
+    conn: &NewConnection<'_>,
+    idle: Duration,
+) -> Result<Heads, AttachError> {
+    let bounds = Bounds {
+        statement: ATTACH_LOCK_TIMEOUT + Duration::from_secs(1),
+        idle,
+        lock: Some(ATTACH_LOCK_TIMEOUT),
+    };
+    let work = async {
+        let mut tx = db::begin_bounded(pool, bounds).await?;
+        let heads = sqlx::query!(
+            r#"SELECT user_head AS "user_head!", broadcast_head AS "broadcast_head!", parked AS "parked!"
+                 FROM relay.attach_connection($1, $2, $3, $4, $5, $6, $7, $8)"#,
+            conn.id,
+            conn.node_id.as_str(),
+            conn.incarnation,
+            conn.user_id,
+            conn.protocol,
+            conn.remote_addr,
+            conn.user_agent,
+            conn.max_per_user as i32,
+        )
+        .fetch_one(&mut *tx)
         .await?;
-    let (unsent, users): (Vec<i64>, Vec<String>) = departures
-        .iter()
-        .flat_map(|d| d.unsent.iter().map(|id| (*id, d.user_id.to_string())))
-        .unzip();
-    park(&mut tx, &unsent, &users).await?;
-    tx.commit().await
+        Ok::<_, sqlx::Error>((tx, heads))
+    };
+    // Until COMMIT is sent, giving up rolls the transaction back.
+    let (tx, heads) = match tokio::time::timeout(bounds.statement * 2, work).await {
+        Err(_) => return Err(AttachError::NotRegistered("timed out".into())),
+        Ok(Err(error)) if db::is_fenced(&error) => return Err(AttachError::Fenced),
+        Ok(Err(error)) => {
+            return Err(
+                match error.as_database_error().and_then(|e| e.code()).as_deref() {
+                    Some("PR429") => AttachError::TooMany,
+                    _ => AttachError::NotRegistered(error.to_string()),
+                },
+            );
+        }
+        Ok(Ok(begun)) => begun,
+    };
+    match db::commit_within(tx, db::OP_TIMEOUT).await {
+        Ok(()) => Ok(Heads {
+            user: heads.user_head,
+            broadcast: heads.broadcast_head,
+            parked: heads.parked,
+        }),
+        Err(CommitError::RolledBack(error)) => Err(AttachError::NotRegistered(error.to_string())),
+        Err(CommitError::Unknown(why)) => Err(AttachError::Unknown(why)),
+    }
 }
 
-/// Parks messages for users: each goes to the user's next connection.
-pub async fn park(
-    tx: &mut Transaction<'_, Postgres>,
-    message_ids: &[i64],
-    user_ids: &[String],
-) -> Result<(), sqlx::Error> {
-    if message_ids.is_empty() {
+/// Every connection this node's rows name: its connection rows, and the
+/// connections its claimed outbox rows still list.
+pub async fn named(pool: &PgPool, node_id: &NodeId) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT id AS "id!" FROM relay.connections WHERE node_id = $1
+        UNION
+        SELECT unnest(connection_ids) FROM relay.outbox WHERE node_id = $1 AND claimed_at IS NOT NULL
+        "#,
+        node_id.as_str()
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// How many connection rows this node has.
+pub async fn count(pool: &PgPool, node_id: &NodeId) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM relay.connections WHERE node_id = $1"#,
+        node_id.as_str()
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Refreshes `last_seen_at` of the connections that showed signs of life.
+pub async fn refresh(pool: &PgPool, node_id: &NodeId, seen: &[Uuid]) -> Result<(), sqlx::Error> {
+    if seen.is_empty() {
         return Ok(());
     }
     sqlx::query!(
-        r#"
-        INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
-        SELECT NULL, p.message_id, p.user_id, m.expires_at
-          FROM unnest($1::bigint[], $2::text[]) AS p(message_id, user_id)
-          JOIN relay.messages m ON m.id = p.message_id
-         WHERE m.expires_at > now()
-        ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
-        "#,
-        message_ids,
-        user_ids
+        "UPDATE relay.connections SET last_seen_at = now() WHERE id = ANY ($1) AND node_id = $2",
+        seen,
+        node_id.as_str()
     )
-    .execute(&mut **tx)
+    .execute(pool)
     .await?;
     Ok(())
 }

@@ -1,10 +1,31 @@
 //! Subscription rows: a topic subscription is registered (under the topic's
-//! stream lock) before it is confirmed, and removed with it.
+//! stream lock, fenced by the node's incarnation) before it is confirmed,
+//! and removed with it, or with its connection.
+
+use std::time::Duration;
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::NodeId;
+use crate::db::{self, Bounds, CommitError};
+
+/// Why a subscription was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeFailure {
+    #[error("the node is registering again")]
+    Fenced,
+    #[error("the subscription could not be registered: {0}")]
+    NotRegistered(String),
+    /// The commit's answer was lost: the row may exist (it goes with the
+    /// connection's at the latest).
+    #[error("the subscription's outcome is unknown: {0}")]
+    Unknown(String),
+}
+
+/// As for connects: a publisher holding the topic in a long transaction
+/// must not hang the subscriber for ever.
+const SUBSCRIBE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Registers `connection`'s subscription to `topic` and returns the topic
 /// stream's head: messages up to it were published before the subscription.
@@ -12,24 +33,41 @@ pub async fn attach(
     pool: &PgPool,
     connection: Uuid,
     node_id: &NodeId,
+    incarnation: Uuid,
     topic: &str,
-) -> Result<i64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // As for connects: a publisher holding the topic in a long transaction
-    // must not hang the subscriber forever.
-    sqlx::query!("SET LOCAL lock_timeout = '5s'")
-        .execute(&mut *tx)
+    idle: Duration,
+) -> Result<i64, SubscribeFailure> {
+    let bounds = Bounds {
+        statement: SUBSCRIBE_LOCK_TIMEOUT + Duration::from_secs(1),
+        idle,
+        lock: Some(SUBSCRIBE_LOCK_TIMEOUT),
+    };
+    let work = async {
+        let mut tx = db::begin_bounded(pool, bounds).await?;
+        let head = sqlx::query_scalar!(
+            r#"SELECT relay.attach_subscription($1, $2, $3, $4) AS "head!""#,
+            connection,
+            node_id.as_str(),
+            incarnation,
+            topic
+        )
+        .fetch_one(&mut *tx)
         .await?;
-    let head = sqlx::query_scalar!(
-        r#"SELECT relay.attach_subscription($1, $2, $3) AS "head!""#,
-        connection,
-        node_id.as_str(),
-        topic
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(head)
+        Ok::<_, sqlx::Error>((tx, head))
+    };
+    let (tx, head) = match tokio::time::timeout(bounds.statement * 2, work).await {
+        Err(_) => return Err(SubscribeFailure::NotRegistered("timed out".into())),
+        Ok(Err(error)) if db::is_fenced(&error) => return Err(SubscribeFailure::Fenced),
+        Ok(Err(error)) => return Err(SubscribeFailure::NotRegistered(error.to_string())),
+        Ok(Ok(begun)) => begun,
+    };
+    match db::commit_within(tx, db::OP_TIMEOUT).await {
+        Ok(()) => Ok(head),
+        Err(CommitError::RolledBack(error)) => {
+            Err(SubscribeFailure::NotRegistered(error.to_string()))
+        }
+        Err(CommitError::Unknown(why)) => Err(SubscribeFailure::Unknown(why)),
+    }
 }
 
 pub async fn detach(pool: &PgPool, connection: Uuid, topic: &str) -> Result<(), sqlx::Error> {

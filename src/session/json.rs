@@ -111,12 +111,16 @@ impl Session {
                         ))
                         .await
                     }
-                    Err(EnqueueError::Unavailable(_)) => {
+                    Err(EnqueueError::OutcomeUnknown(_)) => {
                         self.json_error(
-                            "unavailable",
-                            "the database is unavailable; nothing was published",
+                            "outcome_unknown",
+                            "the message may or may not have been published: the database's answer was lost",
                         )
                         .await
+                    }
+                    Err(error @ (EnqueueError::Unavailable(_) | EnqueueError::Busy)) => {
+                        self.json_error("unavailable", &format!("nothing was published: {error}"))
+                            .await
                     }
                     Err(error) => self.json_error("publish_failed", &error.to_string()).await,
                 }

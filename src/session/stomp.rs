@@ -33,8 +33,6 @@ use crate::protocol::stomp::{self, Frame, FrameError, Limits, Version};
 use crate::router::EnqueueError;
 use crate::topic;
 
-/// How long a client has to send CONNECT.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outstanding acks remembered per connection; the oldest are forgotten.
 const MAX_PENDING_ACKS: usize = 10_000;
 /// The destination of user messages sent without one.
@@ -251,11 +249,14 @@ pub(super) async fn handshake(
     sink: &mut Sink,
     incoming: &mut Incoming,
     identity: Option<Identity>,
+    deadline: tokio::time::Instant,
 ) -> Option<(Identity, State)> {
     let limits = Limits::new(ctx.settings.max_message_bytes);
     let outcome = async {
         let frame = loop {
-            let message = match tokio::time::timeout(CONNECT_TIMEOUT, incoming.next()).await {
+            // One deadline from accept, whatever the client sends meanwhile
+            // (heart-beats, pings): a socket that never connects is closed.
+            let message = match tokio::time::timeout_at(deadline, incoming.next()).await {
                 Ok(Some(Ok(message))) => message,
                 Ok(_) => return Err(None),
                 Err(_) => return Err(Some("no CONNECT frame in time".to_owned())),
@@ -546,9 +547,7 @@ impl Session {
         if user_messages {
             // The first place user messages can go: the backfill runs now,
             // then what was held for a subscription like this one.
-            if let Some(backfill) = self.pending_backfill.take() {
-                self.backfill(self.user_stream.clone(), backfill).await?;
-            }
+            self.run_pending_backfills().await?;
             let held: Vec<_> = self.held.drain(..).collect();
             self.deliver(held).await?;
         }
@@ -591,8 +590,13 @@ impl Session {
         };
         match self.submit(message).await {
             Ok(_) => Ok(()),
-            Err(EnqueueError::Unavailable(_)) => {
-                Err(StompError::unavailable("the database is unavailable; nothing was sent").into())
+            Err(EnqueueError::OutcomeUnknown(_)) => Err(StompError::unavailable(
+                "outcome unknown: the message may or may not have been stored (the database's \
+                 answer was lost); check before sending it again",
+            )
+            .into()),
+            Err(error @ (EnqueueError::Unavailable(_) | EnqueueError::Busy)) => {
+                Err(StompError::unavailable(format!("nothing was stored: {error}")).into())
             }
             Err(error) => {
                 Err(StompError::protocol(format!("the message was refused: {error}")).into())

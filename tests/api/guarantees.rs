@@ -519,9 +519,7 @@ async fn an_expired_message_is_never_delivered_and_shows_as_expired() {
     assert_eq!(body["state"], "expired");
     assert_eq!(body["deliveries"], json!([]));
     // The sweeper drops its parked work.
-    let report = pgrelay::sweeper::sweep_once(&cluster.db.pool, Duration::from_secs(3600), None)
-        .await
-        .unwrap();
+    let report = sweep_now(&cluster).await;
     assert_eq!(report.parked_expired, 1);
     // Not delivered by resuming either.
     let mut resumed = cluster.connect_query(0, "ida", "since=0").await;
@@ -595,10 +593,7 @@ async fn retention_removes_old_messages_and_their_deliveries_in_bounded_batches(
     let recent = cluster.send_to_user(0, "kay", json!("recent")).await;
     assert_eq!(id_of(&kay.next_message().await), recent);
 
-    let report =
-        pgrelay::sweeper::sweep_once(&cluster.db.pool, Duration::from_secs(72 * 3600), None)
-            .await
-            .unwrap();
+    let report = sweep_now(&cluster).await;
     assert_eq!(report.messages_removed, 1000);
     assert_eq!(report.deliveries_removed, 1000);
     let (messages, deliveries): (i64, i64) = sqlx::query_as(

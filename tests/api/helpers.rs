@@ -806,3 +806,17 @@ pub async fn node_sessions_waiting_on_locks(pool: &PgPool, n: i64) -> i64 {
     })
     .await
 }
+
+/// One sweep, by whichever node of the cluster holds (or takes) the
+/// sweeper's lease, without reaping.
+pub async fn sweep_now(cluster: &Cluster) -> pgrelay::sweeper::SweepReport {
+    eventually("a node to hold the sweeper's lease", || async {
+        for node in cluster.nodes.iter().flatten() {
+            if let Some(report) = pgrelay::sweeper::sweep_once(&node.ctx, None).await.unwrap() {
+                return Some(report);
+            }
+        }
+        None
+    })
+    .await
+}

@@ -5,14 +5,17 @@
 //! The database server is `DATABASE_URL` when it is set, and otherwise a
 //! throwaway PostgreSQL started from this machine's binaries.
 
+mod faultkit;
 mod helpers;
 
 mod browser;
+mod chaos;
 mod cli;
 mod core;
 mod faults;
 mod guarantees;
 mod operability;
+mod partial;
 mod random;
 mod security;
 mod stomp;

@@ -25,6 +25,10 @@
 --    needs no session state (connection poolers).
 
 ALTER TABLE relay.outbox ADD COLUMN claimed_at timestamptz;
+-- The registration (incarnation) whose claim took the row: rows an earlier
+-- registration of the node claimed become claimable again when it registers
+-- anew (its sessions are gone: the new claims park their messages).
+ALTER TABLE relay.outbox ADD COLUMN claimed_by uuid;
 -- Claims read unclaimed rows only, in message order, however many claimed
 -- rows wait for a slow session.
 CREATE INDEX outbox_unclaimed_idx ON relay.outbox (node_id, message_id)

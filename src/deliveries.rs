@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -85,11 +86,32 @@ impl DeliveryLog {
             connection_id,
             done: Some(done),
         };
-        let queued = tokio::time::timeout(wait, self.records.send(record)).await;
-        if !matches!(queued, Ok(Ok(()))) {
-            return false;
+        match self.records.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            // The log is far behind: the record waits for room in a task of
+            // its own (never dropped), and the session goes on closing.
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                let records = self.records.clone();
+                tokio::spawn(async move {
+                    let _ = records.send(record).await;
+                });
+            }
         }
         matches!(tokio::time::timeout(wait, committed).await, Ok(Ok(())))
+    }
+
+    /// Queues a record without waiting (for code that cannot wait, such as a
+    /// drop): a task sends it if the queue is full.
+    pub fn record_later(&self, record: Record) {
+        if let Err(mpsc::error::TrySendError::Full(record)) = self.records.try_send(record) {
+            let records = self.records.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = records.send(record).await;
+                });
+            }
+        }
     }
 }
 
@@ -168,6 +190,43 @@ pub async fn write_batch(
         )
         .fetch_one(&mut *tx)
         .await?;
+    if touches_the_outbox {
+        // Every outbox row this batch will change, locked first and in
+        // message order, as claims lock theirs and as other nodes' logs lock
+        // parked rows: whatever the mix of deliveries and departures, no lock
+        // cycle with them.
+        sqlx::query!(
+            r#"
+            SELECT o.id
+              FROM relay.outbox o
+             WHERE o.id IN (
+                    SELECT x.id
+                      FROM relay.outbox x
+                      JOIN unnest($3::bigint[], $4::text[]) AS d(m, u)
+                        ON x.node_id = $1 AND x.message_id = d.m AND x.user_id = d.u
+                     WHERE $2
+                    UNION
+                    SELECT x.id
+                      FROM relay.outbox x
+                     WHERE $2 AND cardinality($5::uuid[]) > 0 AND x.node_id = $1
+                       AND x.connection_ids && $5::uuid[]
+                    UNION
+                    SELECT x.id
+                      FROM relay.outbox x
+                      JOIN unnest($3::bigint[], $4::text[]) AS d(m, u)
+                        ON x.node_id IS NULL AND x.user_id = d.u AND x.message_id = d.m)
+             ORDER BY o.message_id, o.id
+               FOR UPDATE OF o
+            "#,
+            node_id.as_str(),
+            alive,
+            &user_delivered.messages,
+            &user_delivered.users,
+            &departed,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+    }
     if !delivered.messages.is_empty() {
         sqlx::query!(
             r#"
@@ -357,7 +416,24 @@ pub async fn run(
         let mut backoff = Duration::from_millis(50);
         loop {
             let incarnation = registration.current();
-            match db::bounded(write_batch(&pool, &node_id, incarnation, &batch, idle)).await {
+            // A panic here (a bug) must not end the log: every later record
+            // would be lost. It counts as a failed batch, and is retried.
+            let written = std::panic::AssertUnwindSafe(db::bounded(write_batch(
+                &pool,
+                &node_id,
+                incarnation,
+                &batch,
+                idle,
+            )))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!("writing delivery records panicked");
+                Err(sqlx::Error::Protocol(
+                    "writing delivery records panicked".into(),
+                ))
+            });
+            match written {
                 Ok(written) => {
                     if written.fenced {
                         registration.report_fenced(incarnation);

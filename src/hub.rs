@@ -135,6 +135,19 @@ impl Hub {
         self.seen.lock().expect("hub lock").remove(&id);
     }
 
+    /// Removes a session whose topics are not known (it ended by a panic):
+    /// from every topic's subscribers.
+    pub fn remove_everywhere(&self, id: Uuid) {
+        self.lock().remove(&id);
+        let mut topics = self.topics.lock().expect("hub lock");
+        topics.retain(|_, subscribers| {
+            subscribers.remove(&id);
+            !subscribers.is_empty()
+        });
+        drop(topics);
+        self.seen.lock().expect("hub lock").remove(&id);
+    }
+
     /// Adds a session to a topic's local subscribers. Done *before* the
     /// subscription's row commits, like [`Hub::register`].
     pub fn subscribe(&self, id: Uuid, topic: &Arc<str>) -> bool {

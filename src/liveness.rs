@@ -27,6 +27,9 @@ pub struct Liveness {
     leading: AtomicBool,
     /// Set while the node, declared dead, registers again.
     healing: AtomicBool,
+    /// Since when this node's sweeps have failed (it holds the lease, but
+    /// its pool or its database work is broken).
+    sweeps_failing_since: Mutex<Option<Instant>>,
 }
 
 impl Liveness {
@@ -39,6 +42,7 @@ impl Liveness {
             failing: AtomicBool::new(false),
             leading: AtomicBool::new(false),
             healing: AtomicBool::new(false),
+            sweeps_failing_since: Mutex::new(None),
         }
     }
 
@@ -81,6 +85,34 @@ impl Liveness {
 
     pub fn is_healing(&self) -> bool {
         self.healing.load(Ordering::Acquire)
+    }
+
+    pub fn sweep_succeeded(&self) {
+        *self.sweeps_failing_since.lock().expect("liveness lock") = None;
+    }
+
+    pub fn sweep_failed(&self) {
+        self.sweeps_failing_since
+            .lock()
+            .expect("liveness lock")
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// Whether this node may keep (renew, or take) the sweeper's lease: not
+    /// once its sweeps have failed for longer than `limit` (its heartbeats may
+    /// get through while its other database work does not: another node
+    /// should sweep), until three times that has passed, when it may try
+    /// again.
+    pub fn may_lead(&self, limit: Duration) -> bool {
+        let mut failing = self.sweeps_failing_since.lock().expect("liveness lock");
+        match *failing {
+            None => true,
+            Some(since) if since.elapsed() >= limit * 3 => {
+                *failing = None;
+                true
+            }
+            Some(since) => since.elapsed() < limit,
+        }
     }
 
     /// Why the node is not ready, if it is not: its last heartbeat failed,

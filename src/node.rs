@@ -177,6 +177,7 @@ pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepare
         )?,
         settings.liveness_timeout(),
     );
+    let registration = Arc::new(Registration::new(incarnation));
     {
         let mut held = liveness
             .hold()
@@ -209,7 +210,7 @@ pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepare
     let ctx = Arc::new(NodeContext {
         node_id: settings.node_id.clone(),
         settings,
-        registration: Arc::new(Registration::new(incarnation)),
+        registration,
         pool: pool.clone(),
         bookkeeping: bookkeeping.clone(),
         liveness,
@@ -444,7 +445,10 @@ pub enum Heartbeat {
 /// heals: see [`heal`].
 pub async fn heartbeat_once(ctx: &NodeContext) -> Result<Heartbeat, sqlx::Error> {
     let incarnation = ctx.registration.current();
-    let lease = ctx.settings.node_timeout;
+    let lease = ctx
+        .liveness
+        .may_lead(ctx.settings.node_timeout)
+        .then_some(ctx.settings.node_timeout);
     let beat = async {
         let mut held = ctx.liveness.hold().await?;
         let limit = held.timeout();
@@ -465,6 +469,9 @@ pub async fn heartbeat_once(ctx: &NodeContext) -> Result<Heartbeat, sqlx::Error>
     };
     if beat.alive {
         ctx.liveness.beat_succeeded(beat.leading);
+        // Registered under the current incarnation: whatever said otherwise
+        // was about an earlier one.
+        ctx.liveness.set_healing(false);
         return Ok(Heartbeat::Alive);
     }
     let owner = {
@@ -497,15 +504,10 @@ pub async fn heartbeat_once(ctx: &NodeContext) -> Result<Heartbeat, sqlx::Error>
 /// and is refused (its client retries), or the new one and is routable:
 /// none is left open without a row.
 pub async fn heal(ctx: &NodeContext) -> Result<(), sqlx::Error> {
-    ctx.liveness.set_healing(true);
-    ctx.liveness.set_leading(false);
-    tracing::error!(node_id = %ctx.node_id, "this node was declared dead; closing its sockets and registering again");
-    metrics::counter!(m::NODE_HEALED).increment(1);
-    ctx.hub.control_all(Control::Close {
-        code: 1012,
-        reason: "node re-registering; reconnect with since".into(),
-    });
+    abandon_sessions(ctx);
     let incarnation = Uuid::new_v4();
+    // Ours from now on, even if the answer to the registration is lost.
+    ctx.registration.expect(incarnation);
     {
         let mut held = ctx.liveness.hold().await?;
         let registered = tokio::time::timeout(
@@ -527,15 +529,33 @@ pub async fn heal(ctx: &NodeContext) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// This node was declared dead (its row is gone or another incarnation's):
+/// its sockets are no routing target any more. They are closed at once, so
+/// that their clients resume elsewhere, whether or not the node can register
+/// again yet; `/readyz` says not ready until it has.
+fn abandon_sessions(ctx: &NodeContext) {
+    if !ctx.liveness.is_healing() {
+        tracing::error!(node_id = %ctx.node_id, "this node was declared dead; closing its sockets and registering again");
+        metrics::counter!(m::NODE_HEALED).increment(1);
+    }
+    ctx.liveness.set_healing(true);
+    ctx.liveness.set_leading(false);
+    ctx.hub.control_all(Control::Close {
+        code: 1012,
+        reason: "node re-registering; reconnect with since".into(),
+    });
+}
+
 async fn run_heartbeat(ctx: Arc<NodeContext>, token: CancellationToken) {
     let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            // A transaction was refused by the fence: heal now rather than at
-            // the next tick.
-            () = ctx.registration.fenced() => {}
+            // A transaction was refused by the fence: the node is dead to
+            // the cluster. Its sockets close now, even if the heartbeat (which
+            // registers it again) cannot get through yet.
+            () = ctx.registration.fenced() => abandon_sessions(&ctx),
             () = token.cancelled() => return,
         }
         match heartbeat_once(&ctx).await {
@@ -583,10 +603,14 @@ pub async fn presence_once(ctx: &NodeContext, full: bool) -> Result<u64, sqlx::E
     db::bounded(registry::connections::refresh(
         &ctx.pool,
         &ctx.node_id,
+        ctx.incarnation(),
         &seen,
     ))
     .await?;
     export_backlog(ctx).await;
+    if ctx.registration.adopting() {
+        adopt(ctx).await?;
+    }
     let dirty = ctx.registry_dirty.swap(false, Ordering::AcqRel);
     let rows = db::bounded(registry::connections::count(&ctx.pool, &ctx.node_id)).await;
     let suspicious = rows
@@ -629,6 +653,30 @@ async fn reconcile(ctx: &NodeContext) -> Result<u64, sqlx::Error> {
     }
     tracing::debug!(took = ?started.elapsed(), "ghost departures queued");
     Ok(ghosts.len() as u64)
+}
+
+/// Makes the rows an earlier registration of this node had claimed
+/// claimable again (a few batches per step): its sessions are gone, and the
+/// claims park their messages.
+async fn adopt(ctx: &NodeContext) -> Result<(), sqlx::Error> {
+    let incarnation = ctx.incarnation();
+    for _ in 0..10 {
+        let (adopted, more) =
+            db::bounded(registry::nodes::adopt(&ctx.pool, &ctx.node_id, incarnation)).await?;
+        if adopted > 0 {
+            tracing::info!(
+                adopted,
+                "rows claimed by this node's earlier registration are claimable again"
+            );
+        }
+        if !more {
+            if incarnation == ctx.incarnation() {
+                ctx.registration.adopted();
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// This node's outbox backlog and the age of its oldest row: work that

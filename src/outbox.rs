@@ -86,7 +86,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
                           LIMIT $2
                             FOR UPDATE) AS ids
         ), claimed AS (
-            UPDATE relay.outbox o SET claimed_at = now()
+            UPDATE relay.outbox o SET claimed_at = now(), claimed_by = $3
              WHERE o.id = ANY ((SELECT ids FROM batch)::bigint[]) AND o.user_id IS NOT NULL
             RETURNING o.id, o.kind, o.message_id, o.user_id, o.connection_ids
         ), taken AS (
@@ -326,11 +326,14 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
                     metrics::counter!(m::DB_ERRORS, "operation" => "claim").increment(1);
                     tracing::warn!(%error, "claiming outbox work failed; retrying");
                 }
+                // A wake-up (the listener is back after an outage: it rescans)
+                // ends the wait early.
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
+                    () = &mut notified => {}
                     () = token.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -71,6 +72,10 @@ pub enum EnqueueError {
     /// deadline (the transaction was rolled back before COMMIT).
     #[error("the database is unavailable; nothing was stored ({0})")]
     Unavailable(String),
+    /// Not stored: the transaction lost a race with another (a
+    /// serialization failure, a deadlock); trying again may succeed.
+    #[error("the transaction conflicted with another; nothing was stored ({0})")]
+    Conflict(String),
     /// Stored or not: COMMIT was sent and its answer was lost.
     #[error("the outcome is unknown: the answer to COMMIT was lost ({0})")]
     OutcomeUnknown(String),
@@ -115,6 +120,7 @@ impl From<sqlx::Error> for EnqueueError {
                 // deadline (statement_timeout) or ended an idle transaction:
                 // rolled back, nothing stored.
                 Some("57014") | Some("25P03") => return EnqueueError::timed_out(),
+                Some("40001") | Some("40P01") => return EnqueueError::Conflict(message),
                 _ => {}
             }
         }
@@ -455,7 +461,15 @@ async fn run_shard(
             .filter(|job| job.take())
             .collect();
         if !jobs.is_empty() {
-            store_batch(&pool, jobs, &slow).await;
+            // A panic (a bug) must not end the shard: its batch's callers
+            // learn that the outcome is unknown (their replies are dropped),
+            // and the next batch goes on.
+            let stored = std::panic::AssertUnwindSafe(store_batch(&pool, jobs, &slow))
+                .catch_unwind()
+                .await;
+            if stored.is_err() {
+                tracing::error!("a group-commit batch panicked");
+            }
         }
     }
 }
@@ -473,7 +487,7 @@ async fn store_batch(pool: &PgPool, jobs: Vec<Job>, slow: &Arc<Semaphore>) {
     let mut result = store_once(pool, &messages, Source::Http, deadline, true).await;
     // A conflict between concurrent batches (a deadlock, a serialization
     // failure) is retried once as a whole: it stored nothing.
-    if let Err(EnqueueError::Unavailable(_)) = &result
+    if let Err(EnqueueError::Conflict(_)) = &result
         && Instant::now() + COMMIT_MARGIN * 2 < deadline
     {
         result = store_once(pool, &messages, Source::Http, deadline, true).await;

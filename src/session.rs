@@ -352,6 +352,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         bad_frames: VecDeque::new(),
         last_inbound: now,
         last_marked: now,
+        finished: false,
     };
     let Err(exit) = session.serve(&mut inbox, &mut incoming).await;
     Box::pin(session.finish(inbox, &mut incoming, exit)).await;
@@ -488,6 +489,23 @@ struct Session {
     bad_frames: VecDeque<Instant>,
     last_inbound: Instant,
     last_marked: Instant,
+    /// Set once [`Session::finish`] has run.
+    finished: bool,
+}
+
+/// A session that ends without its finish (a panic) still leaves the hub,
+/// and its connection departs (what was routed to it is parked).
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::error!("session ended abnormally; removing its connection");
+            self.ctx.hub.remove_everywhere(self.id);
+            self.ctx.deliveries.record_later(Record::Departed {
+                connection_id: self.id,
+                done: None,
+            });
+        }
+    }
 }
 
 impl Session {
@@ -958,6 +976,7 @@ impl Session {
     /// while lagging and what STOMP held for a subscription never came are
     /// all still routed to it in the outbox: the departure parks them.
     async fn finish(mut self, mut inbox: Inbox, incoming: &mut Incoming, exit: Exit) {
+        self.finished = true;
         let topics: Vec<Arc<str>> = self.topics.keys().cloned().collect();
         self.ctx.hub.remove(self.id, &topics);
         inbox.messages.close();

@@ -175,11 +175,12 @@ impl fmt::Display for ClusterStatus {
         match &self.sweeper {
             Some(sweeper) => writeln!(
                 f,
-                "sweeper         {} (last run {})",
+                "sweeper         {} (last run {}, lease until {})",
                 sweeper.node_id,
                 sweeper.last_run_at.map_or("never".to_owned(), |at| at
                     .format("%H:%M:%S%.3f UTC")
-                    .to_string())
+                    .to_string()),
+                sweeper.lease_until.format("%H:%M:%S%.3f UTC")
             ),
             None => writeln!(f, "sweeper         none yet"),
         }

@@ -111,6 +111,11 @@ async fn export_parked_backlog(pool: &PgPool) {
 /// Takes the sweeper's lease, or renews it; answers whether this node holds
 /// it. On the liveness connection: a node busy with traffic keeps its lease.
 pub async fn lead_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
+    if !ctx.liveness.may_lead(ctx.settings.node_timeout) {
+        // Its sweeps keep failing: the lease runs out, another node sweeps.
+        ctx.liveness.set_leading(false);
+        return Ok(false);
+    }
     let incarnation = ctx.registration.current();
     let lease = ctx.settings.node_timeout;
     let held = {
@@ -427,6 +432,7 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
         match crate::db::bounded(sweep_once(&ctx, reap_after)).await {
             Ok(None) => {}
             Ok(Some(report)) => {
+                ctx.liveness.sweep_succeeded();
                 if report != SweepReport::default() {
                     tracing::info!(?report, "swept");
                 }
@@ -445,6 +451,9 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
             }
             Err(error) => {
                 healthy_since = None;
+                if ctx.liveness.is_leading() {
+                    ctx.liveness.sweep_failed();
+                }
                 metrics::counter!(m::DB_ERRORS, "operation" => "sweep").increment(1);
                 tracing::warn!(%error, "sweep failed; retrying next interval");
             }

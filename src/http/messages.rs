@@ -385,7 +385,16 @@ impl Keyed<'_> {
             )
             .fetch_optional(submission.connection()),
         )
-        .await?;
+        .await
+        .map_err(|error| match error {
+            // Waiting for another request with this key (an earlier attempt
+            // whose answer was lost, say) and giving up: that one may still
+            // commit the message. Not "not stored".
+            EnqueueError::Busy | EnqueueError::Unavailable(_) => EnqueueError::OutcomeUnknown(
+                "another request with this Idempotency-Key is still in progress".into(),
+            ),
+            other => other,
+        })?;
         if claimed.is_none() {
             // Dropped: rolled back, nothing was written.
             return Ok(None);
@@ -420,30 +429,47 @@ impl Keyed<'_> {
         messages: &[NewMessage],
         deadline: tokio::time::Instant,
     ) -> Result<KeyedOutcome, EnqueueError> {
-        let stored = match self.store_once(ctx, messages, deadline, true).await {
-            Err(EnqueueError::Busy) => {
-                let _permit = router::slow_permit(&ctx.slow_submissions, deadline).await?;
-                self.store_once(ctx, messages, deadline, false).await
+        // Twice at most: a key found taken, then gone (past retention), is
+        // free again.
+        for _ in 0..2 {
+            let stored = match self.store_once(ctx, messages, deadline, true).await {
+                Err(EnqueueError::Busy) => {
+                    let _permit = router::slow_permit(&ctx.slow_submissions, deadline).await?;
+                    self.store_once(ctx, messages, deadline, false).await
+                }
+                done => done,
+            }?;
+            if let Some(ids) = stored {
+                return Ok(KeyedOutcome::Stored(ids));
             }
-            done => done,
-        }?;
-        if let Some(ids) = stored {
-            return Ok(KeyedOutcome::Stored(ids));
+            // The key was taken by a request that committed: whatever happens
+            // now, that one's messages are stored.
+            let earlier = router::in_time(
+                deadline,
+                sqlx::query!(
+                    "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
+                    self.scope,
+                    self.key
+                )
+                .fetch_optional(&ctx.pool),
+            )
+            .await
+            .map_err(|error| {
+                EnqueueError::OutcomeUnknown(format!(
+                    "the earlier request with this Idempotency-Key could not be read ({error})"
+                ))
+            })?;
+            match earlier {
+                Some(earlier) if earlier.request_hash == self.hash[..] => {
+                    return Ok(KeyedOutcome::Replay(earlier.message_ids));
+                }
+                Some(_) => return Ok(KeyedOutcome::Conflict),
+                None => continue,
+            }
         }
-        let earlier = sqlx::query!(
-            "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
-            self.scope,
-            self.key
-        )
-        .fetch_optional(&ctx.pool)
-        .await
-        .map_err(EnqueueError::from)?;
-        Ok(match earlier {
-            Some(earlier) if earlier.request_hash == self.hash[..] => {
-                KeyedOutcome::Replay(earlier.message_ids)
-            }
-            _ => KeyedOutcome::Conflict,
-        })
+        Err(EnqueueError::OutcomeUnknown(
+            "the Idempotency-Key was taken and released while this request ran".into(),
+        ))
     }
 }
 

@@ -115,6 +115,9 @@ impl From<EnqueueError> for Problem {
                     "the database is unavailable; nothing was stored ({error})"
                 ))
             }
+            EnqueueError::Conflict(error) => Problem::unavailable(format!(
+                "the transaction conflicted with another; nothing was stored, try again ({error})"
+            )),
             EnqueueError::OutcomeUnknown(error) => {
                 metrics::counter!(crate::metrics::DB_ERRORS, "operation" => "submit").increment(1);
                 Problem::outcome_unknown(format!(

@@ -139,14 +139,27 @@ pub async fn count(pool: &PgPool, node_id: &NodeId) -> Result<i64, sqlx::Error> 
 }
 
 /// Refreshes `last_seen_at` of the connections that showed signs of life.
-pub async fn refresh(pool: &PgPool, node_id: &NodeId, seen: &[Uuid]) -> Result<(), sqlx::Error> {
+/// Fenced (a re-registration waits for it, and then it changes nothing).
+pub async fn refresh(
+    pool: &PgPool,
+    node_id: &NodeId,
+    incarnation: Uuid,
+    seen: &[Uuid],
+) -> Result<(), sqlx::Error> {
     if seen.is_empty() {
         return Ok(());
     }
     sqlx::query!(
-        "UPDATE relay.connections SET last_seen_at = now() WHERE id = ANY ($1) AND node_id = $2",
+        r#"
+        WITH alive AS (
+            SELECT 1 FROM relay.nodes WHERE id = $2 AND incarnation = $3 FOR KEY SHARE
+        )
+        UPDATE relay.connections SET last_seen_at = now()
+         WHERE id = ANY ($1) AND node_id = $2 AND EXISTS (SELECT 1 FROM alive)
+        "#,
         seen,
-        node_id.as_str()
+        node_id.as_str(),
+        incarnation
     )
     .execute(pool)
     .await?;

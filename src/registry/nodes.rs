@@ -25,10 +25,12 @@ const REGISTER_LOCK_TIMEOUT: &str = "5s";
 
 /// Registers this process as `node_id` under `incarnation`. What an earlier
 /// registration of the id left (a crash, a restart, a registration that was
-/// declared dead) is handed back first: its unfinished work parked for its
-/// users, its connections removed. Waits until that registration's fenced
-/// transactions have ended (changing the incarnation takes FOR UPDATE), so
-/// none of them can commit afterwards.
+/// declared dead) goes first: its connections and subscriptions (their
+/// sockets are gone). Its outbox rows stay: [`adopt`] makes the ones it had
+/// claimed claimable again, and this registration's claims, finding their
+/// connections gone, park their messages. Waits until that registration's
+/// fenced transactions have ended (changing the incarnation, a key column,
+/// takes FOR UPDATE), so none of them can commit afterwards.
 pub async fn register(
     conn: &mut PgConnection,
     node_id: &NodeId,
@@ -55,9 +57,18 @@ pub async fn register(
     )
     .fetch_optional(&mut *tx)
     .await?;
-    sqlx::query!("SELECT relay.release_node($1)", node_id.as_str())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM relay.subscriptions WHERE node_id = $1",
+        node_id.as_str()
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "DELETE FROM relay.connections WHERE node_id = $1",
+        node_id.as_str()
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query!(
         r#"
         INSERT INTO relay.nodes (id, incarnation, listen_addr, version)
@@ -76,6 +87,37 @@ pub async fn register(
     tx.commit().await
 }
 
+/// Rows adopted per statement by [`adopt`].
+const ADOPT_BATCH: i64 = 5000;
+
+/// Makes outbox rows that an earlier registration of this node claimed
+/// claimable again, [`ADOPT_BATCH`] at a time; answers how many, and whether
+/// more remain. Their connections are gone: this registration's claims park
+/// their messages (unless a socket of the user was written them).
+pub async fn adopt(
+    pool: &PgPool,
+    node_id: &NodeId,
+    incarnation: Uuid,
+) -> Result<(u64, bool), sqlx::Error> {
+    let adopted = sqlx::query!(
+        r#"
+        UPDATE relay.outbox SET claimed_at = NULL, claimed_by = NULL
+         WHERE id = ANY (ARRAY(SELECT id FROM relay.outbox
+                                WHERE node_id = $1 AND claimed_by IS DISTINCT FROM $2
+                                  AND claimed_at IS NOT NULL
+                                LIMIT $3
+                                  FOR UPDATE SKIP LOCKED))
+        "#,
+        node_id.as_str(),
+        incarnation,
+        ADOPT_BATCH,
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok((adopted, adopted >= ADOPT_BATCH as u64))
+}
+
 /// What a heartbeat found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Beat {
@@ -85,14 +127,14 @@ pub struct Beat {
     pub leading: bool,
 }
 
-/// Refreshes the node's `last_seen_at`, and the sweeper's lease if this
-/// incarnation holds it, in one statement on the node's liveness
-/// connection. Touches no row a claim or a connect locks.
+/// Refreshes the node's `last_seen_at`, and the sweeper's lease by `lease`
+/// if this incarnation holds it (None: let it run out), in one statement on
+/// the node's liveness connection. Touches no row a claim or a connect locks.
 pub async fn beat(
     conn: &mut PgConnection,
     node_id: &NodeId,
     incarnation: Uuid,
-    lease: Duration,
+    lease: Option<Duration>,
 ) -> Result<Beat, sqlx::Error> {
     let beat = sqlx::query!(
         r#"
@@ -102,14 +144,14 @@ pub async fn beat(
             RETURNING 1
         ), lease AS (
             UPDATE relay.sweeper SET lease_until = now() + make_interval(secs => $3)
-             WHERE node_id = $1 AND incarnation = $2 AND EXISTS (SELECT 1 FROM beat)
+             WHERE node_id = $1 AND incarnation = $2 AND $3::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM beat)
             RETURNING 1
         )
         SELECT EXISTS (SELECT 1 FROM beat) AS "alive!", EXISTS (SELECT 1 FROM lease) AS "leading!"
         "#,
         node_id.as_str(),
         incarnation,
-        lease.as_secs_f64(),
+        lease.map(|lease| lease.as_secs_f64()),
     )
     .fetch_one(conn)
     .await?;
@@ -291,8 +333,13 @@ pub struct Registration {
     /// one belongs to another process.
     used: std::sync::Mutex<Vec<Uuid>>,
     /// Woken when a transaction was refused by the fence, so that the node
-    /// heals at once rather than at its next heartbeat.
+    /// heals at once rather than at its next heartbeat; with the incarnation
+    /// that was refused (a report about an earlier one is stale).
     fenced: tokio::sync::Notify,
+    fenced_incarnation: std::sync::Mutex<Option<Uuid>>,
+    /// Set by a registration, until the rows an earlier one claimed have
+    /// been adopted.
+    adopting: std::sync::atomic::AtomicBool,
 }
 
 impl Registration {
@@ -301,6 +348,8 @@ impl Registration {
             current: std::sync::Mutex::new(incarnation),
             used: std::sync::Mutex::new(vec![incarnation]),
             fenced: tokio::sync::Notify::new(),
+            fenced_incarnation: std::sync::Mutex::new(None),
+            adopting: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -309,13 +358,32 @@ impl Registration {
         *self.current.lock().expect("registration lock")
     }
 
-    /// Switches to `incarnation`, once it is registered.
-    pub fn replace(&self, incarnation: Uuid) {
+    /// Records `incarnation` as this process's, before it registers it: a
+    /// registration whose answer is lost must not read as another process's.
+    pub fn expect(&self, incarnation: Uuid) {
         self.used
             .lock()
             .expect("registration lock")
             .push(incarnation);
+    }
+
+    /// Switches to `incarnation`, once it is registered.
+    pub fn replace(&self, incarnation: Uuid) {
+        self.expect(incarnation);
         *self.current.lock().expect("registration lock") = incarnation;
+        self.adopting
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether rows claimed by an earlier registration may wait to be
+    /// adopted (see [`adopt`]).
+    pub fn adopting(&self) -> bool {
+        self.adopting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn adopted(&self) {
+        self.adopting
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether `incarnation` is one of this process's.
@@ -329,12 +397,25 @@ impl Registration {
     /// A transaction under `incarnation` was refused by the fence.
     pub fn report_fenced(&self, incarnation: Uuid) {
         if incarnation == self.current() {
+            *self.fenced_incarnation.lock().expect("registration lock") = Some(incarnation);
             self.fenced.notify_one();
         }
     }
 
-    /// Resolves when a fenced transaction was reported.
+    /// Resolves when a transaction under the *current* incarnation was
+    /// refused by the fence (reports about an earlier one, which may arrive
+    /// after the node has registered again, are ignored).
     pub async fn fenced(&self) {
-        self.fenced.notified().await;
+        loop {
+            self.fenced.notified().await;
+            let reported = self
+                .fenced_incarnation
+                .lock()
+                .expect("registration lock")
+                .take();
+            if reported == Some(self.current()) {
+                return;
+            }
+        }
     }
 }

@@ -118,7 +118,7 @@ impl Session {
                         )
                         .await
                     }
-                    Err(error @ (EnqueueError::Unavailable(_) | EnqueueError::Busy)) => {
+                    Err(error @ (EnqueueError::Unavailable(_) | EnqueueError::Busy | EnqueueError::Conflict(_))) => {
                         self.json_error("unavailable", &format!("nothing was published: {error}"))
                             .await
                     }

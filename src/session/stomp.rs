@@ -595,9 +595,11 @@ impl Session {
                  answer was lost); check before sending it again",
             )
             .into()),
-            Err(error @ (EnqueueError::Unavailable(_) | EnqueueError::Busy)) => {
-                Err(StompError::unavailable(format!("nothing was stored: {error}")).into())
-            }
+            Err(
+                error @ (EnqueueError::Unavailable(_)
+                | EnqueueError::Busy
+                | EnqueueError::Conflict(_)),
+            ) => Err(StompError::unavailable(format!("nothing was stored: {error}")).into()),
             Err(error) => {
                 Err(StompError::protocol(format!("the message was refused: {error}")).into())
             }

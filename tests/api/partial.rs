@@ -609,6 +609,7 @@ async fn under_traffic(
     name: &str,
     fault: impl AsyncFnOnce(&NodeProcess, &TestDb),
     cut_off: Option<&Proxy>,
+    on_the_sweeper: bool,
     db: &TestDb,
 ) {
     let mut nodes = Vec::new();
@@ -635,9 +636,24 @@ async fn under_traffic(
         .collect();
     let traffic = Traffic::start(addrs.clone(), users.clone(), Duration::from_millis(3));
     traffic.flows(300).await;
+    // The node the fault hits: the third (the one behind the proxy), or the
+    // sweeper.
+    let target = if on_the_sweeper {
+        let sweeper: String = eventually("a sweeper", || async {
+            sqlx::query_scalar("SELECT node_id FROM relay.sweeper WHERE last_run_at IS NOT NULL")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap()
+        })
+        .await;
+        nodes.iter().position(|n| n.node_id == sweeper).unwrap()
+    } else {
+        2
+    };
+    let other = (target + 1) % nodes.len();
 
     let started = Instant::now();
-    fault(&nodes[2], db).await;
+    fault(&nodes[target], db).await;
     eprintln!(
         "{name}: fault applied and lifted in {:?}",
         started.elapsed()
@@ -645,7 +661,7 @@ async fn under_traffic(
 
     // Healed: registered again, and routable: a client on it gets messages.
     let healed = Instant::now();
-    let node_c = nodes[2].node_id.clone();
+    let node_c = nodes[target].node_id.clone();
     eventually("the node to be registered again", || async {
         let rows = sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM relay.nodes WHERE id = $1 AND last_seen_at > now() - interval '1 s'",
@@ -660,11 +676,11 @@ async fn under_traffic(
     let probe_user = format!("{name}-probe");
     let probe_id = eventually("a socket on the healed node to be routable", || {
         let (url, probe_user) = (
-            nodes[2].ws_url(&format!("user={probe_user}")),
+            nodes[target].ws_url(&format!("user={probe_user}")),
             probe_user.clone(),
         );
         let http = reqwest::Client::new();
-        let send_url = nodes[0].url("/v1/messages");
+        let send_url = nodes[other].url("/v1/messages");
         async move {
             let mut probe = Client::connect(&url, &[]).await.ok()?;
             let (status, body) = response(
@@ -690,6 +706,33 @@ async fn under_traffic(
         "{name}: routable again {:?} after the fault ended (probe message {probe_id})",
         healed.elapsed()
     );
+
+    // Every socket the healed node keeps open is in the registry: its open
+    // connections (its own gauge) match its rows.
+    let metrics_url = nodes[target].url("/metrics");
+    eventually(
+        "the healed node's sockets to match its registry rows",
+        || {
+            let (metrics_url, node_c) = (metrics_url.clone(), node_c.clone());
+            async move {
+                let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
+                let open: f64 = text
+                    .lines()
+                    .filter(|l| l.starts_with("pgrelay_connections{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                let rows = sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM relay.connections WHERE node_id = $1",
+                )
+                .bind(&node_c)
+                .fetch_one(&db.pool)
+                .await
+                .ok()?;
+                (open as i64 == rows).then_some(())
+            }
+        },
+    )
+    .await;
 
     traffic.flows(300).await;
     let (accepted, unknown) = traffic.stop().await;
@@ -739,6 +782,38 @@ async fn a_node_paused_past_the_timeout_loses_nothing_and_heals() {
             resume(node.pid());
         },
         None,
+        false,
+        &db,
+    )
+    .await;
+    db.drop_database().await;
+}
+
+/// The same with the sweeper paused: the lease passes to another node, which
+/// reaps the paused one; resumed, the former sweeper heals and sweeps no more.
+#[tokio::test]
+async fn the_sweeper_paused_past_the_timeout_under_traffic_loses_nothing_and_heals() {
+    let db = TestDb::new().await;
+    under_traffic(
+        "sweep",
+        async |node, db| {
+            pause(node.pid());
+            let paused = node.node_id.clone();
+            eventually("another node to take the sweeper's lease", || async {
+                let holder: Option<String> = sqlx::query_scalar(
+                    "SELECT node_id FROM relay.sweeper WHERE lease_until > now()",
+                )
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+                holder.filter(|h| *h != paused)
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            resume(node.pid());
+        },
+        None,
+        true,
         &db,
     )
     .await;
@@ -759,6 +834,7 @@ async fn a_node_cut_off_from_the_database_is_fenced_and_heals() {
             proxy.heal();
         },
         Some(&proxy),
+        false,
         &db,
     )
     .await;

@@ -116,7 +116,7 @@ pub async fn commit_within(
     match tokio::time::timeout(limit, committing).await {
         Ok(Err(panicked)) => Err(CommitError::Unknown(panicked.to_string())),
         Ok(Ok(Ok(()))) => Ok(()),
-        // The connection ending (08…) or the server shutting it down (57…)
+        // The connection ending (08…) or the server shutting it down (57P…)
         // in place of the answer says nothing about the commit itself.
         Ok(Ok(Err(error @ sqlx::Error::Database(_)))) if !is_connection_loss(&error) => {
             Err(CommitError::RolledBack(error))
@@ -221,11 +221,11 @@ pub async fn publish_config(pool: &PgPool, settings: &Settings) -> Result<(), sq
 
 /// Whether a server error reports the end of the connection rather than
 /// the failure of a statement.
-fn is_connection_loss(error: &sqlx::Error) -> bool {
+pub fn is_connection_loss(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .and_then(|e| e.code())
-        .is_some_and(|code| code.starts_with("08") || code.starts_with("57"))
+        .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
 }
 
 /// Whether an error means "the database is not reachable right now" (answer

@@ -182,7 +182,10 @@ pub async fn write_batch(
             .await?;
     }
     let touches_the_outbox = !user_delivered.messages.is_empty() || !departed.is_empty();
-    let alive = !touches_the_outbox
+    // Departures are fenced (a reaped node's were done by whoever reaped it).
+    // Finishing rows for what was written is not: it is true whoever records
+    // it, and a batch of deliveries alone then takes no lock on the node row.
+    let alive = departed.is_empty()
         || sqlx::query_scalar!(
             r#"SELECT relay.node_alive($1, $2) AS "alive!""#,
             node_id.as_str(),
@@ -190,33 +193,36 @@ pub async fn write_batch(
         )
         .fetch_one(&mut *tx)
         .await?;
-    if touches_the_outbox {
-        // Every outbox row this batch will change, locked first and in
-        // message order, as claims lock theirs and as other nodes' logs lock
-        // parked rows: whatever the mix of deliveries and departures, no lock
-        // cycle with them.
-        sqlx::query!(
+    // Every outbox row this batch will change, locked first and in message
+    // order, as claims lock theirs and as other nodes' logs lock parked rows
+    // (no lock cycle with them), and read: what becomes of each is worked
+    // out here, and applied by primary key.
+    let rows = if touches_the_outbox {
+        sqlx::query_as!(
+            LockedRow,
             r#"
-            SELECT o.id
+            SELECT o.id, o.node_id, o.message_id AS "message_id!", o.user_id AS "user_id!",
+                   o.connection_ids AS "connection_ids?: Vec<Uuid>"
               FROM relay.outbox o
-             WHERE o.id IN (
+             WHERE o.id = ANY (ARRAY(
                     SELECT x.id
                       FROM relay.outbox x
                       JOIN unnest($3::bigint[], $4::text[]) AS d(m, u)
                         ON x.node_id = $1 AND x.message_id = d.m AND x.user_id = d.u
                      WHERE $2
-                    UNION
-                    SELECT x.id
-                      FROM relay.outbox x
-                     WHERE $2 AND cardinality($5::uuid[]) > 0 AND x.node_id = $1
-                       AND x.connection_ids && $5::uuid[]
-                    UNION
+                    UNION ALL
                     SELECT x.id
                       FROM relay.outbox x
                       JOIN unnest($3::bigint[], $4::text[]) AS d(m, u)
-                        ON x.node_id IS NULL AND x.user_id = d.u AND x.message_id = d.m)
+                        ON x.node_id IS NULL AND x.user_id = d.u AND x.message_id = d.m
+                    UNION ALL
+                    SELECT x.id
+                      FROM relay.outbox x
+                     WHERE $2 AND cardinality($5::uuid[]) > 0 AND x.node_id = $1
+                       AND x.connection_ids && $5::uuid[]))
+               AND o.message_id IS NOT NULL AND o.user_id IS NOT NULL
              ORDER BY o.message_id, o.id
-               FOR UPDATE OF o
+               FOR UPDATE
             "#,
             node_id.as_str(),
             alive,
@@ -225,8 +231,10 @@ pub async fn write_batch(
             &departed,
         )
         .fetch_all(&mut *tx)
-        .await?;
-    }
+        .await?
+    } else {
+        Vec::new()
+    };
     if !delivered.messages.is_empty() {
         sqlx::query!(
             r#"
@@ -245,50 +253,6 @@ pub async fn write_batch(
         .execute(&mut *tx)
         .await?;
     }
-    if !user_delivered.messages.is_empty() {
-        // Rows are locked in message order, as claims lock them.
-        sqlx::query!(
-            r#"
-            WITH d AS (
-                SELECT x.m, x.u, array_agg(x.c) AS cs
-                  FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS x(m, c, u)
-                 GROUP BY x.m, x.u
-            ), routed AS (
-                SELECT o.id
-                  FROM relay.outbox o
-                  JOIN d ON o.message_id = d.m AND o.user_id = d.u
-                 WHERE $5 AND o.node_id = $4 AND o.connection_ids && d.cs
-                 ORDER BY o.message_id
-                   FOR UPDATE OF o
-            ), finished AS (
-                DELETE FROM relay.outbox o USING d
-                 WHERE o.id IN (SELECT id FROM routed) AND o.message_id = d.m AND o.user_id = d.u
-                   AND o.connection_ids <@ d.cs
-                RETURNING 1
-            ), struck_off AS (
-                UPDATE relay.outbox o
-                   SET connection_ids = ARRAY(SELECT c FROM unnest(o.connection_ids) AS c WHERE c <> ALL (d.cs))
-                  FROM d
-                 WHERE o.id IN (SELECT id FROM routed) AND o.message_id = d.m AND o.user_id = d.u
-                   AND NOT (o.connection_ids <@ d.cs)
-                RETURNING 1
-            ), unparked AS (
-                DELETE FROM relay.outbox o USING d
-                 WHERE o.node_id IS NULL AND o.user_id = d.u AND o.message_id = d.m
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM finished) AS "finished!", (SELECT count(*) FROM struck_off) AS "struck_off!",
-                   (SELECT count(*) FROM unparked) AS "unparked!"
-            "#,
-            &user_delivered.messages,
-            &user_delivered.connections,
-            &user_delivered.users,
-            node_id.as_str(),
-            alive,
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-    }
     if !acked_messages.is_empty() {
         sqlx::query!(
             r#"
@@ -303,9 +267,8 @@ pub async fn write_batch(
         .execute(&mut *tx)
         .await?;
     }
-    if alive && !departed.is_empty() {
-        depart(&mut tx, node_id, &departed).await?;
-    }
+    let outcome = Outcome::of(&rows, &user_delivered, &departed);
+    outcome.apply(&mut tx, node_id, alive, &departed).await?;
     tx.commit().await?;
     Ok(Written { fenced: !alive })
 }
@@ -328,60 +291,146 @@ impl Delivered {
     }
 }
 
-/// Removes departed connections: their rows and subscriptions, and their
-/// share of this node's outbox rows. A row left with no connection goes,
-/// and its message is parked for the user unless a socket of the user has
-/// been written it.
-async fn depart(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    node_id: &NodeId,
-    departed: &[Uuid],
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        WITH routed AS (
-            SELECT o.id
-              FROM relay.outbox o
-             WHERE o.node_id = $2 AND o.connection_ids && $1::uuid[]
-             ORDER BY o.message_id
-               FOR UPDATE
-        ), finished AS (
-            DELETE FROM relay.outbox o
-             WHERE o.id IN (SELECT id FROM routed) AND o.connection_ids <@ $1::uuid[]
-            RETURNING o.kind, o.message_id, o.user_id
-        ), parking AS (
-            -- From the rows actually deleted (their latest versions), not
-            -- from this statement's snapshot of them.
-            INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
-            SELECT DISTINCT NULL::text, f.message_id, f.user_id, m.expires_at
-              FROM finished f
-              JOIN relay.messages m ON m.id = f.message_id
-             WHERE f.kind = 'deliver' AND f.user_id IS NOT NULL
-               AND m.target_connection IS NULL AND m.expires_at > now()
-               AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
-                                WHERE d.message_id = f.message_id AND d.user_id = f.user_id)
-            ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
-            RETURNING 1
-        ), struck_off AS (
-            UPDATE relay.outbox o
-               SET connection_ids = ARRAY(SELECT c FROM unnest(o.connection_ids) AS c WHERE c <> ALL ($1::uuid[]))
-             WHERE o.id IN (SELECT id FROM routed) AND NOT (o.connection_ids <@ $1::uuid[])
-            RETURNING 1
-        ), subscriptions AS (
-            DELETE FROM relay.subscriptions WHERE connection_id = ANY ($1) RETURNING 1
-        ), connections AS (
-            DELETE FROM relay.connections WHERE id = ANY ($1) AND node_id = $2 RETURNING 1
+/// What a batch does to the outbox rows it locked.
+#[derive(Default)]
+struct Outcome {
+    /// Rows done with: every connection they list was written the message
+    /// or has departed; and parked copies of delivered messages.
+    finished: Vec<i64>,
+    /// (row, connection): what rows still list, once struck off.
+    remaining_rows: Vec<i64>,
+    remaining_connections: Vec<Uuid>,
+    /// Messages to park for their users: their last connection departed
+    /// without them (parked unless a socket of the user was written them).
+    park_messages: Vec<i64>,
+    park_users: Vec<String>,
+}
+
+/// A locked outbox row, as [`write_batch`] reads it.
+#[derive(Debug, Clone)]
+struct LockedRow {
+    id: i64,
+    /// None: a parked copy.
+    node_id: Option<String>,
+    message_id: i64,
+    user_id: String,
+    connection_ids: Option<Vec<Uuid>>,
+}
+
+impl Outcome {
+    fn of(rows: &[LockedRow], delivered: &Delivered, departed: &[Uuid]) -> Self {
+        use std::collections::{HashMap, HashSet};
+        let mut written: HashMap<(i64, &str), HashSet<Uuid>> = HashMap::new();
+        for ((message, connection), user) in delivered
+            .messages
+            .iter()
+            .zip(&delivered.connections)
+            .zip(&delivered.users)
+        {
+            written
+                .entry((*message, user.as_str()))
+                .or_default()
+                .insert(*connection);
+        }
+        let departed: HashSet<Uuid> = departed.iter().copied().collect();
+        let mut outcome = Outcome::default();
+        for row in rows {
+            let key = (row.message_id, row.user_id.as_str());
+            if row.node_id.is_none() {
+                // A parked copy of a message a socket of the user was written.
+                if written.contains_key(&key) {
+                    outcome.finished.push(row.id);
+                }
+                continue;
+            }
+            let wrote = written.get(&key);
+            let listed = row.connection_ids.as_deref().unwrap_or_default();
+            let remaining: Vec<Uuid> = listed
+                .iter()
+                .copied()
+                .filter(|c| !departed.contains(c) && !wrote.is_some_and(|w| w.contains(c)))
+                .collect();
+            if remaining.len() == listed.len() {
+                continue;
+            }
+            if remaining.is_empty() {
+                outcome.finished.push(row.id);
+                // Its last connection left without it: parked, unless some
+                // connection it listed was written it here (the database also
+                // checks the other sockets of the user).
+                if wrote.is_none() {
+                    outcome.park_messages.push(row.message_id);
+                    outcome.park_users.push(row.user_id.clone());
+                }
+            } else {
+                for connection in remaining {
+                    outcome.remaining_rows.push(row.id);
+                    outcome.remaining_connections.push(connection);
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn apply(
+        self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        node_id: &NodeId,
+        alive: bool,
+        departed: &[Uuid],
+    ) -> Result<(), sqlx::Error> {
+        // A fenced node's departures touch nothing: whoever reaped it handed
+        // its work back and removed its rows.
+        let departed: &[Uuid] = if alive { departed } else { &[] };
+        if self.finished.is_empty()
+            && self.remaining_rows.is_empty()
+            && self.park_messages.is_empty()
+            && departed.is_empty()
+        {
+            return Ok(());
+        }
+        sqlx::query!(
+            r#"
+            WITH finished AS (
+                DELETE FROM relay.outbox WHERE id = ANY ($1) RETURNING 1
+            ), struck_off AS (
+                UPDATE relay.outbox o SET connection_ids = r.connections
+                  FROM (SELECT x.id, array_agg(x.c) AS connections
+                          FROM unnest($2::bigint[], $3::uuid[]) AS x(id, c)
+                         GROUP BY x.id) r
+                 WHERE o.id = r.id
+                RETURNING 1
+            ), parked AS (
+                INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+                SELECT NULL, p.message_id, p.user_id, m.expires_at
+                  FROM unnest($4::bigint[], $5::text[]) AS p(message_id, user_id)
+                  JOIN relay.messages m ON m.id = p.message_id
+                 WHERE m.target_connection IS NULL AND m.expires_at > now()
+                   AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
+                                    WHERE d.message_id = p.message_id AND d.user_id = p.user_id)
+                ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
+                RETURNING 1
+            ), subscriptions AS (
+                DELETE FROM relay.subscriptions WHERE connection_id = ANY ($6) RETURNING 1
+            ), connections AS (
+                DELETE FROM relay.connections WHERE id = ANY ($6) AND node_id = $7 RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM finished) AS "finished!", (SELECT count(*) FROM struck_off) AS "struck_off!",
+                   (SELECT count(*) FROM parked) AS "parked!", (SELECT count(*) FROM subscriptions) AS "subscriptions!",
+                   (SELECT count(*) FROM connections) AS "connections!"
+            "#,
+            &self.finished,
+            &self.remaining_rows,
+            &self.remaining_connections,
+            &self.park_messages,
+            &self.park_users,
+            departed,
+            node_id.as_str(),
         )
-        SELECT (SELECT count(*) FROM parking) AS "parked!", (SELECT count(*) FROM finished) AS "finished!",
-               (SELECT count(*) FROM struck_off) AS "struck_off!", (SELECT count(*) FROM subscriptions) AS "subscriptions!",
-               (SELECT count(*) FROM connections) AS "connections!"
-        "#,
-        departed,
-        node_id.as_str(),
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(())
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 
 /// The writer task: batches records until `stop` is cancelled and the queue
@@ -467,5 +516,59 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, message_id: i64, connections: &[Uuid]) -> LockedRow {
+        LockedRow {
+            id,
+            node_id: Some("n".into()),
+            message_id,
+            user_id: "u".into(),
+            connection_ids: Some(connections.to_vec()),
+        }
+    }
+
+    fn delivered(pairs: &[(i64, Uuid)]) -> Delivered {
+        let mut d = Delivered::default();
+        for (message, connection) in pairs {
+            d.push(*message, *connection, "u", Utc::now());
+        }
+        d
+    }
+
+    #[test]
+    fn a_row_goes_with_its_last_connection_and_is_parked_only_if_nobody_got_it() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let rows = [row(1, 10, &[a, b]), row(2, 11, &[a]), row(3, 12, &[a, b])];
+        // a wrote 10; b departed: row 1 is done (a had it, no park); row 2
+        // stays (a has not written 11, and did not leave); row 3 keeps a.
+        let outcome = Outcome::of(&rows, &delivered(&[(10, a)]), &[b]);
+        assert_eq!(outcome.finished, vec![1]);
+        assert!(outcome.park_messages.is_empty());
+        assert_eq!(outcome.remaining_rows, vec![3]);
+        assert_eq!(outcome.remaining_connections, vec![a]);
+        // Both leave: every row goes; those nobody was written are parked.
+        let outcome = Outcome::of(&rows, &delivered(&[(10, a)]), &[a, b]);
+        assert_eq!(outcome.finished, vec![1, 2, 3]);
+        assert_eq!(outcome.park_messages, vec![11, 12]);
+    }
+
+    #[test]
+    fn parked_copies_of_written_messages_go() {
+        let a = Uuid::now_v7();
+        let parked = LockedRow {
+            node_id: None,
+            connection_ids: None,
+            ..row(7, 10, &[])
+        };
+        let outcome = Outcome::of(std::slice::from_ref(&parked), &delivered(&[(10, a)]), &[]);
+        assert_eq!(outcome.finished, vec![7]);
+        let outcome = Outcome::of(&[parked], &delivered(&[(11, a)]), &[]);
+        assert!(outcome.finished.is_empty());
     }
 }

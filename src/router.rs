@@ -4,18 +4,20 @@
 //! `relay.send_to_user()` share one implementation of the ordering protocol.
 //!
 //! Every submission has a deadline, and its answer is honest about it (G8):
-//! - until COMMIT has been sent, giving up rolls the transaction back (the
-//!   server also stops its statements at the deadline), so "not stored"
-//!   ([`EnqueueError::is_not_stored`]) is said only when the message can
-//!   never commit;
-//! - once COMMIT has been sent, a lost answer (the connection broke, the
-//!   answer did not come in time) is [`EnqueueError::OutcomeUnknown`]: the
-//!   message may be stored; retrying with the same `Idempotency-Key` is safe.
+//! "not stored" ([`EnqueueError::is_not_stored`]) is said only when the
+//! message can never commit, and a lost answer is
+//! [`EnqueueError::OutcomeUnknown`] (the message may be stored; retrying with
+//! the same `Idempotency-Key` is safe).
 //!
-//! A submission first tries without waiting for any stream lock. Only when a
-//! stream is held by another transaction (an application's, in SQL) does it
-//! wait for it, and such waits are bounded in number (a semaphore), so that
-//! a held stream cannot take every pooled connection.
+//! A submission first goes in one autocommit statement that waits for no
+//! stream lock ([`store_at_once`]): one round trip. An error from the server
+//! means it rolled back; no answer in time means unknown. Only when a stream
+//! is held by another transaction (an application's, in SQL) does it try
+//! again in a transaction that waits for it ([`Submission`]): until COMMIT
+//! is sent, giving up rolls it back (the server also stops its statements at
+//! the deadline), and a lost answer to COMMIT is unknown. Such waits are
+//! bounded in number (a semaphore), so that a held stream cannot take every
+//! pooled connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -226,8 +228,9 @@ pub async fn slow_permit(
 }
 
 /// Stores and routes `messages` atomically by `deadline` and returns their
-/// ids, in order, once committed: first without waiting for stream locks;
-/// if a stream is held, once more, waiting for it, under a permit of `slow`.
+/// ids, in order, once committed: first at once (see [`store_at_once`]); if
+/// a stream is held by another transaction, once more in a transaction that
+/// waits for it, under a permit of `slow`.
 pub async fn store(
     pool: &PgPool,
     slow: &Semaphore,
@@ -235,12 +238,54 @@ pub async fn store(
     source: Source,
     deadline: Instant,
 ) -> Result<Vec<i64>, EnqueueError> {
-    match store_once(pool, messages, source, deadline, true).await {
+    match store_at_once(pool, messages, source, deadline).await {
         Err(EnqueueError::Busy) => {}
         done => return done,
     }
     let _permit = slow_permit(slow, deadline).await?;
     store_once(pool, messages, source, deadline, false).await
+}
+
+/// The fast way in: one autocommit statement, one round trip, that waits
+/// for no lock (NOWAIT; a held stream fails it at once with
+/// [`EnqueueError::Busy`], nothing stored). Its answer is honest too: an
+/// error from the server means it rolled back; no answer (a broken
+/// connection, the deadline passing while the database stalls) means the
+/// statement may still commit, and says so.
+pub async fn store_at_once(
+    pool: &PgPool,
+    messages: &[NewMessage],
+    source: Source,
+    deadline: Instant,
+) -> Result<Vec<i64>, EnqueueError> {
+    // Not sent yet: a failure here stores nothing.
+    let mut connection = match tokio::time::timeout_at(deadline, pool.acquire()).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => return Err(error.into()),
+        Err(_) => return Err(EnqueueError::timed_out()),
+    };
+    let sent = tokio::time::timeout_at(
+        deadline,
+        enqueue_raw(&mut *connection, messages, source, true),
+    )
+    .await;
+    match sent {
+        Ok(Ok(ids)) => Ok(ids),
+        Ok(Err(error))
+            if error.as_database_error().is_some() && !db::is_connection_loss(&error) =>
+        {
+            Err(error.into())
+        }
+        Ok(Err(error)) => Err(EnqueueError::OutcomeUnknown(error.to_string())),
+        Err(_) => {
+            // Still running in the server, perhaps: this connection is not
+            // reused with an answer half read.
+            connection.close_on_drop();
+            Err(EnqueueError::OutcomeUnknown(
+                "the database did not answer in time".into(),
+            ))
+        }
+    }
 }
 
 async fn store_once(
@@ -272,6 +317,15 @@ pub async fn enqueue_with<'e>(
     source: Source,
     nowait: bool,
 ) -> Result<Vec<i64>, EnqueueError> {
+    Ok(enqueue_raw(executor, messages, source, nowait).await?)
+}
+
+async fn enqueue_raw<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    messages: &[NewMessage],
+    source: Source,
+    nowait: bool,
+) -> Result<Vec<i64>, sqlx::Error> {
     let mut targets = Vec::with_capacity(messages.len());
     let mut destinations = Vec::with_capacity(messages.len());
     let mut data = Vec::with_capacity(messages.len());
@@ -484,13 +538,13 @@ async fn store_batch(pool: &PgPool, jobs: Vec<Job>, slow: &Arc<Semaphore>) {
         .into_iter()
         .map(|j| (j.message, (j.deadline, j.reply)))
         .unzip();
-    let mut result = store_once(pool, &messages, Source::Http, deadline, true).await;
+    let mut result = store_at_once(pool, &messages, Source::Http, deadline).await;
     // A conflict between concurrent batches (a deadlock, a serialization
     // failure) is retried once as a whole: it stored nothing.
     if let Err(EnqueueError::Conflict(_)) = &result
         && Instant::now() + COMMIT_MARGIN * 2 < deadline
     {
-        result = store_once(pool, &messages, Source::Http, deadline, true).await;
+        result = store_at_once(pool, &messages, Source::Http, deadline).await;
     }
     match result {
         Ok(ids) => {

@@ -90,6 +90,11 @@ pub async fn parked_page(
           JOIN relay.messages m ON m.id = o.message_id
          WHERE o.node_id IS NULL AND o.user_id = $1 AND o.message_id > $2 AND o.message_id <= $3
            AND m.expires_at > now()
+           -- A copy parked while another socket of the user was being written
+           -- the message (the departure could not see that delivery yet) is
+           -- stale: not sent again.
+           AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
+                            WHERE d.message_id = o.message_id AND d.user_id = o.user_id)
          ORDER BY o.message_id
          LIMIT $4
         "#,

@@ -197,10 +197,10 @@ pub async fn sweep_once(
         let expired = sqlx::query!(
             r#"
             DELETE FROM relay.outbox
-             WHERE id IN (SELECT id FROM relay.outbox
-                           WHERE node_id IS NULL AND expires_at <= now()
-                           ORDER BY expires_at
-                           LIMIT $1)
+             WHERE id = ANY (ARRAY(SELECT id FROM relay.outbox
+                                    WHERE node_id IS NULL AND expires_at <= now()
+                                    ORDER BY expires_at
+                                    LIMIT $1))
             "#,
             BATCH
         )

@@ -3,8 +3,11 @@
 //! scenarios, and prints a table (or JSON, to compare across commits).
 
 mod clients;
+mod closed;
 mod cluster;
+mod floor;
 mod scenarios;
+mod stages;
 
 use std::time::Duration;
 
@@ -20,11 +23,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub database_url: Option<String>,
 
-    /// Scenarios to run, comma-separated: throughput, latency, idle, fanout, sql.
+    /// Scenarios to run, comma-separated: throughput, latency, closed, stomp,
+    /// idle, fanout, sql. The database's floor is measured first whenever
+    /// latency or closed runs.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,idle,fanout,sql"
+        default_value = "throughput,latency,closed,stomp,idle,fanout,sql"
     )]
     pub scenarios: Vec<String>,
 
@@ -48,9 +53,18 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 50_000)]
     pub idle: usize,
 
-    /// Subscribers of the fan-out topic, over both nodes.
-    #[arg(long, default_value_t = 10_000)]
-    pub subscribers: usize,
+    /// Subscribers of the fan-out topic, over both nodes: one run per count.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    pub subscribers: Vec<usize>,
+
+    /// Senders of the closed-loop scenario, each waiting for the delivery of
+    /// its previous message.
+    #[arg(long, default_value_t = 64)]
+    pub senders: usize,
+
+    /// STOMP producer connections of the stomp scenario.
+    #[arg(long, default_value_t = 4)]
+    pub stomp_producers: usize,
 
     /// Seconds-long run with small numbers, to check that it works (CI).
     #[arg(long)]
@@ -69,6 +83,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub keep: bool,
 
+    /// Run the nodes from this `pgrelay` binary instead of this one (to
+    /// compare two builds under the same load generator, A/B).
+    #[arg(long)]
+    pub node_binary: Option<std::path::PathBuf>,
+
     /// Extra flags for the nodes' `pgrelay serve`.
     #[arg(long, allow_hyphen_values = true, num_args = 1..)]
     pub node_args: Vec<String>,
@@ -77,11 +96,32 @@ pub struct BenchArgs {
 #[derive(Debug, Default, Serialize)]
 struct Report {
     machine: String,
+    floor: Option<floor::Floor>,
     throughput: Option<scenarios::Throughput>,
     latency: Vec<scenarios::Latency>,
+    closed: Vec<closed::ClosedLoop>,
+    stomp: Option<closed::StompThroughput>,
     idle: Option<scenarios::Idle>,
-    fanout: Option<scenarios::Fanout>,
+    fanout: Vec<scenarios::Fanout>,
     sql: Option<scenarios::SqlSend>,
+    /// Where the time went in each scenario, per node and stage.
+    stages: Vec<(String, Vec<stages::StageFigures>)>,
+}
+
+impl Report {
+    /// Runs `scenario`, and records what the nodes' stages did meanwhile.
+    async fn timed<T>(
+        &mut self,
+        cluster: &BenchCluster,
+        name: String,
+        scenario: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let before = stages::Snapshot::take(cluster).await;
+        let result = scenario.await?;
+        let after = stages::Snapshot::take(cluster).await;
+        self.stages.push((name, after.since(&before, cluster)));
+        Ok(result)
+    }
 }
 
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
@@ -91,7 +131,9 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         args.receivers = args.receivers.min(10);
         args.rates = vec![200];
         args.idle = args.idle.min(200);
-        args.subscribers = args.subscribers.min(200);
+        args.subscribers = vec![200];
+        args.senders = args.senders.min(4);
+        args.stomp_producers = args.stomp_producers.min(2);
     }
     let fd_limit = raise_fd_limit();
     let wanted = |name: &str| args.scenarios.iter().any(|s| s == name);
@@ -106,37 +148,67 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         None => (None, None),
     };
     eprintln!("starting a cluster (PostgreSQL with fsync on, two nodes)…");
-    let cluster =
-        BenchCluster::start(database_url, &args.node_args, &args.postgres_setting).await?;
+    let cluster = BenchCluster::start(
+        database_url,
+        args.node_binary.clone(),
+        &args.node_args,
+        &args.postgres_setting,
+    )
+    .await?;
     let pool = sqlx::PgPool::connect(&cluster.database_url).await?;
     let mut report = Report {
         machine: machine(),
         ..Report::default()
     };
+    if wanted("latency") || wanted("closed") {
+        eprintln!("the database's floor: INSERT + NOTIFY commits, NOTIFY → LISTEN…");
+        report.floor = Some(floor::measure(&cluster.database_url).await?);
+    }
     if wanted("throughput") {
         settle(&pool).await;
         eprintln!(
             "throughput: {} submitters, {} receivers, {:?}…",
             args.submitters, args.receivers, args.duration
         );
-        report.throughput = Some(
-            scenarios::throughput(
-                &cluster,
-                &pool,
-                args.submitters,
-                args.receivers,
-                args.duration,
-            )
-            .await?,
+        let run = scenarios::throughput(
+            &cluster,
+            &pool,
+            args.submitters,
+            args.receivers,
+            args.duration,
         );
+        report.throughput = Some(report.timed(&cluster, "throughput".into(), run).await?);
     }
     if wanted("latency") {
         for rate in &args.rates {
             eprintln!("latency at {rate} msg/s…");
-            report
-                .latency
-                .push(scenarios::latency(&cluster, *rate, args.duration).await?);
+            let run = scenarios::latency(&cluster, *rate, args.duration);
+            let latency = report
+                .timed(&cluster, format!("latency at {rate} msg/s"), run)
+                .await?;
+            report.latency.push(latency);
         }
+    }
+    if wanted("closed") {
+        for way in closed::Way::ALL {
+            settle(&pool).await;
+            eprintln!("closed loop, {} senders, {}…", args.senders, way.as_str());
+            let run = closed::closed_loop(&cluster, way, args.senders, args.duration);
+            let name = format!("closed loop, {}", way.as_str());
+            let result = report.timed(&cluster, name, run).await?;
+            report.closed.push(result);
+        }
+    }
+    if wanted("stomp") {
+        settle(&pool).await;
+        eprintln!("STOMP SEND from {} producers…", args.stomp_producers);
+        let run = closed::stomp_throughput(
+            &cluster,
+            args.stomp_producers,
+            args.receivers,
+            args.duration,
+        );
+        report.stomp = Some(report.timed(&cluster, "stomp send".into(), run).await?);
     }
     if wanted("idle") {
         // Each socket costs the benchmark and the node a descriptor each.
@@ -145,10 +217,15 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         report.idle = Some(scenarios::idle(&cluster, count).await?);
     }
     if wanted("fanout") {
-        settle(&pool).await;
-        eprintln!("fan-out to {} subscribers…", args.subscribers);
-        let sustained = if args.smoke { 3 } else { 20 };
-        report.fanout = Some(scenarios::fanout(&cluster, args.subscribers, sustained).await?);
+        for subscribers in args.subscribers.clone() {
+            settle(&pool).await;
+            eprintln!("fan-out to {subscribers} subscribers…");
+            let sustained = if args.smoke { 3 } else { 20 };
+            let run = scenarios::fanout(&cluster, subscribers, sustained);
+            let name = format!("fan-out to {subscribers}");
+            let fanout = report.timed(&cluster, name, run).await?;
+            report.fanout.push(fanout);
+        }
     }
     if wanted("sql") {
         eprintln!("SQL send from 16 transactions…");
@@ -273,18 +350,66 @@ fn print_table(report: &Report) {
             println!("  cpu {:<12} {:>10.2} cores", name, cores);
         }
     }
+    let unit = report.floor.map(|f| f.unit_ms());
+    let times = |ms: f64| unit.map_or(String::new(), |u| format!("{:.1}×", ms / u));
+    if let Some(f) = &report.floor {
+        println!("\nthe database's floor (same PostgreSQL, one connection, medians)");
+        println!(
+            "  INSERT + NOTIFY commit {:>8.3} ms   (1 floor: latencies below are also given in floors)",
+            f.insert_notify_commit_ms
+        );
+        println!("  NOTIFY → LISTEN        {:>8.3} ms", f.notify_wakeup_ms);
+    }
     if !report.latency.is_empty() {
         println!("\nlatency, submit → receipt, open loop");
         println!(
-            "  {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "  {:>8} {:>8} {:>8} {:>14} {:>14} {:>14} {:>8}",
             "msg/s", "sent", "errors", "p50 ms", "p90 ms", "p99 ms", "max ms"
         );
         for l in &report.latency {
             println!(
-                "  {:>8} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-                l.offered_per_sec, l.sent, l.errors, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+                "  {:>8} {:>8} {:>8} {:>7.2} {:>6} {:>7.2} {:>6} {:>7.2} {:>6} {:>8.2}",
+                l.offered_per_sec,
+                l.sent,
+                l.errors,
+                l.p50_ms,
+                times(l.p50_ms),
+                l.p90_ms,
+                times(l.p90_ms),
+                l.p99_ms,
+                times(l.p99_ms),
+                l.max_ms
             );
         }
+    }
+    if !report.closed.is_empty() {
+        println!("\nclosed loop: each sender waits for its previous message's delivery");
+        println!(
+            "  {:<20} {:>7} {:>10} {:>7} {:>14} {:>14}",
+            "way in", "senders", "msg/s", "errors", "p50 ms", "p99 ms"
+        );
+        for c in &report.closed {
+            println!(
+                "  {:<20} {:>7} {:>10.0} {:>7} {:>7.2} {:>6} {:>7.2} {:>6}",
+                c.way.as_str(),
+                c.senders,
+                c.delivered_per_sec,
+                c.errors,
+                c.p50_ms,
+                times(c.p50_ms),
+                c.p99_ms,
+                times(c.p99_ms)
+            );
+        }
+    }
+    if let Some(s) = &report.stomp {
+        println!(
+            "\nSTOMP SEND, {} producer connections on node a, {} receivers on node b ({:.1} s)",
+            s.producers, s.receivers, s.seconds
+        );
+        println!("  delivered        {:>10.0} msg/s", s.delivered_per_sec);
+        println!("  sent             {:>10}", s.sent);
+        println!("  lost             {:>10}", s.lost);
     }
     if let Some(i) = &report.idle {
         println!("\nidle connections on one node");
@@ -299,7 +424,7 @@ fn print_table(report: &Report) {
         );
         println!("  per connection   {:>10.1} KiB", i.rss_per_connection_kib);
     }
-    if let Some(f) = &report.fanout {
+    for f in &report.fanout {
         println!(
             "\ntopic fan-out to {} subscribers over two nodes",
             f.subscribers
@@ -313,6 +438,11 @@ fn print_table(report: &Report) {
             "  sustained        {:>10.0} deliveries/s ({} messages)",
             f.sustained_deliveries_per_sec, f.sustained_messages
         );
+        println!(
+            "  subscribes       {:>10.0} /s (connect + subscribe, before the runs)",
+            f.subscribes_per_sec
+        );
+        println!("  missing          {:>10}", f.missing);
     }
     if let Some(s) = &report.sql {
         println!("\nSQL send, {} concurrent transactions", s.clients);
@@ -322,6 +452,21 @@ fn print_table(report: &Report) {
                 "  pgbench INSERT+NOTIFY {:>5.0} tx/s (the same machine's raw ceiling)",
                 raw
             );
+        }
+    }
+    if !report.stages.is_empty() {
+        println!("\nwhere the time went, per scenario (pgrelay_stage_seconds on each node)");
+        println!(
+            "  {:<28} {:<8} {:<18} {:>9} {:>9} {:>9} {:>9}",
+            "scenario", "node", "stage", "messages", "mean ms", "p50 ms", "p99 ms"
+        );
+        for (scenario, figures) in &report.stages {
+            for f in figures {
+                println!(
+                    "  {:<28} {:<8} {:<18} {:>9} {:>9.3} {:>9.3} {:>9.3}",
+                    scenario, f.node, f.stage, f.messages, f.mean_ms, f.p50_ms, f.p99_ms
+                );
+            }
         }
     }
 }

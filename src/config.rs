@@ -202,9 +202,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: u32,
 
-    /// Inbound WebSocket frames (pings included) per second per connection;
-    /// more close the connection.
-    #[arg(long, env = "PGRELAY_MAX_FRAMES_PER_SECOND", default_value_t = 100)]
+    /// Inbound frames (WebSocket messages, pings included; STOMP frames
+    /// counted one by one) per second per connection; past it, the server
+    /// reads the connection more slowly.
+    #[arg(long, env = "PGRELAY_MAX_FRAMES_PER_SECOND", default_value_t = 2000)]
     pub max_frames_per_second: u32,
 
     /// Submissions per second per API key and node; more are answered 429.
@@ -320,7 +321,7 @@ impl Default for Limits {
         Self {
             max_subscriptions: 100,
             max_connections_per_user: 100,
-            max_frames_per_second: 100,
+            max_frames_per_second: 2000,
             api_rate_limit: 10_000,
             slow_consumer_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),

@@ -22,6 +22,8 @@ pub struct Envelope {
     /// The stream it came through: a user's, a topic's, or the broadcast.
     pub stream: StreamKey,
     pub frame: Utf8Bytes,
+    /// When the claim handed it over (the `mailbox` stage starts).
+    pub offered_at: std::time::Instant,
 }
 
 /// Instructions to a session from outside its task.
@@ -286,6 +288,7 @@ mod tests {
             ),
             stream: StreamKey::Broadcast,
             frame: Utf8Bytes::from_static("{}"),
+            offered_at: std::time::Instant::now(),
         })
     }
 

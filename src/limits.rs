@@ -22,21 +22,21 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token; false when the rate is exceeded.
-    pub fn take(&mut self) -> bool {
-        self.take_n(1)
-    }
-
-    /// Takes `n` tokens, or none; false when the rate is exceeded. More than
-    /// a second's worth costs a full bucket, so that a large batch is
-    /// possible at all.
-    pub fn take_n(&mut self, n: u32) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
         self.refilled = now;
-        let cost = f64::from(n).min(self.rate);
-        if self.tokens >= cost {
+    }
+
+    /// Takes `n` tokens, or none; false when the rate is exceeded. A cost of
+    /// more than a second's worth passes on a full bucket (so that a large
+    /// batch is possible at all) and is paid in full: the bucket goes into
+    /// debt, and refuses everything until it is repaid.
+    pub fn take_n(&mut self, n: u32) -> bool {
+        self.refill();
+        let cost = f64::from(n);
+        if self.tokens >= cost.min(self.rate) {
             self.tokens -= cost;
             true
         } else {
@@ -44,7 +44,24 @@ impl TokenBucket {
         }
     }
 
-    /// How long until `n` tokens are available again.
+    /// Counts `n` events that happened (frames already read): the bucket may
+    /// go into debt, and [`TokenBucket::wait`] says how long to pause.
+    pub fn charge(&mut self, n: u32) {
+        self.refill();
+        self.tokens -= f64::from(n);
+    }
+
+    /// How long until one more event is allowed (zero: now).
+    pub fn wait(&self) -> Duration {
+        if self.tokens >= 1.0 {
+            return Duration::ZERO;
+        }
+        let elapsed = self.refilled.elapsed().as_secs_f64();
+        let missing = 1.0 - (self.tokens + elapsed * self.rate);
+        Duration::from_secs_f64((missing / self.rate).max(0.0))
+    }
+
+    /// How long until a cost of `n` is allowed again.
     pub fn retry_after(&self, n: u32) -> Duration {
         let cost = f64::from(n).min(self.rate);
         Duration::from_secs_f64(((cost - self.tokens) / self.rate).max(0.0))
@@ -95,21 +112,36 @@ mod tests {
     #[test]
     fn a_bucket_allows_its_rate_and_refuses_beyond() {
         let mut bucket = TokenBucket::new(10);
-        assert_eq!((0..10).filter(|_| bucket.take()).count(), 10);
-        assert!(!bucket.take());
+        assert_eq!((0..10).filter(|_| bucket.take_n(1)).count(), 10);
+        assert!(!bucket.take_n(1));
         assert!(bucket.retry_after(1) <= Duration::from_millis(100));
     }
 
     #[test]
-    fn a_batch_costs_each_message_and_a_huge_one_a_full_bucket() {
+    fn a_batch_costs_each_message_and_a_huge_one_is_paid_in_full() {
         let mut bucket = TokenBucket::new(10);
         assert!(bucket.take_n(6));
         assert!(!bucket.take_n(6), "only 4 left");
         assert!(bucket.take_n(4));
+        // 1,000 at 10/s: passes on a full bucket, then nothing for ~100 s.
         let mut bucket = TokenBucket::new(10);
         assert!(bucket.take_n(1000));
-        assert!(!bucket.take());
-        assert!(bucket.retry_after(1000) > Duration::from_millis(900));
+        assert!(!bucket.take_n(1));
+        assert!(bucket.retry_after(1) > Duration::from_secs(99));
+    }
+
+    #[test]
+    fn charged_frames_pause_reading_for_as_long_as_they_cost() {
+        let mut bucket = TokenBucket::new(100);
+        bucket.charge(50);
+        assert_eq!(bucket.wait(), Duration::ZERO, "50 left");
+        // One message carrying 3,000 frames owes 29.5 s at 100/s.
+        bucket.charge(3000);
+        let wait = bucket.wait();
+        assert!(
+            wait > Duration::from_secs(29) && wait < Duration::from_secs(30),
+            "{wait:?}"
+        );
     }
 
     #[test]

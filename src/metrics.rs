@@ -31,10 +31,72 @@ pub const SUBMIT_LATENCY: &str = "pgrelay_submit_duration_seconds";
 pub const NODE_HEALED: &str = "pgrelay_node_reregistrations_total";
 pub const REAPS_DEFERRED: &str = "pgrelay_sweeper_reaps_deferred_total";
 pub const SUBMIT_OUTCOMES: &str = "pgrelay_submissions_total";
+pub const STAGE: &str = "pgrelay_stage_seconds";
+pub const THROTTLED: &str = "pgrelay_inbound_throttled_total";
+
+/// The stages of a message's path through a node, timed for
+/// [`STAGE`]: on the submitting node, then on the delivering node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Queued in the group commit, until its batch was taken.
+    SubmitQueue,
+    /// Its batch's `relay.enqueue` statement and commit (one round trip).
+    Commit,
+    /// From its transaction's start to its claim, by the database's clock:
+    /// the commit, the NOTIFY, the wake-up and the claim's own wait.
+    StoredToClaimed,
+    /// From the wake-up (NOTIFY) received to the claim starting.
+    ClaimWait,
+    /// The claim's statement (one round trip).
+    Claim,
+    /// In the session's mailbox, from the claim's hand-over.
+    Mailbox,
+    /// Written and flushed to the socket.
+    Write,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] = [
+        Stage::SubmitQueue,
+        Stage::Commit,
+        Stage::StoredToClaimed,
+        Stage::ClaimWait,
+        Stage::Claim,
+        Stage::Mailbox,
+        Stage::Write,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::SubmitQueue => "submit_queue",
+            Stage::Commit => "commit",
+            Stage::StoredToClaimed => "stored_to_claimed",
+            Stage::ClaimWait => "claim_wait",
+            Stage::Claim => "claim",
+            Stage::Mailbox => "mailbox",
+            Stage::Write => "write",
+        }
+    }
+}
+
+/// Records that `messages` spent `took` in `stage` (once per message, so
+/// that each stage's distribution is over messages).
+pub fn stage(stage: Stage, took: std::time::Duration, messages: usize) {
+    let histogram = metrics::histogram!(STAGE, "stage" => stage.as_str());
+    let seconds = took.as_secs_f64();
+    for _ in 0..messages {
+        histogram.record(seconds);
+    }
+}
 
 /// Seconds, from a millisecond to a minute: delivery and commit latencies.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Seconds, from 25 µs: a stage is often a fraction of a millisecond.
+pub const STAGE_BUCKETS: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+    0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
@@ -51,6 +113,7 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(CLAIM_BATCH.into()), BATCH_BUCKETS)
                 })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STAGE.into()), STAGE_BUCKETS))
                 .expect("bucket lists are not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -78,7 +141,7 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
-        "WebSocket connections ended, by reason (client, gone, slow_consumer, rate_limit, too_big, \
+        "WebSocket connections ended, by reason (client, gone, slow_consumer, too_big, \
          heartbeat, shutdown, unavailable, policy, refused)."
     );
     describe_counter!(
@@ -103,6 +166,16 @@ fn describe() {
         SUBMIT_LATENCY,
         Unit::Seconds,
         "HTTP submissions: from request to commit."
+    );
+    describe_histogram!(
+        STAGE,
+        Unit::Seconds,
+        "Time messages spent in each stage of their path, by stage: submit_queue, commit (on the \
+         submitting node); stored_to_claimed, claim_wait, claim, mailbox, write (on the delivering node)."
+    );
+    describe_counter!(
+        THROTTLED,
+        "Times a connection's reading was paused: it sent more frames per second than allowed."
     );
     describe_counter!(
         NODE_HEALED,
@@ -151,7 +224,6 @@ pub fn close_reason(code: u16, reason: &str) -> &'static str {
         1013 => "unavailable",
         1001 => "heartbeat",
         1008 if reason.starts_with("slow consumer") => "slow_consumer",
-        1008 if reason.starts_with("rate limit") => "rate_limit",
         1008 if reason.starts_with("too many connections") => "refused",
         1000 => "client",
         _ => "policy",

@@ -11,7 +11,7 @@ use anyhow::Context;
 use futures_util::FutureExt;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -260,7 +260,7 @@ impl Prepared {
             .inspect(|()| tracing::info!("the delivery log has written its last records")),
         );
 
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(outbox::Wake::default());
         spawn_supervised(&ctx, "listener", {
             let (ctx, wake) = (ctx.clone(), wake.clone());
             move |token| outbox::run_listener(ctx.clone(), wake.clone(), token)

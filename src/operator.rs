@@ -136,15 +136,13 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             // A command line waits longer than a request would, and still
             // says honestly whether the message was stored.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            let ids = router::store(
-                &pool,
-                &tokio::sync::Semaphore::new(1),
-                &[message],
-                Source::Cli,
-                deadline,
-            )
-            .await?;
-            ids[0].to_string()
+            // The same way in as a node's: here a batch of one.
+            let slow = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+            let submitter = router::GroupCommit::start(pool, 1, 1, slow);
+            submitter
+                .submit(message, Source::Cli, deadline)
+                .await?
+                .to_string()
         }
         api => {
             let body =

@@ -5,9 +5,9 @@
 //! can be lost is covered: the listener reconnects and rescans, and the
 //! claimer polls on an interval whatever happens.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
@@ -24,6 +24,29 @@ use crate::protocol::json;
 
 /// Outbox rows claimed per transaction.
 pub const CLAIM_BATCH: i64 = 512;
+
+/// How the listener wakes the claimer, and since when it has been awake
+/// without claiming (for the `claim_wait` stage).
+#[derive(Default)]
+pub struct Wake {
+    notify: Notify,
+    since: Mutex<Option<Instant>>,
+}
+
+impl Wake {
+    pub fn wake(&self) {
+        self.since
+            .lock()
+            .expect("wake lock")
+            .get_or_insert_with(Instant::now);
+        self.notify.notify_one();
+    }
+
+    /// When the first wake-up not yet followed by a claim came.
+    fn take_since(&self) -> Option<Instant> {
+        self.since.lock().expect("wake lock").take()
+    }
+}
 
 /// What one claim found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +77,7 @@ pub struct Claimed {
 /// under its current incarnation. Once the node has been reaped, a claim
 /// takes nothing and answers [`WorkError::Fenced`].
 pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
+    let started = Instant::now();
     let incarnation = ctx.registration.current();
     let bounds = Bounds {
         // Longer than the caller waits (OP_TIMEOUT): an abandoned claim is
@@ -64,7 +88,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     };
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
-    let mut tx = db::begin_bounded(&ctx.bookkeeping, bounds).await?;
+    let mut tx = db::begin_indexed(&ctx.bookkeeping, bounds).await?;
     // The batch is chosen once (ARRAY() runs as an init plan): as `IN
     // (subquery)` the planner, on a table that statistics call empty, ran the
     // subquery again for every row changed, and each run skipped the rows
@@ -99,7 +123,8 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
                m.id AS "id?", m.stream AS "stream?", m.destination AS "destination?",
                m.data::text AS "data?", m.body AS "body?", m.content_type AS "content_type?",
                m.created_at AS "created_at?", m.target_connection AS "target_connection?",
-               (m.expires_at <= now()) AS "expired?"
+               (m.expires_at <= now()) AS "expired?",
+               extract(epoch FROM clock_timestamp() - m.created_at)::float8 AS "age?"
           FROM (SELECT EXISTS (SELECT 1 FROM alive) AS alive) a
           LEFT JOIN ((SELECT * FROM claimed UNION ALL SELECT * FROM taken) r
                      LEFT JOIN relay.messages m ON m.id = r.message_id) ON true
@@ -111,6 +136,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     )
     .fetch_all(&mut *tx)
     .await?;
+    let offered_at = Instant::now();
     if !rows.first().is_some_and(|r| r.alive) {
         ctx.registration.report_fenced(incarnation);
         return Err(WorkError::Fenced);
@@ -123,6 +149,13 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
             continue; // the one row of an empty claim
         };
         claimed.rows += 1;
+        if let Some(age) = row.age {
+            m::stage(
+                m::Stage::StoredToClaimed,
+                Duration::from_secs_f64(age.max(0.0)),
+                1,
+            );
+        }
         let connections = row.connection_ids.unwrap_or_default();
         if kind == "disconnect" {
             for id in connections {
@@ -174,6 +207,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
             frame: json::message(&message, json::To::of(&stream)).into(),
             message,
             stream,
+            offered_at,
         });
         match &envelope.stream {
             StreamKey::User(_) => {
@@ -218,6 +252,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     }
     if claimed.rows > 0 {
         metrics::histogram!(m::CLAIM_BATCH).record(claimed.rows as f64);
+        m::stage(m::Stage::Claim, offered_at - started, claimed.rows);
     }
     // In the claim's transaction: a message is parked if and only if its
     // claim commits.
@@ -289,13 +324,16 @@ impl Settle {
 
 /// The claimer task: claims whenever woken, and at least every
 /// `poll_interval`, until `token` is cancelled.
-pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: CancellationToken) {
+pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Wake>, token: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         // Registered before claiming, so a wake-up during the claim is kept.
-        let notified = wake.notified();
+        let notified = wake.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        if let Some(since) = wake.take_since() {
+            m::stage(m::Stage::ClaimWait, since.elapsed(), 1);
+        }
 
         let outcome = match tokio::time::timeout(db::OP_TIMEOUT, claim_once(&ctx)).await {
             Ok(outcome) => outcome,
@@ -350,7 +388,7 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cancel
 /// The listener task: LISTENs on this node's channel on a dedicated
 /// connection and wakes the claimer. After every (re)connect it wakes the
 /// claimer too, since notifications sent while it was away are lost.
-pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: CancellationToken) {
+pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Wake>, token: CancellationToken) {
     let channel = ctx.node_id.channel();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -394,19 +432,19 @@ pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Notify>, token: Cance
         backoff = Duration::from_millis(100);
         tracing::debug!(%channel, "listening");
         metrics::counter!(m::WAKEUPS, "source" => "rescan").increment(1);
-        wake.notify_one();
+        wake.wake();
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(_)) => {
                         metrics::counter!(m::WAKEUPS, "source" => "notify").increment(1);
-                        wake.notify_one();
+                        wake.wake();
                     }
                     Ok(None) => {
                         // Reconnected underneath: anything sent meanwhile is lost.
                         tracing::info!("LISTEN connection re-established; rescanning the outbox");
                         metrics::counter!(m::WAKEUPS, "source" => "rescan").increment(1);
-                        wake.notify_one();
+                        wake.wake();
                     }
                     Err(error) => {
                         ctx.listener_up.store(false, Ordering::Release);

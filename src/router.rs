@@ -30,9 +30,10 @@ use tokio::time::Instant;
 
 use crate::db::{self, Bounds, CommitError};
 use crate::message::{NewMessage, Payload, Target};
+use crate::metrics as m;
 
 /// Where a message was submitted, recorded in `relay.messages.source`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     Http,
     WebSocket,
@@ -381,18 +382,23 @@ async fn enqueue_raw<'e>(
     Ok(ids)
 }
 
-/// Group commit: concurrent single-message submissions share transactions.
+/// Group commit: concurrent submissions share transactions, whatever way
+/// they came in (HTTP, single or batch; JSON `publish`; STOMP `SEND`;
+/// `pgrelay send`).
 ///
 /// Submissions are spread over `shards` by their first stream (a user's or a
 /// topic's), so that two batches in flight never wait for each other's
-/// stream locks. Each shard stores whatever has queued (up to `max_batch`)
-/// with one `relay.enqueue` call, and while it commits, new submissions queue
-/// up and form its next batch. Nothing waits on a timer: at low load a batch
-/// is one message and costs no latency; under load batches grow, and
-/// PostgreSQL's per-transaction costs (the commit's flush, the NOTIFY
-/// serialization) are paid once per batch. Every caller is answered only
-/// after its batch has committed; a caller whose deadline passes while its
-/// message still waits in the queue withdraws it (it is then never stored).
+/// stream locks, and one stream's submissions keep their order. Each shard
+/// stores whatever has queued (up to `max_batch` messages) with one
+/// `relay.enqueue` call per source, and while it commits, new submissions
+/// queue up and form its next batch. Nothing waits on a timer: at low load a
+/// batch is one submission and costs no latency; under load batches grow,
+/// and PostgreSQL's per-transaction costs (the commit's flush, the NOTIFY
+/// serialization) are paid once per batch. A submission of several messages
+/// (an HTTP batch) stays atomic: it is stored whole or not at all. Every
+/// caller is answered only after its batch has committed; a caller whose
+/// deadline passes while its submission still waits in the queue withdraws
+/// it (it is then never stored).
 #[derive(Clone)]
 pub struct GroupCommit {
     shards: Arc<[mpsc::Sender<Job>]>,
@@ -405,10 +411,12 @@ const TAKEN: u8 = 1;
 const WITHDRAWN: u8 = 2;
 
 struct Job {
-    message: NewMessage,
+    messages: Vec<NewMessage>,
+    source: Source,
+    queued_at: Instant,
     deadline: Instant,
     state: Arc<AtomicU8>,
-    reply: oneshot::Sender<Result<i64, EnqueueError>>,
+    reply: oneshot::Sender<Result<Vec<i64>, EnqueueError>>,
 }
 
 impl Job {
@@ -420,11 +428,48 @@ impl Job {
     }
 }
 
+/// A submission in its shard's queue: [`Pending::answer`] waits for its
+/// batch. Queued in the order [`GroupCommit::enqueue`] was called, so that a
+/// connection can have several in flight and still store them in order.
+pub struct Pending {
+    state: Arc<AtomicU8>,
+    answer: oneshot::Receiver<Result<Vec<i64>, EnqueueError>>,
+    deadline: Instant,
+}
+
+impl Pending {
+    /// The ids, once committed; or why not (honestly: see the module).
+    /// Cancel-safe: awaited again, it goes on waiting for the same answer.
+    pub async fn answer(&mut self) -> Result<Vec<i64>, EnqueueError> {
+        if let Ok(answer) = tokio::time::timeout_at(self.deadline, &mut self.answer).await {
+            return answer.unwrap_or_else(|_| Err(lost(&self.state)));
+        }
+        // The deadline has passed. Still queued: withdrawn, never stored.
+        if self
+            .state
+            .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Err(EnqueueError::timed_out());
+        }
+        // In a batch: its transaction answers shortly (it is bounded by the
+        // same deadline), and says what became of it.
+        let last_chance = self.deadline + COMMIT_MARGIN * 2;
+        match tokio::time::timeout_at(last_chance, &mut self.answer).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&self.state))),
+            Err(_) => Err(EnqueueError::OutcomeUnknown(
+                "the batch's transaction did not answer in time".into(),
+            )),
+        }
+    }
+}
+
 impl GroupCommit {
     /// Starts the shards; each ends when every `GroupCommit` handle is
-    /// dropped and its queue is empty. `slow` bounds the submissions that
-    /// wait for a held stream.
+    /// dropped and its queue is empty (a panic in a batch does not end it).
+    /// `slow` bounds the submissions that wait for a held stream.
     pub fn start(pool: PgPool, max_batch: usize, shards: usize, slow: Arc<Semaphore>) -> Self {
+        let max_batch = max_batch.max(1);
         let shards: Vec<_> = (0..shards.max(1))
             .map(|_| {
                 let (jobs, queue) = mpsc::channel(max_batch * 4);
@@ -442,39 +487,61 @@ impl GroupCommit {
     pub async fn submit(
         &self,
         message: NewMessage,
+        source: Source,
         deadline: Instant,
     ) -> Result<i64, EnqueueError> {
-        let shard = &self.shards[shard_of(&message.target, self.shards.len())];
+        let ids = self
+            .enqueue(vec![message], source, deadline)
+            .await?
+            .answer()
+            .await?;
+        Ok(ids[0])
+    }
+
+    /// Stores and routes `messages` atomically by `deadline`; returns their
+    /// ids, in order, once committed.
+    pub async fn submit_all(
+        &self,
+        messages: Vec<NewMessage>,
+        source: Source,
+        deadline: Instant,
+    ) -> Result<Vec<i64>, EnqueueError> {
+        self.enqueue(messages, source, deadline)
+            .await?
+            .answer()
+            .await
+    }
+
+    /// Queues a submission (waiting, by `deadline`, while its shard's queue
+    /// is full: that is the backpressure) and returns it pending.
+    pub async fn enqueue(
+        &self,
+        messages: Vec<NewMessage>,
+        source: Source,
+        deadline: Instant,
+    ) -> Result<Pending, EnqueueError> {
+        let Some(first) = messages.first() else {
+            return Err(EnqueueError::Invalid("nothing to store".into()));
+        };
+        let shard = &self.shards[shard_of(&first.target, self.shards.len())];
         let state = Arc::new(AtomicU8::new(QUEUED));
-        let (reply, mut answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let job = Job {
-            message,
+            messages,
+            source,
+            queued_at: Instant::now(),
             deadline,
             state: state.clone(),
             reply,
         };
         match tokio::time::timeout_at(deadline, shard.send(job)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(EnqueueError::Unavailable("the node is stopping".into())),
-            Err(_) => return Err(EnqueueError::timed_out()),
-        }
-        if let Ok(answer) = tokio::time::timeout_at(deadline, &mut answer).await {
-            return answer.unwrap_or_else(|_| Err(lost(&state)));
-        }
-        // The deadline has passed. Still queued: withdrawn, never stored.
-        if state
-            .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            return Err(EnqueueError::timed_out());
-        }
-        // In a batch: its transaction answers shortly (it is bounded by the
-        // same deadline), and says what became of it.
-        match tokio::time::timeout(COMMIT_MARGIN * 2, answer).await {
-            Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&state))),
-            Err(_) => Err(EnqueueError::OutcomeUnknown(
-                "the batch's transaction did not answer in time".into(),
-            )),
+            Ok(Ok(())) => Ok(Pending {
+                state,
+                answer,
+                deadline,
+            }),
+            Ok(Err(_)) => Err(EnqueueError::Unavailable("the node is stopping".into())),
+            Err(_) => Err(EnqueueError::timed_out()),
         }
     }
 }
@@ -490,6 +557,10 @@ fn lost(state: &AtomicU8) -> EnqueueError {
 
 /// The shard of a message's first stream.
 fn shard_of(target: &Target, shards: usize) -> usize {
+    (stream_hash(target) % shards as u64) as usize
+}
+
+fn stream_hash(target: &Target) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     match target {
@@ -499,7 +570,7 @@ fn shard_of(target: &Target, shards: usize) -> usize {
         Target::Connection(id) => id.hash(&mut hasher),
         Target::Broadcast => 0.hash(&mut hasher),
     }
-    (hasher.finish() % shards as u64) as usize
+    hasher.finish()
 }
 
 async fn run_shard(
@@ -508,80 +579,134 @@ async fn run_shard(
     max_batch: usize,
     slow: Arc<Semaphore>,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while queue.recv_many(&mut batch, max_batch).await > 0 {
-        let jobs: Vec<Job> = std::mem::take(&mut batch)
+    // Held over from a batch that was full: it starts the next one.
+    let mut next: Option<Job> = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match queue.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        // What queued while the previous batch ran, and no more: nothing
+        // waits for more to come.
+        let mut size = first.messages.len();
+        let mut jobs = vec![first];
+        while size < max_batch {
+            match queue.try_recv() {
+                Ok(job) => {
+                    size += job.messages.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        if size > max_batch && jobs.len() > 1 {
+            next = jobs.pop();
+        }
+        let taken_at = Instant::now();
+        let jobs: Vec<Job> = jobs
             .into_iter()
             .filter(|job| job.take())
+            .inspect(|job| {
+                m::stage(
+                    m::Stage::SubmitQueue,
+                    taken_at - job.queued_at,
+                    job.messages.len(),
+                );
+            })
             .collect();
-        if !jobs.is_empty() {
-            // A panic (a bug) must not end the shard: its batch's callers
-            // learn that the outcome is unknown (their replies are dropped),
-            // and the next batch goes on.
-            let stored = std::panic::AssertUnwindSafe(store_batch(&pool, jobs, &slow))
-                .catch_unwind()
-                .await;
-            if stored.is_err() {
-                tracing::error!("a group-commit batch panicked");
-            }
+        if jobs.is_empty() {
+            continue;
+        }
+        // A panic (a bug) must not end the shard: its batch's callers learn
+        // that the outcome is unknown (their replies are dropped), and the
+        // next batch goes on.
+        let stored = std::panic::AssertUnwindSafe(store_batch(&pool, jobs, &slow))
+            .catch_unwind()
+            .await;
+        if stored.is_err() {
+            tracing::error!("a group-commit batch panicked");
         }
     }
 }
 
-async fn store_batch(pool: &PgPool, jobs: Vec<Job>, slow: &Arc<Semaphore>) {
+/// Stores a batch: one statement per source (a message records where it came
+/// from), in the order the jobs queued.
+async fn store_batch(pool: &PgPool, mut jobs: Vec<Job>, slow: &Arc<Semaphore>) {
+    while !jobs.is_empty() {
+        let source = jobs[0].source;
+        let split = jobs
+            .iter()
+            .position(|job| job.source != source)
+            .unwrap_or(jobs.len());
+        let rest = jobs.split_off(split);
+        store_jobs(pool, jobs, source, slow).await;
+        jobs = rest;
+    }
+}
+
+async fn store_jobs(pool: &PgPool, jobs: Vec<Job>, source: Source, slow: &Arc<Semaphore>) {
     let deadline = jobs
         .iter()
         .map(|job| job.deadline)
         .min()
         .expect("a batch has jobs");
-    let (messages, rest): (Vec<NewMessage>, Vec<_>) = jobs
-        .into_iter()
-        .map(|j| (j.message, (j.deadline, j.reply)))
-        .unzip();
-    let mut result = store_at_once(pool, &messages, Source::Http, deadline).await;
+    let messages: Vec<NewMessage> = jobs
+        .iter()
+        .flat_map(|job| job.messages.iter().cloned())
+        .collect();
+    let started = Instant::now();
+    let mut result = store_at_once(pool, &messages, source, deadline).await;
     // A conflict between concurrent batches (a deadlock, a serialization
     // failure) is retried once as a whole: it stored nothing.
     if let Err(EnqueueError::Conflict(_)) = &result
         && Instant::now() + COMMIT_MARGIN * 2 < deadline
     {
-        result = store_at_once(pool, &messages, Source::Http, deadline).await;
+        result = store_at_once(pool, &messages, source, deadline).await;
     }
     match result {
         Ok(ids) => {
-            for ((_, reply), id) in rest.into_iter().zip(ids) {
-                let _ = reply.send(Ok(id));
+            m::stage(m::Stage::Commit, started.elapsed(), ids.len());
+            let mut ids = ids.into_iter();
+            for job in jobs {
+                let mine: Vec<i64> = ids.by_ref().take(job.messages.len()).collect();
+                let _ = job.reply.send(Ok(mine));
             }
         }
         // A stream is held (an application transaction, a connect), or one
-        // bad message (an unknown connection) failed the transaction: each
-        // message is stored on its own, so that each caller gets its own
-        // answer and only the held stream's messages wait, while this shard
-        // moves on.
+        // bad submission (an unknown connection) failed the transaction:
+        // each submission is stored on its own, so that each caller gets its
+        // own answer and only the held stream's submissions wait, while this
+        // shard moves on. Those of one stream go one after another, in order.
         Err(
             EnqueueError::Busy
             | EnqueueError::ConnectionNotFound(_)
             | EnqueueError::Invalid(_)
             | EnqueueError::Unsupported(_),
-        ) if messages.len() > 1 || matches!(result, Err(EnqueueError::Busy)) => {
-            for (message, (deadline, reply)) in messages.into_iter().zip(rest) {
+        ) if jobs.len() > 1 || matches!(result, Err(EnqueueError::Busy)) => {
+            let mut by_stream: std::collections::HashMap<u64, Vec<Job>> =
+                std::collections::HashMap::new();
+            for job in jobs {
+                by_stream
+                    .entry(stream_hash(&job.messages[0].target))
+                    .or_default()
+                    .push(job);
+            }
+            for (_, jobs) in by_stream {
                 let (pool, slow) = (pool.clone(), slow.clone());
                 tokio::spawn(async move {
-                    let stored = store(
-                        &pool,
-                        &slow,
-                        std::slice::from_ref(&message),
-                        Source::Http,
-                        deadline,
-                    )
-                    .await
-                    .map(|ids| ids[0]);
-                    let _ = reply.send(stored);
+                    for job in jobs {
+                        let stored = store(&pool, &slow, &job.messages, source, job.deadline).await;
+                        let _ = job.reply.send(stored);
+                    }
                 });
             }
         }
         Err(error) => {
-            for (_, reply) in rest {
-                let _ = reply.send(Err(error.clone()));
+            for job in jobs {
+                let _ = job.reply.send(Err(error.clone()));
             }
         }
     }

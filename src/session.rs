@@ -349,6 +349,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         held: VecDeque::new(),
         unacked: Unacked::default(),
         inbound_rate: TokenBucket::new(ctx_limits.max_frames_per_second),
+        in_flight: VecDeque::new(),
         bad_frames: VecDeque::new(),
         last_inbound: now,
         last_marked: now,
@@ -484,8 +485,12 @@ struct Session {
     /// STOMP: user messages no subscription matches yet, in order.
     held: VecDeque<Item>,
     unacked: Unacked,
-    /// Inbound frames allowed per second (a flood closes the connection).
+    /// Inbound frames allowed per second: past it, reading pauses (TCP
+    /// pushes back on the client).
     inbound_rate: TokenBucket,
+    /// This connection's submissions (SEND, publish) not answered yet, in
+    /// the order they were sent: answered in that order.
+    in_flight: VecDeque<InFlight>,
     bad_frames: VecDeque<Instant>,
     last_inbound: Instant,
     last_marked: Instant,
@@ -533,6 +538,11 @@ impl Session {
             if inbox.is_lagging() {
                 Box::pin(self.catch_up(inbox)).await?;
             }
+            // Input is read while the frame rate allows and the connection
+            // has room for more submissions in flight: otherwise the socket
+            // is left unread, and TCP slows the client down.
+            let throttle = self.inbound_rate.wait();
+            let reading = throttle.is_zero() && self.in_flight.len() < IN_FLIGHT;
             tokio::select! {
                 biased;
                 () = self.ctx.shutdown.cancelled() => {
@@ -541,7 +551,13 @@ impl Session {
                 control = controls.next() => match control {
                     crate::hub::Control::Close { code, reason } => return Err(Exit::Close { code, reason }),
                 },
-                inbound = incoming.next() => match inbound {
+                (reply, answer) = next_answer(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    Box::pin(self.on_answered(reply, answer)).await?;
+                }
+                () = tokio::time::sleep(throttle), if !throttle.is_zero() => {
+                    metrics::counter!(crate::metrics::THROTTLED, "protocol" => self.protocol_name()).increment(1);
+                }
+                inbound = incoming.next(), if reading => match inbound {
                     Some(Ok(message)) => Box::pin(self.on_inbound(message)).await?,
                     Some(Err(error)) => return Err(self.on_socket_error(error)),
                     None => return Err(Exit::Gone),
@@ -689,7 +705,13 @@ impl Session {
     /// Live messages: each is taken only if it is past its stream's cursor.
     async fn deliver_live(&mut self, batch: Vec<Arc<Envelope>>) -> Result<(), Exit> {
         let mut items = Vec::with_capacity(batch.len());
+        let now = Instant::now();
         for envelope in batch {
+            crate::metrics::stage(
+                crate::metrics::Stage::Mailbox,
+                now.saturating_duration_since(envelope.offered_at),
+                1,
+            );
             let Some(cursor) = self.cursor(&envelope.stream) else {
                 continue; // a topic unsubscribed since
             };
@@ -761,6 +783,7 @@ impl Session {
             return Ok(());
         }
         let sink = &mut self.sink;
+        let started = Instant::now();
         let written = tokio::time::timeout(self.ctx.settings.limits.slow_consumer_timeout, async {
             for item in &batch {
                 for frame in &item.frames {
@@ -786,6 +809,7 @@ impl Session {
             // in the outbox, and are parked for the user when it departs.
             return Err(exit);
         }
+        crate::metrics::stage(crate::metrics::Stage::Write, started.elapsed(), batch.len());
         let at = chrono::Utc::now();
         let protocol = self.protocol_name();
         metrics::counter!(crate::metrics::MESSAGES_DELIVERED, "protocol" => protocol)
@@ -846,12 +870,11 @@ impl Session {
     }
 
     async fn on_inbound(&mut self, message: Message) -> Result<(), Exit> {
-        if !self.inbound_rate.take() {
-            let limit = self.ctx.settings.limits.max_frames_per_second;
-            return Err(Exit::close(
-                1008,
-                format!("rate limit: more than {limit} frames per second"),
-            ));
+        // STOMP counts the frames a message carries (in `stomp_input`).
+        let stomp_data = matches!(self.proto, Proto::Stomp(_))
+            && matches!(message, Message::Text(_) | Message::Binary(_));
+        if !stomp_data {
+            self.inbound_rate.charge(1);
         }
         let heartbeat = self.ctx.settings.heartbeat_interval;
         let is_data = matches!(message, Message::Text(_) | Message::Binary(_));
@@ -942,29 +965,60 @@ impl Session {
         }
     }
 
-    /// Stores a message this client sends (JSON publish, STOMP SEND).
-    /// Its answer is honest (see `router`): an error either means "never
-    /// stored" or says the outcome is unknown.
-    async fn submit(&self, message: NewMessage) -> Result<i64, EnqueueError> {
+    /// Queues a message this client sends (JSON publish, STOMP SEND) in the
+    /// node's group commit; `reply` is sent once it has committed (or says
+    /// why not, honestly: see `router`). Up to [`IN_FLIGHT`] are pending at
+    /// once; past that, this waits for the oldest.
+    async fn submit(&mut self, message: NewMessage, reply: Reply) -> Result<(), Exit> {
+        while self.in_flight.len() >= IN_FLIGHT {
+            let (reply, answer) = next_answer(&mut self.in_flight).await;
+            Box::pin(self.on_answered(reply, answer)).await?;
+        }
         let deadline = tokio::time::Instant::now() + router::SUBMIT_TIMEOUT;
-        let stored = router::store(
-            &self.ctx.pool,
-            &self.ctx.slow_submissions,
-            std::slice::from_ref(&message),
-            Source::WebSocket,
-            deadline,
-        )
-        .await;
-        match stored {
-            Ok(ids) => {
-                metrics::counter!(crate::metrics::MESSAGES_ACCEPTED, "source" => self.protocol_name()).increment(1);
-                Ok(ids[0])
+        let queued = self
+            .ctx
+            .submitter
+            .enqueue(vec![message], Source::WebSocket, deadline)
+            .await;
+        match queued {
+            Ok(pending) => {
+                self.in_flight.push_back(InFlight { pending, reply });
+                Ok(())
+            }
+            Err(error) => Box::pin(self.on_answered(reply, Err(error))).await,
+        }
+    }
+
+    /// Answers every submission in flight, in order: before a frame whose
+    /// answer must come after theirs (anything but another submission).
+    async fn answer_in_flight(&mut self) -> Result<(), Exit> {
+        while !self.in_flight.is_empty() {
+            let (reply, answer) = next_answer(&mut self.in_flight).await;
+            Box::pin(self.on_answered(reply, answer)).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_answered(
+        &mut self,
+        reply: Reply,
+        answer: Result<Vec<i64>, EnqueueError>,
+    ) -> Result<(), Exit> {
+        let protocol = self.protocol_name();
+        let answer = answer.map(|ids| ids[0]);
+        match &answer {
+            Ok(_) => {
+                metrics::counter!(crate::metrics::MESSAGES_ACCEPTED, "source" => protocol)
+                    .increment(1);
             }
             Err(error) => {
-                metrics::counter!(crate::metrics::SUBMIT_OUTCOMES, "source" => self.protocol_name(), "outcome" => error.outcome())
+                metrics::counter!(crate::metrics::SUBMIT_OUTCOMES, "source" => protocol, "outcome" => error.outcome())
                     .increment(1);
-                Err(error)
             }
+        }
+        match reply {
+            Reply::Published { topic } => self.json_published(&topic, answer).await,
+            Reply::Stomp { receipt } => self.stomp_sent(receipt, answer).await,
         }
     }
 
@@ -1006,6 +1060,36 @@ impl Session {
             Exit::Gone => tracing::debug!("client gone"),
         }
     }
+}
+
+/// Submissions a connection may have in flight: enough to fill the group
+/// commit's batches from one busy producer, few enough to bound its memory.
+const IN_FLIGHT: usize = 64;
+
+/// A submission of this connection waiting for its commit.
+struct InFlight {
+    pending: router::Pending,
+    reply: Reply,
+}
+
+/// What to tell the client once a submission is answered.
+enum Reply {
+    /// JSON: a `published` frame (or an `error` frame).
+    Published { topic: Arc<str> },
+    /// STOMP: a RECEIPT when one was asked for (or an ERROR, which ends the
+    /// session).
+    Stomp { receipt: Option<String> },
+}
+
+/// The oldest submission's answer (cancel-safe: the submission stays at the
+/// front until answered).
+async fn next_answer(
+    in_flight: &mut VecDeque<InFlight>,
+) -> (Reply, Result<Vec<i64>, EnqueueError>) {
+    let front = in_flight.front_mut().expect("a submission in flight");
+    let answer = front.pending.answer().await;
+    let done = in_flight.pop_front().expect("a submission in flight");
+    (done.reply, answer)
 }
 
 /// Why a subscription was refused.

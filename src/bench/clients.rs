@@ -79,6 +79,34 @@ pub async fn connect_ws(server: SocketAddr, source: IpAddr, path: &str) -> anyho
     }
 }
 
+/// Connects a STOMP client over WebSocket to `path` and reads its
+/// CONNECTED (heart-beats off).
+pub async fn connect_stomp(server: SocketAddr, path: &str) -> anyhow::Result<Socket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stream = tokio::net::TcpStream::connect(server).await?;
+    stream.set_nodelay(true)?;
+    let mut request = format!("ws://{server}{path}").into_client_request()?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("v12.stomp"),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await?;
+    ws.send(Message::text(
+        "CONNECT\naccept-version:1.2\nhost:bench\nheart-beat:0,0\n\n\0",
+    ))
+    .await?;
+    wait_for(&mut ws, "CONNECTED").await?;
+    Ok(ws)
+}
+
+/// A STOMP SEND frame.
+pub fn stomp_send(destination: &str, body: &str, receipt: Option<&str>) -> Message {
+    let receipt = receipt.map_or(String::new(), |r| format!("receipt:{r}\n"));
+    Message::text(format!(
+        "SEND\ndestination:{destination}\ncontent-type:application/json\n{receipt}\n{body}\0"
+    ))
+}
+
 /// Where a receiver reconnects, as a real client does, when the server
 /// closes its socket: the same path with `since` its newest id.
 #[derive(Clone)]

@@ -34,6 +34,7 @@ impl NodeProc {
 impl BenchCluster {
     pub async fn start(
         database_url: Option<String>,
+        node_binary: Option<std::path::PathBuf>,
         node_args: &[String],
         postgres_settings: &[String],
     ) -> anyhow::Result<Self> {
@@ -52,7 +53,10 @@ impl BenchCluster {
             }
         };
         let postgres_pid = postgres.as_ref().and_then(postmaster_pid);
-        let exe = std::env::current_exe().context("cannot find this binary")?;
+        let exe = match node_binary {
+            Some(path) => path,
+            None => std::env::current_exe().context("cannot find this binary")?,
+        };
         let mut nodes = Vec::new();
         for name in ["bench-a", "bench-b"] {
             let port = free_port()?;

@@ -65,6 +65,10 @@ pub struct Fanout {
     pub one_message_median_ms: f64,
     pub sustained_messages: usize,
     pub sustained_deliveries_per_sec: f64,
+    /// Connects and subscribes per second, before the runs.
+    pub subscribes_per_sec: f64,
+    /// Deliveries that never came (each subscriber should get every message).
+    pub missing: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,7 +82,7 @@ pub struct SqlSend {
 
 /// Connects `count` receivers named `{prefix}{i}` to node `node`.
 /// Connected receivers, each with the path it resumes on.
-async fn receivers(
+pub(super) async fn receivers(
     cluster: &BenchCluster,
     node: usize,
     prefix: &str,
@@ -100,7 +104,7 @@ async fn receivers(
     Ok(sockets)
 }
 
-struct Listening {
+pub(super) struct Listening {
     counter: Arc<AtomicU64>,
     reconnects: Arc<AtomicU64>,
     stop: CancellationToken,
@@ -108,31 +112,35 @@ struct Listening {
 }
 
 impl Listening {
-    fn start(sockets: Vec<(Socket, Option<clients::Resume>)>, epoch: Instant) -> Self {
-        let counter = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
+    pub(super) fn start(sockets: Vec<(Socket, Option<clients::Resume>)>, epoch: Instant) -> Self {
         let reconnects = sockets
             .iter()
             .find_map(|(_, resume)| resume.as_ref().map(|r| r.count.clone()))
             .unwrap_or_default();
-        let tasks = sockets
-            .into_iter()
-            .map(|(ws, resume)| {
-                tokio::spawn(clients::receive(
-                    ws,
-                    epoch,
-                    counter.clone(),
-                    stop.clone(),
-                    resume,
-                ))
-            })
-            .collect();
-        Self {
-            counter,
-            reconnects,
-            stop,
-            tasks,
+        let mut listening = Self::new(reconnects);
+        for (ws, resume) in sockets {
+            listening.spawn(ws, resume, epoch);
         }
+        listening
+    }
+
+    fn new(reconnects: Arc<AtomicU64>) -> Self {
+        Self {
+            counter: Arc::new(AtomicU64::new(0)),
+            reconnects,
+            stop: CancellationToken::new(),
+            tasks: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, ws: Socket, resume: Option<clients::Resume>, epoch: Instant) {
+        self.tasks.push(tokio::spawn(clients::receive(
+            ws,
+            epoch,
+            self.counter.clone(),
+            self.stop.clone(),
+            resume,
+        )));
     }
 
     fn reconnects(&self) -> u64 {
@@ -140,7 +148,7 @@ impl Listening {
     }
 
     /// Waits until `n` messages have arrived (or `limit` passes).
-    async fn until(&self, n: u64, limit: Duration) -> bool {
+    pub(super) async fn until(&self, n: u64, limit: Duration) -> bool {
         let started = Instant::now();
         while self.counter.load(Ordering::Acquire) < n {
             if started.elapsed() > limit {
@@ -151,7 +159,7 @@ impl Listening {
         true
     }
 
-    async fn finish(self) -> Vec<Received> {
+    pub(super) async fn finish(self) -> Vec<Received> {
         self.stop.cancel();
         let mut all = Vec::with_capacity(self.tasks.len());
         for task in self.tasks {
@@ -423,28 +431,51 @@ pub async fn fanout(
 ) -> anyhow::Result<Fanout> {
     let epoch = Instant::now();
     let permits = Arc::new(Semaphore::new(128));
-    let mut connecting = Vec::with_capacity(subscribers);
+    let mut listening = Listening::new(Arc::default());
+    let subscribed = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let connect_started = Instant::now();
     for i in 0..subscribers {
         let addr = cluster.nodes[i % 2].addr;
         let permit = permits.clone().acquire_owned().await?;
-        connecting.push(tokio::spawn(async move {
+        let (counter, stop) = (listening.counter.clone(), listening.stop.clone());
+        let (subscribed, failed) = (subscribed.clone(), failed.clone());
+        // Each subscriber reads as soon as it has subscribed: a socket left
+        // unread while thousands of others connect answers no pings, and the
+        // server closes it as silent.
+        listening.tasks.push(tokio::spawn(async move {
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i / 20_000) as u8));
-            let mut ws = clients::connect_ws(addr, source, &format!("/v1/ws?user=fan{i}")).await?;
-            clients::send_text(
-                &mut ws,
-                r#"{"op":"subscribe","topic":"bench.fanout"}"#.into(),
-            )
-            .await?;
-            clients::wait_for(&mut ws, "\"subscribed\"").await?;
+            let connected = async {
+                let path = format!("/v1/ws?user=fan{i}");
+                let mut ws = clients::connect_ws(addr, source, &path).await?;
+                let subscribe = r#"{"op":"subscribe","topic":"bench.fanout"}"#;
+                clients::send_text(&mut ws, subscribe.into()).await?;
+                clients::wait_for(&mut ws, "\"subscribed\"").await?;
+                anyhow::Ok(ws)
+            }
+            .await;
             drop(permit);
-            anyhow::Ok((ws, None))
+            match connected {
+                Ok(ws) => {
+                    subscribed.fetch_add(1, Ordering::Release);
+                    clients::receive(ws, epoch, counter, stop, None).await
+                }
+                Err(error) => {
+                    eprintln!("(a subscriber could not subscribe: {error})");
+                    failed.fetch_add(1, Ordering::Release);
+                    Received::default()
+                }
+            }
         }));
     }
-    let mut sockets = Vec::with_capacity(subscribers);
-    for task in connecting {
-        sockets.push(task.await?.context("a subscriber could not subscribe")?);
+    while subscribed.load(Ordering::Acquire) + failed.load(Ordering::Acquire) < subscribers as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let listening = Listening::start(sockets, epoch);
+    anyhow::ensure!(
+        failed.load(Ordering::Acquire) == 0,
+        "some subscribers could not subscribe"
+    );
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
     let http = Http::new(4);
     let url = format!("http://{}/v1/messages", cluster.nodes[0].addr);
     let body = r#"{"to":{"topic":"bench.fanout"},"data":{"p":"fan-out"}}"#;
@@ -464,7 +495,9 @@ pub async fn fanout(
     expected += (subscribers * sustained) as u64;
     listening.until(expected, Duration::from_secs(120)).await;
     let sustained_time = started.elapsed().as_secs_f64();
-    listening.finish().await;
+    let received = listening.finish().await;
+    let got: u64 = received.iter().map(|r| r.ids.len() as u64).sum();
+    let missing = ((subscribers * (5 + sustained)) as u64).saturating_sub(got);
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(Fanout {
@@ -473,6 +506,8 @@ pub async fn fanout(
         one_message_ms: runs,
         sustained_messages: sustained,
         sustained_deliveries_per_sec: (subscribers * sustained) as f64 / sustained_time,
+        subscribes_per_sec: subscribers as f64 / connect_seconds,
+        missing,
     })
 }
 

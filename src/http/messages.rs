@@ -241,7 +241,7 @@ fn rate_limit(ctx: &NodeContext, caller: &ApiCaller, messages: u32) -> Result<()
     ctx.api_limiter
         .check(&caller.scope, messages)
         .map_err(|wait| Problem {
-            retry_after_secs: Some(wait.as_secs().max(1)),
+            retry_after_secs: Some((wait.as_secs_f64().ceil() as u64).max(1)),
             ..Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -287,23 +287,13 @@ async fn store(
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + router::SUBMIT_TIMEOUT;
     let stored = match key {
-        None => match messages {
-            // One message: shares a transaction with concurrent ones.
-            [single] => ctx
-                .submitter
-                .submit(single.clone(), deadline)
-                .await
-                .map(|id| (StatusCode::ACCEPTED, vec![id])),
-            _ => router::store(
-                &ctx.pool,
-                &ctx.slow_submissions,
-                messages,
-                Source::Http,
-                deadline,
-            )
+        // Shares a transaction with concurrent submissions (a batch stays
+        // atomic within it).
+        None => ctx
+            .submitter
+            .submit_all(messages.to_vec(), Source::Http, deadline)
             .await
             .map(|ids| (StatusCode::ACCEPTED, ids)),
-        },
         Some(key) => {
             let hash = request_hash(kind, body);
             let keyed = Keyed {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::Message;
 
-use super::{Backfill, Exit, Origin, Session};
+use super::{Backfill, Exit, Origin, Reply, Session};
 use crate::deliveries::Record;
 use crate::message::{NewMessage, Payload, StreamKey, Target};
 use crate::protocol::json::{self, ClientFrame};
@@ -28,6 +28,12 @@ impl Session {
             Ok(frame) => frame,
             Err(reason) => return self.json_bad_frame(&reason).await,
         };
+        // Publishes are answered in order, after their commit; acks answer
+        // nothing when they succeed. Other frames are answered after the
+        // publishes before them.
+        if !matches!(frame, ClientFrame::Publish { .. } | ClientFrame::Ack { .. }) {
+            self.answer_in_flight().await?;
+        }
         match frame {
             ClientFrame::Ack { id } => {
                 if self.unacked.take(id.0) {
@@ -104,27 +110,41 @@ impl Session {
                     payload: Payload::Json(Arc::from(data)),
                     ttl_secs: None,
                 };
-                match self.submit(message).await {
-                    Ok(id) => {
-                        self.send(Message::Text(
-                            json::topic_frame("published", &topic, Some(id)).into(),
-                        ))
-                        .await
-                    }
-                    Err(EnqueueError::OutcomeUnknown(_)) => {
-                        self.json_error(
-                            "outcome_unknown",
-                            "the message may or may not have been published: the database's answer was lost",
-                        )
-                        .await
-                    }
-                    Err(error @ (EnqueueError::Unavailable(_) | EnqueueError::Busy | EnqueueError::Conflict(_))) => {
-                        self.json_error("unavailable", &format!("nothing was published: {error}"))
-                            .await
-                    }
-                    Err(error) => self.json_error("publish_failed", &error.to_string()).await,
-                }
+                let topic: Arc<str> = topic.as_str().into();
+                self.submit(message, Reply::Published { topic }).await
             }
+        }
+    }
+
+    /// Answers a publish once its commit is known.
+    pub(super) async fn json_published(
+        &mut self,
+        topic: &str,
+        answer: Result<i64, EnqueueError>,
+    ) -> Result<(), Exit> {
+        match answer {
+            Ok(id) => {
+                self.send(Message::Text(
+                    json::topic_frame("published", topic, Some(id)).into(),
+                ))
+                .await
+            }
+            Err(EnqueueError::OutcomeUnknown(_)) => {
+                self.json_error(
+                    "outcome_unknown",
+                    "the message may or may not have been published: the database's answer was lost",
+                )
+                .await
+            }
+            Err(
+                error @ (EnqueueError::Unavailable(_)
+                | EnqueueError::Busy
+                | EnqueueError::Conflict(_)),
+            ) => {
+                self.json_error("unavailable", &format!("nothing was published: {error}"))
+                    .await
+            }
+            Err(error) => self.json_error("publish_failed", &error.to_string()).await,
         }
     }
 

@@ -23,7 +23,7 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 
-use super::{Exit, Incoming, Session, Sink, SubscribeError};
+use super::{Exit, Incoming, Reply, Session, Sink, SubscribeError};
 use crate::auth::{Identity, bearer};
 use crate::config::Auth;
 use crate::deliveries::Record;
@@ -411,8 +411,25 @@ impl Session {
             Ok(frames) => frames,
             Err(error) => return Err(self.stomp_fail(StompError::from(error), None).await),
         };
+        // Each frame counts against the frame rate, however many one
+        // WebSocket message carries.
+        self.inbound_rate.charge(frames.len().max(1) as u32);
         for frame in frames {
             let receipt = frame.header("receipt").map(str::to_owned);
+            if frame.command == "SEND" {
+                // Answered (its RECEIPT) once committed; meanwhile the next
+                // frames are read.
+                match self.stomp_send(&frame, receipt).await {
+                    Ok(()) => continue,
+                    Err(Failure::Stomp(error)) => {
+                        let receipt = frame.header("receipt");
+                        return Err(self.stomp_fail(error, receipt).await);
+                    }
+                    Err(Failure::Exit(exit)) => return Err(exit),
+                }
+            }
+            // Anything else is answered after the SENDs before it.
+            self.answer_in_flight().await?;
             match self.stomp_frame(&frame).await {
                 Ok(Continue::Yes) => {}
                 Ok(Continue::Disconnect) => {
@@ -448,7 +465,6 @@ impl Session {
 
     async fn stomp_frame(&mut self, frame: &Frame) -> Result<Continue, Failure> {
         match frame.command.as_str() {
-            "SEND" => self.stomp_send(frame).await.map(|()| Continue::Yes),
             "SUBSCRIBE" => self.stomp_subscribe(frame).await.map(|()| Continue::Yes),
             "UNSUBSCRIBE" => {
                 let id = frame
@@ -554,7 +570,7 @@ impl Session {
         Ok(())
     }
 
-    async fn stomp_send(&mut self, frame: &Frame) -> Result<(), Failure> {
+    async fn stomp_send(&mut self, frame: &Frame, receipt: Option<String>) -> Result<(), Failure> {
         if frame.header("transaction").is_some() {
             return Err(StompError::protocol("transactions are not supported by pgrelay").into());
         }
@@ -588,22 +604,37 @@ impl Session {
             },
             ttl_secs: None,
         };
-        match self.submit(message).await {
-            Ok(_) => Ok(()),
-            Err(EnqueueError::OutcomeUnknown(_)) => Err(StompError::unavailable(
+        self.submit(message, Reply::Stomp { receipt }).await?;
+        Ok(())
+    }
+
+    /// Answers a SEND once its commit is known: a RECEIPT when asked for;
+    /// an ERROR (which ends the session) when it was not stored, or may not
+    /// have been.
+    pub(super) async fn stomp_sent(
+        &mut self,
+        receipt: Option<String>,
+        answer: Result<i64, EnqueueError>,
+    ) -> Result<(), Exit> {
+        let error = match answer {
+            Ok(_) => {
+                if let Some(receipt) = &receipt {
+                    self.stomp_receipt(receipt).await?;
+                }
+                return Ok(());
+            }
+            Err(EnqueueError::OutcomeUnknown(_)) => StompError::unavailable(
                 "outcome unknown: the message may or may not have been stored (the database's \
                  answer was lost); check before sending it again",
-            )
-            .into()),
+            ),
             Err(
                 error @ (EnqueueError::Unavailable(_)
                 | EnqueueError::Busy
                 | EnqueueError::Conflict(_)),
-            ) => Err(StompError::unavailable(format!("nothing was stored: {error}")).into()),
-            Err(error) => {
-                Err(StompError::protocol(format!("the message was refused: {error}")).into())
-            }
-        }
+            ) => StompError::unavailable(format!("nothing was stored: {error}")),
+            Err(error) => StompError::protocol(format!("the message was refused: {error}")),
+        };
+        Err(self.stomp_fail(error, receipt.as_deref()).await)
     }
 }
 

@@ -258,6 +258,24 @@ async fn messages_beyond_the_rate_limit_get_429_with_retry_after() {
     if gap < Duration::from_millis(700) {
         assert_eq!(response.status(), 429);
     }
+    // A batch larger than a second's worth passes on a full bucket, and is
+    // paid for in full: 15 at 5 a second owe two more seconds.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let batch: Vec<Value> = (0..15)
+        .map(|n| json!({"to": {"user": "uma"}, "data": n}))
+        .collect();
+    let response = post("/v1/messages/batch", json!(batch)).await.unwrap();
+    assert_eq!(response.status(), 202);
+    let response = post("/v1/messages", json!({"to": {"user": "uma"}, "data": 0}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "the batch's debt is not paid yet");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 2, "Retry-After {retry_after}");
     cluster.finish().await;
 }
 
@@ -304,26 +322,94 @@ async fn connection_and_subscription_limits_close_with_a_reason() {
 }
 
 #[tokio::test]
-async fn a_flood_of_frames_or_pings_closes_the_connection() {
+async fn a_flood_of_frames_or_pings_is_slowed_down_not_closed() {
     let cluster = Cluster::start_with(1, AuthKind::None, |_, settings| {
         settings.limits.max_frames_per_second = 20;
     })
     .await;
-    for flood in [
-        Message::Ping(vec![1].into()),
-        Message::text(r#"{"op":"ack","id":"1"}"#),
-    ] {
-        let mut client = cluster.connect(0, "wes").await;
-        for _ in 0..100 {
-            if client.try_send(flood.clone()).await.is_err() {
-                break;
-            }
-        }
-        let close = client.closed().await.expect("a close frame");
-        assert_eq!(u16::from(close.code), 1008);
-        assert!(close.reason.contains("rate limit"), "{}", close.reason);
+    // 20 pings, then 40 frames that each get an answer: at 20 frames a
+    // second (a burst of 20 allowed) the last answer cannot come before
+    // ~2 s, and it comes; the connection stays open and keeps delivering.
+    let mut client = cluster.connect(0, "wes").await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        client.send_raw(Message::Ping(vec![1].into())).await;
     }
+    for n in 0..40 {
+        client
+            .send_json(json!({"op": "ack", "id": (1_000_000 + n).to_string()}))
+            .await;
+    }
+    for _ in 0..40 {
+        let answer = client.next_frame().await;
+        assert_eq!(answer["code"], "unknown_message", "{answer}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800),
+        "60 frames at 20/s were read in {took:?}: not slowed down"
+    );
+    let id = cluster.send_to_user(0, "wes", json!("still open")).await;
+    assert_eq!(id_of(&client.next_message().await), id);
+    client.close().await;
     still_serving(&cluster, 0).await;
+    cluster.finish().await;
+}
+
+#[tokio::test]
+async fn stomp_frames_count_one_by_one_against_the_rate_and_lose_nothing() {
+    let cluster = Cluster::start_with(1, AuthKind::None, |_, settings| {
+        settings.limits.max_frames_per_second = 20;
+    })
+    .await;
+    let url = cluster.ws_url(0, "user=sam");
+    let (mut receiver, connected) = StompClient::connect(&url, &[]).await;
+    assert_eq!(connected.command, "CONNECTED");
+    receiver
+        .send(
+            "SUBSCRIBE",
+            &[
+                ("id", "s"),
+                ("destination", "/topic/flood"),
+                ("receipt", "sub"),
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(receiver.next().await.command, "RECEIPT");
+    // One WebSocket message carrying 60 SEND frames: 60 frames, not one.
+    let (mut producer, connected) = StompClient::connect(&cluster.ws_url(0, "user=pat"), &[]).await;
+    assert_eq!(connected.command, "CONNECTED");
+    let mut frames = Vec::new();
+    for n in 0..60 {
+        frames.extend_from_slice(
+            format!("SEND\ndestination:/topic/flood\nreceipt:r{n}\n\n{n}\0").as_bytes(),
+        );
+    }
+    let started = std::time::Instant::now();
+    producer.send_raw(&frames).await;
+    for n in 0..60 {
+        let receipt = producer.next().await;
+        assert_eq!(receipt.command, "RECEIPT", "{:?}", receipt.headers);
+        assert_eq!(receipt.header("receipt-id"), Some(format!("r{n}").as_str()));
+    }
+    // The next frame is read only once the 60 are paid for (3 s at 20/s,
+    // 1 s of burst): a DISCONNECT's receipt cannot come before ~2 s.
+    producer
+        .send("DISCONNECT", &[("receipt", "bye")], b"")
+        .await;
+    assert_eq!(producer.next().await.header("receipt-id"), Some("bye"));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800),
+        "61 frames at 20/s were read in {took:?}: not slowed down"
+    );
+    // Every SEND was stored, in order.
+    for n in 0..60 {
+        let message = receiver.next().await;
+        assert_eq!(message.command, "MESSAGE");
+        assert_eq!(message.body, n.to_string().as_bytes());
+    }
     cluster.finish().await;
 }
 

@@ -72,25 +72,6 @@ pub async fn begin_bounded(
     pool: &PgPool,
     bounds: Bounds,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    begin_with(pool, bounds, "").await
-}
-
-/// Opens a transaction under `bounds` whose statements use the indexes of
-/// small, busy tables (the outbox): their statistics often say "a few
-/// pages", and a sequential scan then reads every dead row that the churn
-/// of claims and deliveries leaves until the next vacuum.
-pub async fn begin_indexed(
-    pool: &PgPool,
-    bounds: Bounds,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    begin_with(pool, bounds, "; SET LOCAL enable_seqscan = off").await
-}
-
-async fn begin_with(
-    pool: &PgPool,
-    bounds: Bounds,
-    extra: &str,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     use std::fmt::Write;
     // Only statements that cannot fail here: a failing BEGIN statement would
     // leave its connection in an aborted transaction that sqlx does not know
@@ -107,7 +88,6 @@ async fn begin_with(
             lock.as_millis().max(1)
         );
     }
-    begin.push_str(extra);
     pool.begin_with(sqlx::AssertSqlSafe(begin)).await
 }
 

@@ -175,7 +175,7 @@ pub async fn write_batch(
         idle,
         lock: None,
     };
-    let mut tx = db::begin_indexed(pool, bounds).await?;
+    let mut tx = db::begin_bounded(pool, bounds).await?;
     if !departed.is_empty() {
         sqlx::query!("SET LOCAL synchronous_commit = on")
             .execute(&mut *tx)

@@ -88,7 +88,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     };
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
-    let mut tx = db::begin_indexed(&ctx.bookkeeping, bounds).await?;
+    let mut tx = db::begin_bounded(&ctx.bookkeeping, bounds).await?;
     // The batch is chosen once (ARRAY() runs as an init plan): as `IN
     // (subquery)` the planner, on a table that statistics call empty, ran the
     // subquery again for every row changed, and each run skipped the rows

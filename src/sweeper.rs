@@ -44,7 +44,7 @@ const PRUNE_BATCH: i64 = 5000;
 /// instead of 0.03, for as long as autovacuum (which looks at a table about
 /// once a minute) had not come by. A vacuum of the mostly empty outbox takes
 /// milliseconds.
-pub const OUTBOX_VACUUM_DEAD_ROWS: i64 = 2_000;
+pub const OUTBOX_VACUUM_DEAD_ROWS: i64 = 10_000;
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -27,6 +27,7 @@ pub mod config;
 pub mod db;
 pub mod deliveries;
 pub mod dev;
+pub mod group_commit;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -92,7 +92,8 @@ impl KeyedLimiter {
         let mut buckets = self.buckets.lock().expect("limiter lock");
         if buckets.len() > 10_000 {
             let idle = Duration::from_secs(60);
-            buckets.retain(|_, b| b.refilled.elapsed() < idle);
+            // A bucket in debt is kept: forgetting it would forgive the debt.
+            buckets.retain(|_, b| b.refilled.elapsed() < idle || b.tokens < 0.0);
         }
         let bucket = buckets
             .entry(key.to_owned())

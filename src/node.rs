@@ -19,12 +19,12 @@ use uuid::Uuid;
 
 use crate::config::{Auth, NodeId, Settings};
 use crate::deliveries::{DeliveryLog, Record};
+use crate::group_commit::GroupCommit;
 use crate::hub::{Control, Hub};
 use crate::limits::KeyedLimiter;
 use crate::liveness::Liveness;
 use crate::metrics as m;
 use crate::registry::nodes::Registration;
-use crate::router::GroupCommit;
 use crate::{db, deliveries, http, outbox, registry, sweeper};
 
 /// Everything the node's tasks and handlers share.

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use crate::config::{Settings, parse_duration};
 use crate::http::client::HttpClient;
 use crate::message::{NewMessage, Payload, Target};
-use crate::router::{self, Source};
+use crate::router::Source;
 use crate::status::{self, ClusterStatus, DeliveryEvent};
 
 /// Where an operator command reads and writes.
@@ -138,7 +138,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             // The same way in as a node's: here a batch of one.
             let slow = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
-            let submitter = router::GroupCommit::start(pool, 1, 1, slow);
+            let submitter = crate::group_commit::GroupCommit::start(pool, 1, 1, slow);
             submitter
                 .submit(message, Source::Cli, deadline)
                 .await?

@@ -350,6 +350,7 @@ async fn start(ctx: Arc<NodeContext>, socket: WebSocket, params: SessionParams, 
         unacked: Unacked::default(),
         inbound_rate: TokenBucket::new(ctx_limits.max_frames_per_second),
         in_flight: VecDeque::new(),
+        controls: inbox.controls(),
         bad_frames: VecDeque::new(),
         last_inbound: now,
         last_marked: now,
@@ -491,6 +492,9 @@ struct Session {
     /// This connection's submissions (SEND, publish) not answered yet, in
     /// the order they were sent: answered in that order.
     in_flight: VecDeque<InFlight>,
+    /// Instructions from outside (a close), also watched while waiting for
+    /// a submission slot.
+    controls: crate::hub::Controls,
     bad_frames: VecDeque<Instant>,
     last_inbound: Instant,
     last_marked: Instant,
@@ -543,6 +547,11 @@ impl Session {
             // is left unread, and TCP slows the client down.
             let throttle = self.inbound_rate.wait();
             let reading = throttle.is_zero() && self.in_flight.len() < IN_FLIGHT;
+            if !reading {
+                // Its pongs and heart-beats wait unread too: silence we
+                // impose is not the client's.
+                self.last_inbound = Instant::now();
+            }
             tokio::select! {
                 biased;
                 () = self.ctx.shutdown.cancelled() => {
@@ -971,7 +980,17 @@ impl Session {
     /// once; past that, this waits for the oldest.
     async fn submit(&mut self, message: NewMessage, reply: Reply) -> Result<(), Exit> {
         while self.in_flight.len() >= IN_FLIGHT {
-            let (reply, answer) = next_answer(&mut self.in_flight).await;
+            // Bounded by the oldest's deadline; a close or a shutdown is not
+            // kept waiting behind it.
+            let (reply, answer) = tokio::select! {
+                answered = next_answer(&mut self.in_flight) => answered,
+                crate::hub::Control::Close { code, reason } = self.controls.next() => {
+                    return Err(Exit::Close { code, reason });
+                }
+                () = self.ctx.shutdown.cancelled() => {
+                    return Err(Exit::close(1012, "node shutting down; reconnect with since"));
+                }
+            };
             Box::pin(self.on_answered(reply, answer)).await?;
         }
         let deadline = tokio::time::Instant::now() + router::SUBMIT_TIMEOUT;
@@ -985,7 +1004,11 @@ impl Session {
                 self.in_flight.push_back(InFlight { pending, reply });
                 Ok(())
             }
-            Err(error) => Box::pin(self.on_answered(reply, Err(error))).await,
+            Err(error) => {
+                // Answered after the submissions before it.
+                Box::pin(self.answer_in_flight()).await?;
+                Box::pin(self.on_answered(reply, Err(error))).await
+            }
         }
     }
 
@@ -1068,7 +1091,7 @@ const IN_FLIGHT: usize = 64;
 
 /// A submission of this connection waiting for its commit.
 struct InFlight {
-    pending: router::Pending,
+    pending: crate::group_commit::Pending,
     reply: Reply,
 }
 

@@ -26,11 +26,15 @@ impl Session {
     pub(super) async fn json_text(&mut self, text: &str) -> Result<(), Exit> {
         let frame = match ClientFrame::decode(text) {
             Ok(frame) => frame,
-            Err(reason) => return self.json_bad_frame(&reason).await,
+            Err(reason) => {
+                self.answer_in_flight().await?;
+                return self.json_bad_frame(&reason).await;
+            }
         };
         // Publishes are answered in order, after their commit; acks answer
-        // nothing when they succeed. Other frames are answered after the
-        // publishes before them.
+        // nothing when they succeed. Every other answer (and a refusal of
+        // either) comes after the answers of the publishes before it: a
+        // client matches them by order.
         if !matches!(frame, ClientFrame::Publish { .. } | ClientFrame::Ack { .. }) {
             self.answer_in_flight().await?;
         }
@@ -45,6 +49,7 @@ impl Session {
                     self.ctx.deliveries.record(record).await;
                     Ok(())
                 } else {
+                    self.answer_in_flight().await?;
                     let detail = format!(
                         "message {} was not delivered on this connection, or is already acked",
                         id.0
@@ -90,18 +95,22 @@ impl Session {
             }
             ClientFrame::Publish { topic, data } => {
                 if let Err(reason) = topic::validate(&topic) {
+                    self.answer_in_flight().await?;
                     return self.json_bad_frame(&reason).await;
                 }
                 if !topic::allowed(&self.identity.publish, &topic) {
+                    self.answer_in_flight().await?;
                     let detail = format!("your token does not allow publishing to {topic:?}");
                     return self.json_error("forbidden", &detail).await;
                 }
                 if data.get().len() > self.ctx.settings.max_message_bytes {
+                    self.answer_in_flight().await?;
                     return self
                         .json_error("too_large", "`data` is over the message size limit")
                         .await;
                 }
                 if let Err(reason) = crate::message::check_json_depth(&data) {
+                    self.answer_in_flight().await?;
                     return self.json_bad_frame(&reason).await;
                 }
                 let message = NewMessage {

@@ -33,6 +33,9 @@ use crate::protocol::stomp::{self, Frame, FrameError, Limits, Version};
 use crate::router::EnqueueError;
 use crate::topic;
 
+/// Frames one WebSocket message may carry: each is read, and a SEND
+/// queued, before the next message is read.
+const MAX_FRAMES_PER_MESSAGE: usize = 1000;
 /// Outstanding acks remembered per connection; the oldest are forgotten.
 const MAX_PENDING_ACKS: usize = 10_000;
 /// The destination of user messages sent without one.
@@ -408,8 +411,19 @@ impl Session {
             (state.version, state.limits)
         };
         let frames = match stomp::decode(bytes, version, &limits) {
+            Ok(frames) if frames.len() > MAX_FRAMES_PER_MESSAGE => {
+                self.answer_in_flight().await?;
+                let error = StompError::protocol(format!(
+                    "at most {MAX_FRAMES_PER_MESSAGE} frames per WebSocket message"
+                ));
+                return Err(self.stomp_fail(error, None).await);
+            }
             Ok(frames) => frames,
-            Err(error) => return Err(self.stomp_fail(StompError::from(error), None).await),
+            Err(error) => {
+                // The SENDs before it are answered first, in order.
+                self.answer_in_flight().await?;
+                return Err(self.stomp_fail(StompError::from(error), None).await);
+            }
         };
         // Each frame counts against the frame rate, however many one
         // WebSocket message carries.
@@ -422,6 +436,7 @@ impl Session {
                 match self.stomp_send(&frame, receipt).await {
                     Ok(()) => continue,
                     Err(Failure::Stomp(error)) => {
+                        self.answer_in_flight().await?;
                         let receipt = frame.header("receipt");
                         return Err(self.stomp_fail(error, receipt).await);
                     }
@@ -634,6 +649,12 @@ impl Session {
             ) => StompError::unavailable(format!("nothing was stored: {error}")),
             Err(error) => StompError::protocol(format!("the message was refused: {error}")),
         };
+        // The session ends with this ERROR: SENDs queued behind this one and
+        // not taken into a batch yet are withdrawn (never stored), so that a
+        // client resending from the failed one does not store it after them.
+        for later in &self.in_flight {
+            later.pending.withdraw();
+        }
         Err(self.stomp_fail(error, receipt.as_deref()).await)
     }
 }

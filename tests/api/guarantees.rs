@@ -744,3 +744,62 @@ async fn the_sweeper_vacuums_an_outbox_left_full_of_dead_rows() {
     vic.close().await;
     cluster.finish().await;
 }
+
+#[tokio::test]
+async fn pipelined_sends_to_a_held_stream_keep_their_order() {
+    let cluster = Cluster::start(1).await;
+    let url = cluster.ws_url(0, "user=ola");
+    let (mut receiver, connected) = StompClient::connect(&url, &[]).await;
+    assert_eq!(connected.command, "CONNECTED");
+    receiver
+        .send(
+            "SUBSCRIBE",
+            &[
+                ("id", "s"),
+                ("destination", "/topic/held"),
+                ("receipt", "sub"),
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(receiver.next().await.command, "RECEIPT");
+    // An application transaction holds the topic's stream.
+    let mut holder = connection(&cluster).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM relay.streams WHERE stream = 'topic:held' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (mut producer, _) = StompClient::connect(&cluster.ws_url(0, "user=pia"), &[]).await;
+    let sends = |from: usize| {
+        let mut frames = Vec::new();
+        for n in from..from + 3 {
+            frames.extend_from_slice(
+                format!("SEND\ndestination:/topic/held\nreceipt:r{n}\n\n{n}\0").as_bytes(),
+            );
+        }
+        frames
+    };
+    // Three SENDs wait for the stream; three more come while they wait.
+    producer.send_raw(&sends(0)).await;
+    lock_waiters(&cluster, 1).await;
+    producer.send_raw(&sends(3)).await;
+    // Nothing outside the node shows when it has read those (they queue
+    // behind the waiting ones, not on a lock): a moment for them to arrive
+    // makes the interleaving likely; the order must hold either way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    for n in 0..6 {
+        let receipt = producer.next().await;
+        assert_eq!(receipt.header("receipt-id"), Some(format!("r{n}").as_str()));
+    }
+    for n in 0..6 {
+        let message = receiver.next().await;
+        assert_eq!(
+            message.body,
+            n.to_string().as_bytes(),
+            "stored in the order sent"
+        );
+    }
+    cluster.finish().await;
+}

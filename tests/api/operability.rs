@@ -419,8 +419,9 @@ async fn operators_send_see_the_status_and_tail_deliveries_from_the_command_line
     .await
     .unwrap();
 
-    // tail, started first, prints the deliveries that follow.
-    let mut tail = pgrelay(&["tail", "--user", "pia", "--count", "2"])
+    // tail, started first, prints the deliveries that follow (looking back a
+    // minute: its own start races the first send's delivery).
+    let mut tail = pgrelay(&["tail", "--user", "pia", "--count", "2", "--since", "1m"])
         .env("DATABASE_URL", &url)
         .stdout(Stdio::piped())
         .spawn()

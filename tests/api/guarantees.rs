@@ -748,21 +748,7 @@ async fn the_sweeper_vacuums_an_outbox_left_full_of_dead_rows() {
 #[tokio::test]
 async fn pipelined_sends_to_a_held_stream_keep_their_order() {
     let cluster = Cluster::start(1).await;
-    let url = cluster.ws_url(0, "user=ola");
-    let (mut receiver, connected) = StompClient::connect(&url, &[]).await;
-    assert_eq!(connected.command, "CONNECTED");
-    receiver
-        .send(
-            "SUBSCRIBE",
-            &[
-                ("id", "s"),
-                ("destination", "/topic/held"),
-                ("receipt", "sub"),
-            ],
-            b"",
-        )
-        .await;
-    assert_eq!(receiver.next().await.command, "RECEIPT");
+    let mut receiver = StompClient::subscribed(&cluster.ws_url(0, "user=ola"), "/topic/held").await;
     // An application transaction holds the topic's stream.
     let mut holder = connection(&cluster).await;
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();

@@ -686,6 +686,20 @@ impl StompClient {
         (client, reply)
     }
 
+    /// Connects and subscribes to `destination`, once the server confirms it.
+    pub async fn subscribed(url: &str, destination: &str) -> Self {
+        let (mut client, connected) = Self::connect(url, &[]).await;
+        assert_eq!(connected.command, "CONNECTED");
+        let headers = [
+            ("id", "s"),
+            ("destination", destination),
+            ("receipt", "sub"),
+        ];
+        client.send("SUBSCRIBE", &headers, b"").await;
+        assert_eq!(client.next().await.command, "RECEIPT");
+        client
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         let message = match std::str::from_utf8(bytes) {
             Ok(text) if !bytes[..bytes.len().saturating_sub(1)].contains(&0) => Message::text(text),

@@ -362,21 +362,8 @@ async fn stomp_frames_count_one_by_one_against_the_rate_and_lose_nothing() {
         settings.limits.max_frames_per_second = 20;
     })
     .await;
-    let url = cluster.ws_url(0, "user=sam");
-    let (mut receiver, connected) = StompClient::connect(&url, &[]).await;
-    assert_eq!(connected.command, "CONNECTED");
-    receiver
-        .send(
-            "SUBSCRIBE",
-            &[
-                ("id", "s"),
-                ("destination", "/topic/flood"),
-                ("receipt", "sub"),
-            ],
-            b"",
-        )
-        .await;
-    assert_eq!(receiver.next().await.command, "RECEIPT");
+    let mut receiver =
+        StompClient::subscribed(&cluster.ws_url(0, "user=sam"), "/topic/flood").await;
     // One WebSocket message carrying 60 SEND frames: 60 frames, not one.
     let (mut producer, connected) = StompClient::connect(&cluster.ws_url(0, "user=pat"), &[]).await;
     assert_eq!(connected.command, "CONNECTED");

@@ -524,7 +524,12 @@ async fn an_expired_message_is_never_delivered_and_shows_as_expired() {
     // Not delivered by resuming either.
     let mut resumed = cluster.connect_query(0, "ida", "since=0").await;
     assert_eq!(id_of(&resumed.next_message().await), kept);
-    let (_, body) = cluster.get(0, &format!("/v1/messages/{kept}")).await;
+    // Its delivery row is written by the delivery log, after the write.
+    let body = eventually("the delivery row", || async {
+        let (_, body) = cluster.get(0, &format!("/v1/messages/{kept}")).await;
+        (body["state"] != "pending").then_some(body)
+    })
+    .await;
     assert_eq!(body["state"], "delivered");
     ida.close().await;
     resumed.close().await;

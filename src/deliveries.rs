@@ -291,19 +291,20 @@ impl Delivered {
     }
 }
 
-/// What a batch does to the outbox rows it locked.
+/// What a batch does to the outbox rows it locked (the claim uses it too,
+/// for rows whose connections it found gone).
 #[derive(Default)]
-struct Outcome {
+pub(crate) struct Outcome {
     /// Rows done with: every connection they list was written the message
     /// or has departed; and parked copies of delivered messages.
-    finished: Vec<i64>,
+    pub(crate) finished: Vec<i64>,
     /// (row, connection): what rows still list, once struck off.
-    remaining_rows: Vec<i64>,
-    remaining_connections: Vec<Uuid>,
+    pub(crate) remaining_rows: Vec<i64>,
+    pub(crate) remaining_connections: Vec<Uuid>,
     /// Messages to park for their users: their last connection departed
     /// without them (parked unless a socket of the user was written them).
-    park_messages: Vec<i64>,
-    park_users: Vec<String>,
+    pub(crate) park_messages: Vec<i64>,
+    pub(crate) park_users: Vec<String>,
 }
 
 /// A locked outbox row, as [`write_batch`] reads it.
@@ -372,7 +373,9 @@ impl Outcome {
         outcome
     }
 
-    async fn apply(
+    /// Applies it by primary key, in `tx`; `departed` connections (of a
+    /// node still `alive`) leave the registry too.
+    pub(crate) async fn apply(
         self,
         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
         node_id: &NodeId,

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{self, Bounds, WorkError};
+use crate::deliveries::Outcome;
 use crate::hub::{Control, Envelope, Offer};
 use crate::message::{StoredMessage, StreamKey};
 use crate::metrics as m;
@@ -143,7 +144,10 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     }
 
     let mut claimed = Claimed::default();
-    let mut settle = Settle::default();
+    // What the claim does to its rows besides marking them, in its
+    // transaction: the delivery log's way of finishing, striking off and
+    // parking rows.
+    let mut settle = Outcome::default();
     for row in rows {
         let (Some(outbox_id), Some(kind)) = (row.outbox_id, row.kind) else {
             continue; // the one row of an empty claim
@@ -222,9 +226,10 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
                 }
                 if !reached.is_empty() {
                     // The others have it, and finish the row.
-                    settle
-                        .struck_off
-                        .extend(gone.into_iter().map(|c| (outbox_id, c)));
+                    for connection in reached {
+                        settle.remaining_rows.push(outbox_id);
+                        settle.remaining_connections.push(connection);
+                    }
                     continue;
                 }
                 // Every connection it was routed to has closed since: the
@@ -256,70 +261,9 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     }
     // In the claim's transaction: a message is parked if and only if its
     // claim commits.
-    settle.apply(&mut tx).await?;
+    settle.apply(&mut tx, &ctx.node_id, true, &[]).await?;
     tx.commit().await?;
     Ok(claimed)
-}
-
-/// What a claim does to its rows besides marking them, in its transaction.
-#[derive(Default)]
-struct Settle {
-    /// Rows that are done: nothing more to deliver from them here.
-    finished: Vec<i64>,
-    /// (row, connection): connections that have closed, struck off rows that
-    /// others still deliver.
-    struck_off: Vec<(i64, Uuid)>,
-    /// Messages to park for their users (every connection had closed).
-    park_messages: Vec<i64>,
-    park_users: Vec<String>,
-}
-
-impl Settle {
-    async fn apply(
-        self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    ) -> Result<(), sqlx::Error> {
-        if self.finished.is_empty() && self.struck_off.is_empty() && self.park_messages.is_empty() {
-            return Ok(());
-        }
-        let (struck_rows, struck_connections): (Vec<i64>, Vec<Uuid>) =
-            self.struck_off.into_iter().unzip();
-        sqlx::query!(
-            r#"
-            WITH finished AS (
-                DELETE FROM relay.outbox WHERE id = ANY ($1) RETURNING 1
-            ), struck_off AS (
-                UPDATE relay.outbox o
-                   SET connection_ids = ARRAY(SELECT c FROM unnest(o.connection_ids) AS c WHERE c <> ALL (g.gone))
-                  FROM (SELECT x.id, array_agg(x.c) AS gone
-                          FROM unnest($2::bigint[], $3::uuid[]) AS x(id, c)
-                         GROUP BY x.id) g
-                 WHERE o.id = g.id
-                RETURNING 1
-            ), parked AS (
-                INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
-                SELECT NULL, p.message_id, p.user_id, m.expires_at
-                  FROM unnest($4::bigint[], $5::text[]) AS p(message_id, user_id)
-                  JOIN relay.messages m ON m.id = p.message_id
-                 WHERE m.expires_at > now()
-                   AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
-                                    WHERE d.message_id = p.message_id AND d.user_id = p.user_id)
-                ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM finished) AS "finished!", (SELECT count(*) FROM struck_off) AS "struck_off!",
-                   (SELECT count(*) FROM parked) AS "parked!"
-            "#,
-            &self.finished,
-            &struck_rows,
-            &struck_connections,
-            &self.park_messages,
-            &self.park_users,
-        )
-        .fetch_one(&mut **tx)
-        .await?;
-        Ok(())
-    }
 }
 
 /// The claimer task: claims whenever woken, and at least every

@@ -208,24 +208,32 @@ async fn run(seed: u64) {
         .build()
         .unwrap();
     for node in &nodes {
-        eventually_long("every node to be ready again", || async {
-            let answer = http.get(node.url("/readyz")).send().await.ok()?;
-            (answer.status().as_u16() == 200).then_some(())
-        })
+        eventually_within(
+            Duration::from_secs(60),
+            "every node to be ready again",
+            || async {
+                let answer = http.get(node.url("/readyz")).send().await.ok()?;
+                (answer.status().as_u16() == 200).then_some(())
+            },
+        )
         .await;
     }
     traffic.flows(50).await;
     let (accepted, unknown) = traffic.stop().await;
     for user in &users {
-        eventually_long("the done marker to be accepted", || async {
-            let answer = http
-                .post(nodes[0].url("/v1/messages"))
-                .json(&json!({"to": {"user": user}, "data": "done"}))
-                .send()
-                .await
-                .ok()?;
-            (answer.status().as_u16() == 202).then_some(())
-        })
+        eventually_within(
+            Duration::from_secs(60),
+            "the done marker to be accepted",
+            || async {
+                let answer = http
+                    .post(nodes[0].url("/v1/messages"))
+                    .json(&json!({"to": {"user": user}, "data": "done"}))
+                    .send()
+                    .await
+                    .ok()?;
+                (answer.status().as_u16() == 202).then_some(())
+            },
+        )
         .await;
     }
     let mut received: HashMap<String, Vec<Connection>> = HashMap::new();
@@ -239,17 +247,21 @@ async fn run(seed: u64) {
     // per user (they arrive as duplicates), and then nothing may be pending.
     let db_url = with_database(&url, "postgres");
     let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
-    eventually_long("no work left with nodes that are gone", || async {
-        let stale: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM relay.outbox o WHERE o.node_id IS NOT NULL
+    eventually_within(
+        Duration::from_secs(60),
+        "no work left with nodes that are gone",
+        || async {
+            let stale: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM relay.outbox o WHERE o.node_id IS NOT NULL
                        AND NOT EXISTS (SELECT 1 FROM relay.nodes n WHERE n.id = o.node_id))
                   + (SELECT count(*) FROM relay.nodes WHERE last_seen_at < now() - interval '2 s')",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        (stale == 0).then_some(())
-    })
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (stale == 0).then_some(())
+        },
+    )
     .await;
     for (index, user) in users.iter().enumerate() {
         let last = received[user]
@@ -364,23 +376,4 @@ async fn run(seed: u64) {
         let _ = node.terminate().await;
     }
     drop(postgres);
-}
-
-/// [`eventually`], for what may take a while after a storm: a minute.
-async fn eventually_long<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -9,6 +9,19 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+reason_error!(
+    /// Why a user id is not acceptable.
+    InvalidUserId
+);
+reason_error!(
+    /// Why a token was refused, fit to show the client.
+    TokenRefused
+);
+reason_error!(
+    /// Why a key (a JWT key, an API key) cannot be used.
+    BadKey
+);
+
 /// Longest user id accepted, in bytes: ids are stored and compared in SQL and
 /// appear in every frame, so an unbounded one is a cost for everyone.
 pub const MAX_USER_ID_BYTES: usize = 256;
@@ -25,7 +38,7 @@ pub struct Identity {
 
 impl Identity {
     /// An identity named by the `user` query parameter, for auth `none`.
-    pub fn unauthenticated(user_id: &str) -> Result<Self, String> {
+    pub fn unauthenticated(user_id: &str) -> Result<Self, InvalidUserId> {
         validate_user_id(user_id)?;
         Ok(Self {
             user_id: user_id.into(),
@@ -36,12 +49,12 @@ impl Identity {
 }
 
 /// Checks a user id from any source; the error says what is wrong with it.
-pub fn validate_user_id(user_id: &str) -> Result<(), String> {
+pub fn validate_user_id(user_id: &str) -> Result<(), InvalidUserId> {
     if user_id.is_empty() {
         return Err("user id is empty".into());
     }
     if user_id.len() > MAX_USER_ID_BYTES {
-        return Err(format!("user id is longer than {MAX_USER_ID_BYTES} bytes"));
+        return Err(format!("user id is longer than {MAX_USER_ID_BYTES} bytes").into());
     }
     if user_id.chars().any(char::is_control) {
         return Err("user id contains control characters".into());
@@ -81,7 +94,7 @@ struct VerifyingKey {
 }
 
 impl JwtVerifier {
-    pub fn hs256(secret: &[u8]) -> Result<Self, String> {
+    pub fn hs256(secret: &[u8]) -> Result<Self, BadKey> {
         if secret.len() < 16 {
             return Err("PGRELAY_JWT_SECRET must be at least 16 bytes".into());
         }
@@ -94,7 +107,7 @@ impl JwtVerifier {
 
     /// RS256 (RSA) and ES256 (P-256) verifiers from PEM public keys: one
     /// file may hold several, for a rotation.
-    pub fn from_public_pem(pem: &[u8]) -> Result<Self, String> {
+    pub fn from_public_pem(pem: &[u8]) -> Result<Self, BadKey> {
         let text = std::str::from_utf8(pem).map_err(|_| "not a PEM file (not UTF-8)")?;
         let mut keys = Vec::new();
         for block in pem_blocks(text) {
@@ -116,7 +129,7 @@ impl JwtVerifier {
 
     /// RS256 and ES256 verifiers from a JWKS document (`{"keys": [...]}`),
     /// as identity providers publish them.
-    pub fn from_jwks(json: &[u8]) -> Result<Self, String> {
+    pub fn from_jwks(json: &[u8]) -> Result<Self, BadKey> {
         use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
         let set: JwkSet =
             serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
@@ -133,7 +146,8 @@ impl JwtVerifier {
                 _ => {
                     return Err(format!(
                         "key {name}: only RS256 (RSA) and ES256 (P-256) keys are supported"
-                    ));
+                    )
+                    .into());
                 }
             };
             let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {name}: {e}"))?;
@@ -192,7 +206,7 @@ impl JwtVerifier {
 
     /// # Errors
     /// Why the token was refused, fit to show the client.
-    pub fn verify(&self, token: &str) -> Result<Identity, String> {
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenRefused> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
         let named = header
@@ -218,7 +232,7 @@ impl JwtVerifier {
                 Err(e) => refusal = format!("invalid token: {e}"),
             }
         }
-        Err(refusal)
+        Err(refusal.into())
     }
 }
 
@@ -266,7 +280,7 @@ pub struct ApiKeys {
 }
 
 impl ApiKeys {
-    pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+    pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<Self, BadKey> {
         let mut digests = Vec::new();
         for key in keys.into_iter().map(str::trim).filter(|k| !k.is_empty()) {
             if key.len() < 16 {

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::bench::BenchArgs;
 use crate::config::{LogFormat, ServeArgs, Settings};
-use crate::dev::{self, DevArgs};
-use crate::operator::{SendArgs, StatusArgs, TailArgs};
+use crate::tools::bench::BenchArgs;
+use crate::tools::dev::{self, DevArgs};
+use crate::tools::operator::{SendArgs, StatusArgs, TailArgs};
 use crate::{db, node, telemetry};
 
 #[derive(Parser, Debug)]
@@ -100,10 +100,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = Settings::from_args(*args).map_err(anyhow::Error::msg)?;
             // Every socket is a file: take what the system allows.
-            crate::bench::raise_fd_limit();
+            crate::process::raise_fd_limit();
             let node = node::start(settings).await?;
             tokio::select! {
-                () = dev::wait_for_signal() => {}
+                () = crate::process::wait_for_signal() => {}
                 () = node.stopping() => {}
             }
             node.stop().await
@@ -114,11 +114,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await,
-        Command::Bench(args) => crate::bench::run(*args).await,
+        Command::Bench(args) => crate::tools::bench::run(*args).await,
         Command::Keys(args) => keys(args).await,
-        Command::Send(args) => crate::operator::send(args).await,
-        Command::Status(args) => crate::operator::status(args).await,
-        Command::Tail(args) => crate::operator::tail(args).await,
+        Command::Send(args) => crate::tools::operator::send(args).await,
+        Command::Status(args) => crate::tools::operator::status(args).await,
+        Command::Tail(args) => crate::tools::operator::tail(args).await,
     }
 }
 

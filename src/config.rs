@@ -11,13 +11,18 @@ use std::time::Duration;
 
 use crate::auth::{ApiKeys, JwtVerifier};
 
+reason_error!(
+    /// What is wrong with the configuration, naming the variable or flag.
+    ConfigError
+);
+
 /// A node's name in the registry: 1–48 characters of `[A-Za-z0-9_-]`, so that
 /// it fits in a NOTIFY channel name (63 bytes) after the `pgrelay.node.` prefix.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NodeId(String);
 
 impl NodeId {
-    pub fn parse(value: &str) -> Result<Self, String> {
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
         let valid = !value.is_empty()
             && value.len() <= 48
             && value
@@ -28,7 +33,8 @@ impl NodeId {
         } else {
             Err(format!(
                 "invalid node id {value:?}: use 1-48 characters of A-Z, a-z, 0-9, '_' and '-'"
-            ))
+            )
+            .into())
         }
     }
 
@@ -40,7 +46,13 @@ impl NodeId {
 
     /// The channel this node LISTENs on; writers NOTIFY it (see the migrations).
     pub fn channel(&self) -> String {
-        format!("pgrelay.node.{}", self.0)
+        Self::channel_of(&self.0)
+    }
+
+    /// The channel of the node named `node_id`: the one place Rust spells
+    /// it (`relay.enqueue` spells it in SQL, in the migrations).
+    pub fn channel_of(node_id: &str) -> String {
+        format!("pgrelay.node.{node_id}")
     }
 
     pub fn as_str(&self) -> &str {
@@ -49,7 +61,7 @@ impl NodeId {
 }
 
 impl FromStr for NodeId {
-    type Err = String;
+    type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse(s)
     }
@@ -62,13 +74,11 @@ impl fmt::Display for NodeId {
 }
 
 /// Parses the contract's duration syntax: `500ms`, `5s`, `2m`, `72h`.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
+pub fn parse_duration(value: &str) -> Result<Duration, ConfigError> {
     let duration = humantime::parse_duration(value.trim())
         .map_err(|e| format!("invalid duration {value:?} ({e}); write e.g. 500ms, 5s, 2m, 72h"))?;
     if duration.is_zero() {
-        return Err(format!(
-            "invalid duration {value:?}: must be greater than zero"
-        ));
+        return Err(format!("invalid duration {value:?}: must be greater than zero").into());
     }
     Ok(duration)
 }
@@ -290,7 +300,7 @@ pub struct Settings {
     pub submit_concurrency: usize,
     pub send_queue: usize,
     pub shutdown_grace: Duration,
-    pub limits: Limits,
+    pub limits: UsageLimits,
     /// Which endpoints need no API key, and whether `/` is the demo page.
     pub exposure: Exposure,
 }
@@ -305,7 +315,7 @@ pub struct Exposure {
 
 /// What one client may do, and how much of the node it may take.
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub struct UsageLimits {
     pub max_subscriptions: usize,
     pub max_connections_per_user: u32,
     pub max_frames_per_second: u32,
@@ -316,7 +326,7 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
-impl Default for Limits {
+impl Default for UsageLimits {
     fn default() -> Self {
         Self {
             max_subscriptions: 100,
@@ -353,7 +363,7 @@ impl Settings {
             poll_interval: Duration::from_secs(1),
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),
-            limits: Limits::default(),
+            limits: UsageLimits::default(),
             exposure: Exposure::default(),
         }
     }
@@ -376,7 +386,7 @@ impl Settings {
     ///
     /// # Errors
     /// A one-line description of the first problem found, naming the variable.
-    pub fn from_args(args: ServeArgs) -> Result<Self, String> {
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
         let database_url = args
             .database_url
             .filter(|url| !url.trim().is_empty())
@@ -397,11 +407,11 @@ impl Settings {
             AuthMode::Jwt => {
                 let from_secret = match &args.jwt_secret {
                     Some(secret) => {
-                        let current = JwtVerifier::hs256(secret.as_bytes())?;
+                        let current = JwtVerifier::hs256(secret.as_bytes()).map_err(|e| e.0)?;
                         Some(match &args.jwt_previous_secret {
                             Some(previous) => current
                                 .or(JwtVerifier::hs256(previous.as_bytes()).map_err(|e| {
-                                    e.replace("PGRELAY_JWT_SECRET", "PGRELAY_JWT_PREVIOUS_SECRET")
+                                    e.0.replace("PGRELAY_JWT_SECRET", "PGRELAY_JWT_PREVIOUS_SECRET")
                                 })?),
                             None => current,
                         })
@@ -430,7 +440,8 @@ impl Settings {
                 Auth::Jwt {
                     verifier: verifier
                         .expecting(args.jwt_audience.as_deref(), args.jwt_issuer.as_deref()),
-                    api_keys: ApiKeys::new(args.api_keys.iter().map(String::as_str))?,
+                    api_keys: ApiKeys::new(args.api_keys.iter().map(String::as_str))
+                        .map_err(|e| e.0)?,
                 }
             }
         };
@@ -439,7 +450,8 @@ impl Settings {
                 "PGRELAY_NODE_TIMEOUT ({}) must be longer than PGRELAY_HEARTBEAT_INTERVAL ({})",
                 humantime::format_duration(args.node_timeout),
                 humantime::format_duration(args.heartbeat_interval)
-            ));
+            )
+            .into());
         }
         if args.default_ttl > args.retention {
             return Err("PGRELAY_DEFAULT_TTL must not be longer than PGRELAY_RETENTION".into());
@@ -486,7 +498,7 @@ impl Settings {
             poll_interval: args.poll_interval,
             send_queue: args.send_queue,
             shutdown_grace: args.shutdown_grace,
-            limits: Limits {
+            limits: UsageLimits {
                 max_subscriptions: args.max_subscriptions,
                 max_connections_per_user: args.max_connections_per_user,
                 max_frames_per_second: args.max_frames_per_second,
@@ -506,7 +518,7 @@ impl Settings {
 }
 
 /// Reads `PGRELAY_JWT_PUBLIC_KEY`: a JWKS document or PEM keys.
-fn read_public_keys(path: &std::path::Path) -> Result<JwtVerifier, String> {
+fn read_public_keys(path: &std::path::Path) -> Result<JwtVerifier, ConfigError> {
     let bytes = std::fs::read(path).map_err(|e| {
         format!(
             "PGRELAY_JWT_PUBLIC_KEY: cannot read {}: {e}",
@@ -519,7 +531,7 @@ fn read_public_keys(path: &std::path::Path) -> Result<JwtVerifier, String> {
     } else {
         JwtVerifier::from_public_pem(&bytes)
     };
-    verifier.map_err(|e| format!("PGRELAY_JWT_PUBLIC_KEY {}: {e}", path.display()))
+    verifier.map_err(|e| format!("PGRELAY_JWT_PUBLIC_KEY {}: {e}", path.display()).into())
 }
 
 #[cfg(test)]
@@ -541,7 +553,7 @@ mod tests {
         assert!(generated.channel().len() <= 63);
     }
 
-    fn settings_from(flags: &[&str]) -> Result<Settings, String> {
+    fn settings_from(flags: &[&str]) -> Result<Settings, ConfigError> {
         #[derive(clap::Parser)]
         struct Flags {
             #[command(flatten)]
@@ -564,7 +576,7 @@ mod tests {
         let error = settings_from(&["--jwt-public-key", &format!("{keys}README")])
             .err()
             .unwrap();
-        assert!(error.contains("PGRELAY_JWT_PUBLIC_KEY"), "{error}");
+        assert!(error.0.contains("PGRELAY_JWT_PUBLIC_KEY"), "{error}");
         let error = settings_from(&[
             "--auth",
             "jwt",
@@ -573,7 +585,7 @@ mod tests {
         ])
         .err()
         .unwrap();
-        assert!(error.contains("needs PGRELAY_JWT_SECRET"), "{error}");
+        assert!(error.0.contains("needs PGRELAY_JWT_SECRET"), "{error}");
         let rotating = settings_from(&[
             "--jwt-secret",
             "new-secret-0123456789",

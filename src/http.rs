@@ -1,14 +1,21 @@
-//! The HTTP API: JSON in and out, every error an RFC 9457
-//! `application/problem+json` body.
+//! The HTTP edge: the API (JSON in and out, every error an RFC 9457
+//! `application/problem+json` body), the WebSocket upgrade ([`ws`]), health,
+//! metrics and the API document, and the accept loop ([`server`]).
+//!
+//! Handlers turn requests into calls on the write side, the registry and
+//! the status queries, and their answers into HTTP; sessions start here.
+//! Nothing below imports this module, except the node that serves it.
 
-mod auth;
-pub mod client;
+pub mod auth;
 mod health;
 mod messages;
+mod metrics;
 pub mod openapi;
 mod presence;
 pub mod problem;
 pub mod server;
+mod status;
+mod ws;
 
 use std::sync::Arc;
 
@@ -24,12 +31,12 @@ use utoipa_axum::routes;
 pub use auth::ApiCaller;
 pub use problem::Problem;
 
-use crate::node::NodeContext;
+use crate::state::NodeState;
 
 /// The node's routes: HTTP API, WebSocket endpoint, health, metrics, and
 /// the page at `/`. Each documented handler is registered together with its
 /// OpenAPI description, so that the document cannot drift from the routes.
-pub fn router(ctx: Arc<NodeContext>) -> Router {
+pub fn router(ctx: Arc<NodeState>) -> Router {
     let (api, document) = api_routes(&ctx.settings).split_for_parts();
     let document = openapi::Document(Arc::new(
         document
@@ -64,7 +71,7 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
 }
 
 /// The documented routes, with their documentation.
-pub fn api_routes(settings: &crate::config::Settings) -> OpenApiRouter<Arc<NodeContext>> {
+pub fn api_routes(settings: &crate::config::Settings) -> OpenApiRouter<Arc<NodeState>> {
     // Bodies are bounded by the message limit (a batch by many of them);
     // anything bigger is refused before it is read.
     let body_limit = (settings.max_message_bytes + 4096) * 2;
@@ -74,9 +81,9 @@ pub fn api_routes(settings: &crate::config::Settings) -> OpenApiRouter<Arc<NodeC
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
-        .routes(routes!(openapi::metrics))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(openapi::document))
-        .routes(routes!(crate::session::upgrade))
+        .routes(routes!(ws::upgrade))
         .routes(routes!(messages::submit).layer(DefaultBodyLimit::max(body_limit)))
         .routes(routes!(messages::submit_batch).layer(DefaultBodyLimit::max(batch_limit)))
         .routes(routes!(messages::get_one))
@@ -84,8 +91,8 @@ pub fn api_routes(settings: &crate::config::Settings) -> OpenApiRouter<Arc<NodeC
         .routes(routes!(presence::nodes))
         .routes(routes!(presence::connections))
         .routes(routes!(presence::disconnect))
-        .routes(routes!(presence::status))
-        .routes(routes!(presence::deliveries))
+        .routes(routes!(status::status))
+        .routes(routes!(status::deliveries))
 }
 
 /// The OpenAPI document of this version, as `/v1/openapi.json` serves it.
@@ -96,7 +103,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// A request (its body included) must complete within the request timeout:
 /// a client trickling its body does not hold a connection for ever.
 async fn request_timeout(
-    axum::extract::State(ctx): axum::extract::State<Arc<NodeContext>>,
+    axum::extract::State(ctx): axum::extract::State<Arc<NodeState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -115,7 +122,7 @@ async fn request_timeout(
 
 /// The demo page when it is on (`pgrelay dev`, `serve --demo`); otherwise a
 /// pointer to the API.
-async fn index(axum::extract::State(ctx): axum::extract::State<Arc<NodeContext>>) -> Response {
+async fn index(axum::extract::State(ctx): axum::extract::State<Arc<NodeState>>) -> Response {
     if !ctx.settings.exposure.demo {
         return (
             [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],

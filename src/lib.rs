@@ -1,49 +1,88 @@
 //! pgrelay makes a cluster of WebSocket servers behave like one, using
 //! nothing but PostgreSQL.
 //!
-//! The places, in the order a message passes them:
-//! - [`http`]: the HTTP API that accepts messages (and serves the registry);
-//! - [`router`]: stores a message and routes it to the nodes that hold its
-//!   recipients, in one transaction (`relay.enqueue` in the migrations);
-//! - [`outbox`]: each node's LISTEN wake-up and claim loop over its work;
-//! - [`hub`]: the node's live sessions, where claimed messages are handed over;
-//! - [`session`] and [`protocol`]: one client socket and the frames it speaks
-//!   (the JSON protocol, STOMP);
-//! - [`deliveries`]: the batched delivery log (`relay.deliveries`);
-//! - [`registry`]: nodes, connections and topic subscriptions in `relay.nodes`,
-//!   `relay.connections` and `relay.subscriptions`;
-//! - [`stream`]: reading a stream back for backfill and resume;
-//! - [`sweeper`]: retention and cleanup, on one node at a time.
+//! The path of a message, through the folders that hold each step:
 //!
-//! Around them: [`config`], [`auth`], [`topic`] (names and patterns), [`db`], [`node`] (lifecycle),
-//! [`liveness`] (heartbeats and the sweeper's lease, on a connection of their own), [`cli`],
-//! [`dev`] and [`pgtemp`] (a throwaway PostgreSQL for demos and tests), and
-//! [`bench`] (the load generator behind `pgrelay bench`).
+//! ```text
+//!  HTTP POST ─┐                                        ┌─ session (JSON or STOMP)
+//!  JSON publish ─┤ write::parse → write::group_commit  │      ▲
+//!  STOMP SEND ─┤   → write::enqueue (relay.enqueue:    │ read::hub
+//!  pgrelay send ─┘    rows + one NOTIFY per batch)     │      ▲
+//!                          │                           │ read::claimer ← read::listener
+//!                          ▼                           │      ▲ (LISTEN wakes; the table is the truth)
+//!                 relay.messages, relay.outbox ────────┴──────┘
+//!                          │
+//!  session writes a frame → read::delivery_log → relay.deliveries (the audit)
+//! ```
+//!
+//! - [`write`]: every way in (HTTP, JSON `publish`, STOMP `SEND`, the
+//!   command line) checks a message once, shares a transaction with
+//!   concurrent ones, and is answered only once it has committed;
+//! - [`read`]: each node's LISTEN wake-up, its claim of the outbox rows
+//!   routed to it, the hub that hands them to local sessions, streams read
+//!   back for resume, and the delivery log;
+//! - [`session`] and [`protocol`]: one client socket and the frames it
+//!   speaks; [`http`]: the HTTP API and the WebSocket upgrade;
+//! - [`registry`]: nodes, connections and subscriptions, and the node's
+//!   heartbeat; [`sweeper`]: retention and reaping, on one node at a time.
+//!
+//! Underneath, shared by all: [`state`] (what a node's parts share),
+//! [`supervisor`] (no task dies silently), [`config`], [`auth`], [`topic`],
+//! [`message`], [`db`], [`liveness`], [`rate`], [`metrics`], [`status`]
+//! (what the status and tail commands read). On top: [`node`] (a node's
+//! lifecycle), [`cli`], and [`tools`] (the demo, a throwaway PostgreSQL, the
+//! operator commands and the benchmark).
+
+/// Declares an error that is one sentence for people (what was wrong, fit
+/// to show whoever sent it), as a type of its own, so that a signature says
+/// which kind of refusal it returns.
+macro_rules! reason_error {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        pub struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(reason: String) -> Self {
+                Self(reason)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(reason: &str) -> Self {
+                Self(reason.to_owned())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(error: $name) -> Self {
+                error.0
+            }
+        }
+    };
+}
 
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod deliveries;
-pub mod dev;
-pub mod group_commit;
 pub mod http;
-pub mod hub;
-pub mod limits;
 pub mod liveness;
 pub mod message;
 pub mod metrics;
 pub mod node;
-pub mod operator;
-pub mod outbox;
-pub mod pgtemp;
+pub mod process;
 pub mod protocol;
+pub mod rate;
+pub mod read;
 pub mod registry;
-pub mod router;
 pub mod session;
+pub mod state;
 pub mod status;
-pub mod stream;
+pub mod supervisor;
 pub mod sweeper;
 pub mod telemetry;
+pub mod tools;
 pub mod topic;
+pub mod write;

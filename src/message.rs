@@ -13,6 +13,11 @@ use uuid::Uuid;
 
 use crate::auth::validate_user_id;
 
+reason_error!(
+    /// Why a `to` object names no valid recipients.
+    BadTarget
+);
+
 /// Most users one message may name (`{"users":[…]}`).
 pub const MAX_USERS_PER_MESSAGE: usize = 1000;
 /// Longest `destination`, in bytes.
@@ -31,7 +36,7 @@ pub enum Target {
 impl Target {
     /// Reads the contract's `to` object: exactly one of `user`, `users`,
     /// `connection`, `topic` or `broadcast: true`.
-    pub fn from_json(to: &Value) -> Result<Self, String> {
+    pub fn from_json(to: &Value) -> Result<Self, BadTarget> {
         let Some(object) = to.as_object() else {
             return Err("`to` must be an object such as {\"user\":\"alice\"}".into());
         };
@@ -57,7 +62,8 @@ impl Target {
                 if list.len() > MAX_USERS_PER_MESSAGE {
                     return Err(format!(
                         "`to.users` names more than {MAX_USERS_PER_MESSAGE} users"
-                    ));
+                    )
+                    .into());
                 }
                 let mut users = Vec::with_capacity(list.len());
                 for user in list {
@@ -86,7 +92,8 @@ impl Target {
             },
             other => Err(format!(
                 "unknown target {other:?}: use one of user, users, connection, topic, broadcast"
-            )),
+            )
+            .into()),
         }
     }
 
@@ -106,9 +113,10 @@ impl Target {
 /// 128 levels (serde_json does); the frame around the data adds two.
 pub const MAX_JSON_DEPTH: usize = 100;
 
-/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`]. `raw` is already
-/// known to be valid JSON, so brackets outside strings are all that count.
-pub fn check_json_depth(raw: &RawValue) -> Result<(), String> {
+/// Whether JSON is nested no deeper than [`MAX_JSON_DEPTH`]. `raw` is
+/// already known to be valid JSON, so brackets outside strings are all that
+/// count.
+pub fn within_json_depth(raw: &RawValue) -> bool {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for byte in raw.get().bytes() {
         if in_string {
@@ -125,16 +133,14 @@ pub fn check_json_depth(raw: &RawValue) -> Result<(), String> {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_JSON_DEPTH {
-                    return Err(format!(
-                        "`data` is nested more than {MAX_JSON_DEPTH} levels deep"
-                    ));
+                    return false;
                 }
             }
             b']' | b'}' => depth -= 1,
             _ => {}
         }
     }
-    Ok(())
+    true
 }
 
 /// What a message carries.
@@ -358,7 +364,7 @@ mod tests {
             json!({"group": "x"}),
         ] {
             let err = Target::from_json(&bad).unwrap_err();
-            assert!(!err.is_empty(), "{bad}");
+            assert!(!err.0.is_empty(), "{bad}");
         }
         let too_many: Vec<String> = (0..=MAX_USERS_PER_MESSAGE)
             .map(|i| format!("u{i}"))
@@ -433,10 +439,10 @@ mod depth_tests {
             "[".repeat(MAX_JSON_DEPTH),
             "]".repeat(MAX_JSON_DEPTH)
         );
-        assert!(check_json_depth(&raw(&deep)).is_ok());
+        assert!(within_json_depth(&raw(&deep)));
         let deeper = format!("[{deep}]");
-        assert!(check_json_depth(&raw(&deeper)).is_err());
+        assert!(!within_json_depth(&raw(&deeper)));
         let brackets_in_a_string = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(500));
-        assert!(check_json_depth(&raw(&brackets_in_a_string)).is_ok());
+        assert!(within_json_depth(&raw(&brackets_in_a_string)));
     }
 }

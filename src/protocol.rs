@@ -1,5 +1,6 @@
 //! The wire protocols clients speak over `GET /v1/ws`, chosen by the
-//! WebSocket subprotocol.
+//! WebSocket subprotocol: their frames, decoded and encoded. Pure functions
+//! of bytes and messages: sessions use them, and they know no session.
 
 pub mod json;
 pub mod stomp;

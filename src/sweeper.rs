@@ -24,8 +24,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::node::NodeContext;
 use crate::registry::nodes::{self, HandedBack};
+use crate::state::NodeState;
 
 /// Rows removed per statement: small enough that no statement holds locks for
 /// long, large enough to keep up with heavy traffic.
@@ -110,16 +110,16 @@ async fn export_parked_backlog(pool: &PgPool) {
 
 /// Takes the sweeper's lease, or renews it; answers whether this node holds
 /// it. On the liveness connection: a node busy with traffic keeps its lease.
-pub async fn lead_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
-    if !ctx.liveness.may_lead(ctx.settings.node_timeout) {
+pub async fn lead_once(ctx: &NodeState) -> Result<bool, sqlx::Error> {
+    if !ctx.lifecycle.liveness.may_lead(ctx.settings.node_timeout) {
         // Its sweeps keep failing: the lease runs out, another node sweeps.
-        ctx.liveness.set_leading(false);
+        ctx.lifecycle.liveness.set_leading(false);
         return Ok(false);
     }
-    let incarnation = ctx.registration.current();
+    let incarnation = ctx.lifecycle.registration.current();
     let lease = ctx.settings.node_timeout;
     let held = {
-        let mut liveness = ctx.liveness.hold().await?;
+        let mut liveness = ctx.lifecycle.liveness.hold().await?;
         let limit = liveness.timeout();
         let led = tokio::time::timeout(
             limit,
@@ -131,7 +131,7 @@ pub async fn lead_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
     if held == Some(true) {
         tracing::info!(node_id = %ctx.node_id, "this node is now the sweeper");
     }
-    ctx.liveness.set_leading(held.is_some());
+    ctx.lifecycle.liveness.set_leading(held.is_some());
     Ok(held.is_some())
 }
 
@@ -144,13 +144,13 @@ pub async fn lead_once(ctx: &NodeContext) -> Result<bool, sqlx::Error> {
 /// sweeper does that right after a database outage, when every node's last
 /// heartbeat looks old until the nodes have had time to send the next one).
 pub async fn sweep_once(
-    ctx: &NodeContext,
+    ctx: &NodeState,
     reap_after: Option<Duration>,
 ) -> Result<Option<SweepReport>, sqlx::Error> {
     if !lead_once(ctx).await? {
         return Ok(None);
     }
-    let pool = &ctx.pool;
+    let pool = &ctx.db.pool;
     let started = Instant::now();
     let retention_secs = ctx.settings.retention.as_secs_f64();
     let mut report = SweepReport::default();
@@ -238,7 +238,7 @@ pub async fn sweep_once(
 /// Rows a writer or a connect holds are skipped. Writers insert a missing
 /// row again (ids come from one sequence, so a stream that comes back keeps
 /// its order), so pruning one that comes back to life races with nothing.
-async fn prune_streams(ctx: &NodeContext) -> Result<u64, sqlx::Error> {
+async fn prune_streams(ctx: &NodeState) -> Result<u64, sqlx::Error> {
     let from = ctx.prune_from.lock().expect("prune lock").clone();
     let pruned = sqlx::query!(
         r#"
@@ -265,7 +265,7 @@ async fn prune_streams(ctx: &NodeContext) -> Result<u64, sqlx::Error> {
         from,
         PRUNE_BATCH,
     )
-    .fetch_one(&ctx.pool)
+    .fetch_one(&ctx.db.pool)
     .await?;
     // A short page is the end of the table: start over next time.
     *ctx.prune_from.lock().expect("prune lock") = match pruned.last {
@@ -302,7 +302,7 @@ pub async fn vacuum_outbox_once(pool: &PgPool, dead_rows: i64) -> Result<bool, s
 /// reap has to wait (a transaction of it is still in flight), or fails, is
 /// left for the next sweep and keeps no other from being reaped.
 async fn reap(
-    ctx: &NodeContext,
+    ctx: &NodeState,
     node_timeout: Duration,
     report: &mut SweepReport,
 ) -> Result<(), sqlx::Error> {
@@ -339,9 +339,9 @@ async fn reap(
         "#,
         node_timeout.as_secs_f64()
     )
-    .fetch_all(&ctx.pool)
+    .fetch_all(&ctx.db.pool)
     .await?;
-    let incarnation = ctx.registration.current();
+    let incarnation = ctx.lifecycle.registration.current();
     for node_id in suspects {
         if node_id == ctx.node_id.as_str() {
             continue;
@@ -350,7 +350,7 @@ async fn reap(
         let started = Instant::now();
         loop {
             let reaped = crate::db::bounded(nodes::reap(
-                &ctx.pool,
+                &ctx.db.pool,
                 &node_id,
                 node_timeout,
                 &ctx.node_id,
@@ -411,7 +411,7 @@ fn is_lock_timeout(error: &sqlx::Error) -> bool {
 
 /// The sweeper task: every `sweep_interval`, sweeps if this node holds the
 /// lease (or can take it).
-pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
+pub async fn run(ctx: std::sync::Arc<NodeState>, token: CancellationToken) {
     // Since when this node has swept without a database error: reaping waits
     // for a node timeout of health, so that nodes get to heartbeat after an
     // outage before anyone is judged by their last heartbeat.
@@ -423,7 +423,7 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
             _ = interval.tick() => {}
             () = token.cancelled() => return,
         }
-        if ctx.liveness.is_healing() {
+        if ctx.lifecycle.liveness.is_healing() {
             continue;
         }
         let healthy_for = healthy_since.get_or_insert_with(Instant::now).elapsed();
@@ -432,18 +432,18 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
         match crate::db::bounded(sweep_once(&ctx, reap_after)).await {
             Ok(None) => {}
             Ok(Some(report)) => {
-                ctx.liveness.sweep_succeeded();
+                ctx.lifecycle.liveness.sweep_succeeded();
                 if report != SweepReport::default() {
                     tracing::info!(?report, "swept");
                 }
                 report.export();
-                export_parked_backlog(&ctx.pool).await;
+                export_parked_backlog(&ctx.db.pool).await;
                 let recorded = sqlx::query!(
                     "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE incarnation = $1",
-                    ctx.registration.current(),
+                    ctx.lifecycle.registration.current(),
                     serde_json::to_value(report).expect("serializable"),
                 )
-                .execute(&ctx.pool)
+                .execute(&ctx.db.pool)
                 .await;
                 if let Err(error) = recorded {
                     tracing::warn!(%error, "could not record the sweep");
@@ -451,8 +451,8 @@ pub async fn run(ctx: std::sync::Arc<NodeContext>, token: CancellationToken) {
             }
             Err(error) => {
                 healthy_since = None;
-                if ctx.liveness.is_leading() {
-                    ctx.liveness.sweep_failed();
+                if ctx.lifecycle.liveness.is_leading() {
+                    ctx.lifecycle.liveness.sweep_failed();
                 }
                 metrics::counter!(m::DB_ERRORS, "operation" => "sweep").increment(1);
                 tracing::warn!(%error, "sweep failed; retrying next interval");

@@ -8,20 +8,25 @@
 //! `chat.*` matches `chat.room1`; `chat.>` matches `chat.room1` and
 //! `chat.room1.thread7`; `>` matches everything.
 
+reason_error!(
+    /// Why a topic name is not valid.
+    InvalidTopic
+);
+
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_BYTES: usize = 256;
 
 /// Checks a topic name; the error says what is wrong with it.
-pub fn validate(topic: &str) -> Result<(), String> {
+pub fn validate(topic: &str) -> Result<(), InvalidTopic> {
     if topic.is_empty() {
         return Err("topic is empty".into());
     }
     if topic.len() > MAX_TOPIC_BYTES {
-        return Err(format!("topic is longer than {MAX_TOPIC_BYTES} bytes"));
+        return Err(format!("topic is longer than {MAX_TOPIC_BYTES} bytes").into());
     }
     for segment in topic.split('.') {
         if segment.is_empty() {
-            return Err(format!("topic {topic:?} has an empty segment"));
+            return Err(format!("topic {topic:?} has an empty segment").into());
         }
         if segment
             .chars()
@@ -29,7 +34,8 @@ pub fn validate(topic: &str) -> Result<(), String> {
         {
             return Err(format!(
                 "topic {topic:?} may not contain whitespace, control characters, '*' or '>'"
-            ));
+            )
+            .into());
         }
     }
     Ok(())

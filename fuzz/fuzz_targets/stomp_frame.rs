@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgrelay::protocol::stomp::{Limits, Version, decode, encode};
+use pgrelay::protocol::stomp::{FrameLimits, Version, decode, encode};
 
 fuzz_target!(|input: &[u8]| {
     for version in [Version::V1_0, Version::V1_1, Version::V1_2] {
-        let Ok(frames) = decode(input, version, &Limits::new(4096)) else {
+        let Ok(frames) = decode(input, version, &FrameLimits::new(4096)) else {
             continue;
         };
         if version != Version::V1_2 {
@@ -22,7 +22,7 @@ fuzz_target!(|input: &[u8]| {
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
             let again = encode(&frame.command, &headers, &frame.body, version);
-            let mut limits = Limits::new(4096);
+            let mut limits = FrameLimits::new(4096);
             limits.max_headers += 1;
             let decoded = decode(&again, version, &limits).expect("an encoded frame decodes");
             assert_eq!(decoded.len(), 1);

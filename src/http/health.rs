@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::Problem;
 use super::problem::ProblemDetails;
-use crate::node::NodeContext;
+use crate::state::NodeState;
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -27,7 +27,7 @@ pub struct Health {
     tag = "operations",
     responses((status = 200, description = "Up", body = Health))
 )]
-pub async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Json<Health> {
+pub async fn healthz(State(ctx): State<Arc<NodeState>>) -> Json<Health> {
     Json(Health {
         status: "ok",
         node_id: ctx.node_id.to_string(),
@@ -49,7 +49,7 @@ pub async fn healthz(State(ctx): State<Arc<NodeContext>>) -> Json<Health> {
         (status = 503, description = "Not ready; the detail says why", body = ProblemDetails, content_type = "application/problem+json"),
     )
 )]
-pub async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Result<Json<Health>, Problem> {
+pub async fn readyz(State(ctx): State<Arc<NodeState>>) -> Result<Json<Health>, Problem> {
     if let Some(reason) = ctx.not_ready() {
         return Err(Problem::unavailable(reason));
     }

@@ -10,16 +10,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
-use crate::message::{
-    MAX_DESTINATION_BYTES, NewMessage, Payload, Presentation, StoredMessage, Target,
-};
-use crate::node::NodeContext;
-use crate::router::{self, EnqueueError, Source};
+use crate::message::{NewMessage, Payload, Presentation, StoredMessage, Target};
+use crate::state::NodeState;
+use crate::write::enqueue::{self, Source};
+use crate::write::idempotency::{self, Keyed, KeyedOutcome};
+use crate::write::parse::{self, Draft, Refusal, Rules};
 
 /// A message to send.
 #[derive(Deserialize, ToSchema)]
@@ -72,8 +71,9 @@ pub struct BatchAccepted {
     ids: Vec<String>,
 }
 
-/// Validates one submission against the contract and the node's limits.
-fn parse_message(body: SubmitBody, ctx: &NodeContext) -> Result<NewMessage, Problem> {
+/// Reads one submission and checks it against the rules every message
+/// follows ([`parse`]).
+fn parse_message(body: SubmitBody, ctx: &NodeState) -> Result<NewMessage, Problem> {
     let target = Target::from_json(&body.to).map_err(|e| Problem::bad_request("bad_target", e))?;
     let Some(data) = body.data else {
         return Err(Problem::bad_request(
@@ -81,36 +81,20 @@ fn parse_message(body: SubmitBody, ctx: &NodeContext) -> Result<NewMessage, Prob
             "`data` is required (any JSON value)",
         ));
     };
-    let limit = ctx.settings.max_message_bytes;
-    if data.get().len() > limit {
-        return Err(Problem::too_large(format!(
-            "`data` is {} bytes; the limit is {limit} (PGRELAY_MAX_MESSAGE_BYTES)",
-            data.get().len()
-        )));
-    }
-    crate::message::check_json_depth(&data).map_err(|e| Problem::bad_request("bad_data", e))?;
-    if let Some(destination) = &body.destination
-        && (destination.is_empty() || destination.len() > MAX_DESTINATION_BYTES)
-    {
-        return Err(Problem::bad_request(
-            "bad_destination",
-            format!("`destination` must be 1 to {MAX_DESTINATION_BYTES} bytes"),
-        ));
-    }
-    if let Some(ttl) = body.ttl_s {
-        let retention = ctx.settings.retention.as_secs();
-        if ttl == 0 || ttl > retention {
-            return Err(Problem::bad_request(
-                "bad_ttl",
-                format!("`ttl_s` must be between 1 and the retention ({retention} s)"),
-            ));
-        }
-    }
-    Ok(NewMessage {
+    let draft = Draft {
         target,
         destination: body.destination,
         payload: Payload::Json(Arc::from(data)),
         ttl_secs: body.ttl_s,
+    };
+    parse::check(draft, &Rules::of(&ctx.settings)).map_err(|refusal| {
+        let code = match refusal {
+            Refusal::TooLarge { .. } => return Problem::too_large(refusal.to_string()),
+            Refusal::TooDeep => "bad_data",
+            Refusal::BadDestination => "bad_destination",
+            Refusal::BadTtl { .. } => "bad_ttl",
+        };
+        Problem::bad_request(code, refusal.to_string())
     })
 }
 
@@ -147,7 +131,7 @@ pub const MAX_BATCH: usize = 1000;
     security(("api_key" = []))
 )]
 pub async fn submit(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     caller: ApiCaller,
     headers: HeaderMap,
     body: Bytes,
@@ -205,7 +189,7 @@ pub struct IdempotencyKey {
     security(("api_key" = []))
 )]
 pub async fn submit_batch(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     caller: ApiCaller,
     headers: HeaderMap,
     body: Bytes,
@@ -234,11 +218,12 @@ pub async fn submit_batch(
 
 /// Messages per second per API key (not with auth `none`): a batch counts
 /// each of its messages.
-fn rate_limit(ctx: &NodeContext, caller: &ApiCaller, messages: u32) -> Result<(), Problem> {
+fn rate_limit(ctx: &NodeState, caller: &ApiCaller, messages: u32) -> Result<(), Problem> {
     if matches!(ctx.settings.auth, crate::config::Auth::None) {
         return Ok(());
     }
-    ctx.api_limiter
+    ctx.write
+        .api_limiter
         .check(&caller.scope, messages)
         .map_err(|wait| Problem {
             retry_after_secs: Some((wait.as_secs_f64().ceil() as u64).max(1)),
@@ -277,7 +262,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 /// another body is a 409. Every answer is honest about what was stored (see
 /// `router`): by the deadline, or "outcome unknown".
 async fn store(
-    ctx: &NodeContext,
+    ctx: &NodeState,
     caller: &ApiCaller,
     key: Option<String>,
     kind: &str,
@@ -285,23 +270,32 @@ async fn store(
     messages: &[NewMessage],
 ) -> Result<(StatusCode, Vec<i64>), Problem> {
     let started = std::time::Instant::now();
-    let deadline = tokio::time::Instant::now() + router::SUBMIT_TIMEOUT;
+    let deadline = enqueue::deadline();
     let stored = match key {
         // Shares a transaction with concurrent submissions (a batch stays
         // atomic within it).
         None => ctx
-            .submitter
+            .write
+            .group_commit
             .submit_all(messages.to_vec(), Source::Http, deadline)
             .await
             .map(|ids| (StatusCode::ACCEPTED, ids)),
         Some(key) => {
-            let hash = request_hash(kind, body);
+            let hash = idempotency::request_hash(kind, body);
             let keyed = Keyed {
                 scope: &caller.scope,
                 key: &key,
                 hash: &hash,
             };
-            match keyed.store(ctx, messages, deadline).await {
+            let stored = keyed
+                .store(
+                    &ctx.db.pool,
+                    &ctx.write.slow_submissions,
+                    messages,
+                    deadline,
+                )
+                .await;
+            match stored {
                 Ok(KeyedOutcome::Stored(ids)) => Ok((StatusCode::ACCEPTED, ids)),
                 Ok(KeyedOutcome::Replay(ids)) => Ok((StatusCode::OK, ids)),
                 Ok(KeyedOutcome::Conflict) => {
@@ -331,149 +325,6 @@ async fn store(
             Err(error.into())
         }
     }
-}
-
-/// A submission under an `Idempotency-Key`.
-struct Keyed<'a> {
-    scope: &'a str,
-    key: &'a str,
-    hash: &'a [u8; 32],
-}
-
-enum KeyedOutcome {
-    Stored(Vec<i64>),
-    /// An earlier request with this key and body stored these.
-    Replay(Vec<i64>),
-    /// An earlier request with this key had another body.
-    Conflict,
-}
-
-impl Keyed<'_> {
-    /// One attempt: None when the key was already claimed.
-    async fn store_once(
-        &self,
-        ctx: &NodeContext,
-        messages: &[NewMessage],
-        deadline: tokio::time::Instant,
-        nowait: bool,
-    ) -> Result<Option<Vec<i64>>, EnqueueError> {
-        let mut submission =
-            router::Submission::begin(&ctx.pool, deadline, Some(router::SUBMIT_TIMEOUT)).await?;
-        let until = submission.until();
-        let claimed = router::in_time(
-            until,
-            sqlx::query_scalar!(
-                r#"
-                INSERT INTO relay.idempotency_keys (scope, key, request_hash, message_ids)
-                VALUES ($1, $2, $3, '{}')
-                ON CONFLICT (scope, key) DO NOTHING
-                RETURNING true AS "claimed!"
-                "#,
-                self.scope,
-                self.key,
-                &self.hash[..],
-            )
-            .fetch_optional(submission.connection()),
-        )
-        .await
-        .map_err(|error| match error {
-            // Waiting for another request with this key (an earlier attempt
-            // whose answer was lost, say) and giving up: that one may still
-            // commit the message. Not "not stored".
-            EnqueueError::Busy | EnqueueError::Unavailable(_) => EnqueueError::OutcomeUnknown(
-                "another request with this Idempotency-Key is still in progress".into(),
-            ),
-            other => other,
-        })?;
-        if claimed.is_none() {
-            // Dropped: rolled back, nothing was written.
-            return Ok(None);
-        }
-        let ids = router::in_time(
-            until,
-            router::enqueue_with(submission.connection(), messages, Source::Http, nowait),
-        )
-        .await?;
-        router::in_time(
-            until,
-            sqlx::query!(
-                "UPDATE relay.idempotency_keys SET message_ids = $3 WHERE scope = $1 AND key = $2",
-                self.scope,
-                self.key,
-                &ids
-            )
-            .execute(submission.connection()),
-        )
-        .await?;
-        submission.commit().await?;
-        Ok(Some(ids))
-    }
-
-    /// Claims the key and stores the messages in one transaction; a
-    /// concurrent request with the same key waits for this one to end. A
-    /// retry after "outcome unknown" finds the key if the first commit
-    /// happened, and stores otherwise.
-    async fn store(
-        &self,
-        ctx: &NodeContext,
-        messages: &[NewMessage],
-        deadline: tokio::time::Instant,
-    ) -> Result<KeyedOutcome, EnqueueError> {
-        // Twice at most: a key found taken, then gone (past retention), is
-        // free again.
-        for _ in 0..2 {
-            let stored = match self.store_once(ctx, messages, deadline, true).await {
-                Err(EnqueueError::Busy) => {
-                    let _permit = router::slow_permit(&ctx.slow_submissions, deadline).await?;
-                    self.store_once(ctx, messages, deadline, false).await
-                }
-                done => done,
-            }?;
-            if let Some(ids) = stored {
-                return Ok(KeyedOutcome::Stored(ids));
-            }
-            // The key was taken by a request that committed: whatever happens
-            // now, that one's messages are stored.
-            let earlier = router::in_time(
-                deadline,
-                sqlx::query!(
-                    "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
-                    self.scope,
-                    self.key
-                )
-                .fetch_optional(&ctx.pool),
-            )
-            .await
-            .map_err(|error| {
-                EnqueueError::OutcomeUnknown(format!(
-                    "the earlier request with this Idempotency-Key could not be read ({error})"
-                ))
-            })?;
-            match earlier {
-                Some(earlier) if earlier.request_hash == self.hash[..] => {
-                    return Ok(KeyedOutcome::Replay(earlier.message_ids));
-                }
-                Some(_) => return Ok(KeyedOutcome::Conflict),
-                None => continue,
-            }
-        }
-        Err(EnqueueError::OutcomeUnknown(
-            "the Idempotency-Key was taken and released while this request ran".into(),
-        ))
-    }
-}
-
-/// What "the same request" means: the same endpoint and the same JSON,
-/// whatever its key order and whitespace.
-fn request_hash(kind: &str, body: &Bytes) -> [u8; 32] {
-    let canonical = serde_json::from_slice::<Value>(body)
-        .map(|value| value.to_string())
-        .unwrap_or_default();
-    let mut hasher = Sha256::new();
-    hasher.update(kind.as_bytes());
-    hasher.update([0]);
-    hasher.update(canonical.as_bytes());
-    hasher.finalize().into()
 }
 
 /// One delivery of a message: a write to a socket.
@@ -538,7 +389,7 @@ pub struct MessageView {
     security(("api_key" = []))
 )]
 pub async fn get_one(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<MessageView>, Problem> {
@@ -555,7 +406,7 @@ pub async fn get_one(
         "#,
         id
     )
-    .fetch_optional(&ctx.pool)
+    .fetch_optional(&ctx.db.pool)
     .await
     .map_err(Problem::from_db)?
     .ok_or_else(|| Problem::not_found(format!("no message {id} (it may be past retention)")))?;
@@ -569,7 +420,7 @@ pub async fn get_one(
         "#,
         id
     )
-    .fetch_all(&ctx.pool)
+    .fetch_all(&ctx.db.pool)
     .await
     .map_err(Problem::from_db)?;
     let stored = StoredMessage::from_row(

@@ -1,5 +1,5 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and
-//! types (see `http::router`, which registers each handler with its
+//! types, (see `http::router`, which registers each handler with its
 //! documentation in one step).
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
-use crate::node::NodeContext;
+use crate::state::NodeState;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -71,7 +71,7 @@ pub struct Document(pub Arc<String>);
     security((), ("api_key" = []))
 )]
 pub async fn document(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     axum::Extension(document): axum::Extension<Document>,
     caller: Result<ApiCaller, Problem>,
 ) -> Result<Response, Problem> {
@@ -81,38 +81,6 @@ pub async fn document(
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         document.0.as_str().to_owned(),
-    )
-        .into_response())
-}
-
-/// Metrics
-///
-/// Prometheus text exposition. A scraper sends the API key as a bearer
-/// token, unless PGRELAY_METRICS_PUBLIC.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses(
-        (status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4", body = String),
-        (status = 401, description = "No or bad API key (unless PGRELAY_METRICS_PUBLIC)", body = ProblemDetails, content_type = "application/problem+json"),
-    ),
-    security((), ("api_key" = []))
-)]
-pub async fn metrics(
-    State(ctx): State<Arc<NodeContext>>,
-    caller: Result<ApiCaller, Problem>,
-) -> Result<Response, Problem> {
-    if !ctx.settings.exposure.metrics_public {
-        caller?;
-    }
-    ctx.export_pool_gauges();
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::render(),
     )
         .into_response())
 }

@@ -1,5 +1,5 @@
 //! Presence and membership: who is connected where, which nodes are alive,
-//! and disconnecting a client.
+//! and disconnecting a client (a request the write side queues).
 
 use std::sync::Arc;
 
@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
-use crate::node::NodeContext;
+use crate::state::NodeState;
+use crate::write::disconnect;
 
 /// A live WebSocket connection.
 #[derive(Serialize, ToSchema)]
@@ -48,7 +49,7 @@ pub struct ConnectionList {
     security(("api_key" = []))
 )]
 pub async fn user_connections(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
     Path(user): Path<String>,
 ) -> Result<Json<ConnectionList>, Problem> {
@@ -62,7 +63,7 @@ pub async fn user_connections(
         "#,
         user
     )
-    .fetch_all(&ctx.pool)
+    .fetch_all(&ctx.db.pool)
     .await
     .map_err(Problem::from_db)?;
     Ok(Json(ConnectionList { connections }))
@@ -95,7 +96,7 @@ pub struct ConnectionFilter {
     security(("api_key" = []))
 )]
 pub async fn connections(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
     filter: Result<Query<ConnectionFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ConnectionList>, Problem> {
@@ -112,7 +113,7 @@ pub async fn connections(
         filter.node,
         limit
     )
-    .fetch_all(&ctx.pool)
+    .fetch_all(&ctx.db.pool)
     .await
     .map_err(Problem::from_db)?;
     Ok(Json(ConnectionList { connections }))
@@ -151,7 +152,7 @@ pub struct NodeList {
     security(("api_key" = []))
 )]
 pub async fn nodes(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
 ) -> Result<Json<NodeList>, Problem> {
     let nodes = sqlx::query_as!(
@@ -165,7 +166,7 @@ pub async fn nodes(
         "#,
         ctx.settings.node_timeout.as_secs_f64()
     )
-    .fetch_all(&ctx.pool)
+    .fetch_all(&ctx.db.pool)
     .await
     .map_err(Problem::from_db)?;
     Ok(Json(NodeList { nodes }))
@@ -199,31 +200,17 @@ pub struct Disconnecting {
     security(("api_key" = []))
 )]
 pub async fn disconnect(
-    State(ctx): State<Arc<NodeContext>>,
+    State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Disconnecting>), Problem> {
     let Ok(id) = Uuid::parse_str(&id) else {
         return Err(Problem::not_found(format!("{id:?} is not a connection id")));
     };
-    let mut tx = ctx.pool.begin().await.map_err(Problem::from_db)?;
-    let node = sqlx::query_scalar!(
-        r#"
-        INSERT INTO relay.outbox (node_id, kind, connection_ids)
-        SELECT node_id, 'disconnect', ARRAY[id] FROM relay.connections WHERE id = $1
-        RETURNING node_id AS "node_id!"
-        "#,
-        id
-    )
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(Problem::from_db)?
-    .ok_or_else(|| Problem::not_found(format!("no connection {id}")))?;
-    sqlx::query!("SELECT pg_notify('pgrelay.node.' || $1, '')", node)
-        .execute(&mut *tx)
+    let node = disconnect::request(&ctx.db.pool, id)
         .await
-        .map_err(Problem::from_db)?;
-    tx.commit().await.map_err(Problem::from_db)?;
+        .map_err(Problem::from_db)?
+        .ok_or_else(|| Problem::not_found(format!("no connection {id}")))?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Disconnecting {
@@ -234,89 +221,8 @@ pub async fn disconnect(
     ))
 }
 
-/// Cluster status
-///
-/// What is stuck, where: every registered node with its connections and
-/// outbox backlog, the parked total, the oldest pending work and the sweeper.
-#[utoipa::path(
-    get,
-    path = "/v1/status",
-    tag = "presence",
-    responses(
-        (status = 200, description = "The cluster's state", body = crate::status::ClusterStatus),
-        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
-    ),
-    security(("api_key" = []))
-)]
-pub async fn status(
-    State(ctx): State<Arc<NodeContext>>,
-    _caller: ApiCaller,
-) -> Result<Json<crate::status::ClusterStatus>, Problem> {
-    crate::status::read(&ctx.pool, ctx.settings.node_timeout)
-        .await
-        .map(Json)
-        .map_err(Problem::from_db)
-}
-
-/// Which deliveries to list.
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct DeliveryFilter {
-    /// Deliveries at or after this time (RFC 3339); default: the last minute.
-    since: Option<DateTime<Utc>>,
-    /// Only this user's.
-    user: Option<String>,
-    /// Only this node's.
-    node: Option<String>,
-    /// At most this many, oldest first (1 to 1000; default 100).
-    limit: Option<i64>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct DeliveryList {
-    deliveries: Vec<crate::status::DeliveryEvent>,
-}
-
-/// Recent deliveries
-///
-/// Deliveries as they are recorded, oldest first: what `pgrelay tail` follows.
-#[utoipa::path(
-    get,
-    path = "/v1/deliveries",
-    tag = "messages",
-    params(DeliveryFilter),
-    responses(
-        (status = 200, description = "Deliveries, oldest first", body = DeliveryList),
-        (status = 400, description = "Bad filter", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
-    ),
-    security(("api_key" = []))
-)]
-pub async fn deliveries(
-    State(ctx): State<Arc<NodeContext>>,
-    _caller: ApiCaller,
-    filter: Result<Query<DeliveryFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<DeliveryList>, Problem> {
-    let (filter, limit) = listing(filter, |f| f.limit)?;
-    let since = filter
-        .since
-        .unwrap_or_else(|| Utc::now() - chrono::Duration::minutes(1));
-    let deliveries = crate::status::deliveries_since(
-        &ctx.pool,
-        since,
-        filter.user.as_deref(),
-        filter.node.as_deref(),
-        limit,
-    )
-    .await
-    .map_err(Problem::from_db)?;
-    Ok(Json(DeliveryList { deliveries }))
-}
-
 /// A listing's filter and its `limit` (1 to 1000; default 100).
-fn listing<T>(
+pub(super) fn listing<T>(
     filter: Result<Query<T>, axum::extract::rejection::QueryRejection>,
     limit: impl Fn(&T) -> Option<i64>,
 ) -> Result<(T, i64), Problem> {

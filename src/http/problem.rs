@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::router::EnqueueError;
+use crate::write::enqueue::EnqueueError;
 
 /// An error answer. `code` names the problem for programs (it is the last
 /// part of the `type` URN); `detail` explains this occurrence to people.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -27,7 +28,7 @@ pub struct ConnectionSlot {
 /// Serves `router` on `listener` until `shutdown`, then lets open HTTP
 /// requests finish for up to `grace`.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     router: Router,
     max_connections: usize,
     header_timeout: Duration,
@@ -63,7 +64,9 @@ pub async fn serve(
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        // One connection's task: a panic in it (a bug in a handler) ends that
+        // connection alone, and is logged.
+        let served = async move {
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request.extensions_mut().insert(ConnectInfo(remote));
@@ -97,6 +100,15 @@ pub async fn serve(
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(grace, connection).await;
                 }
+            }
+        };
+        tokio::spawn(async move {
+            if std::panic::AssertUnwindSafe(served)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(%remote, "a connection's task panicked; that connection is closed");
             }
         });
     }

@@ -7,6 +7,11 @@ use serde_json::value::RawValue;
 
 use crate::message::{Presentation, StoredMessage, StreamKey};
 
+reason_error!(
+    /// Why a client frame is not a frame of the protocol.
+    BadFrame
+);
+
 /// Everything a client may send.
 #[derive(Debug)]
 pub enum ClientFrame {
@@ -72,7 +77,7 @@ impl<'de> Deserialize<'de> for MessageId {
 impl ClientFrame {
     /// # Errors
     /// A description of what is wrong with the frame, for an `error` frame.
-    pub fn decode(text: &str) -> Result<Self, String> {
+    pub fn decode(text: &str) -> Result<Self, BadFrame> {
         let raw: RawFrame = serde_json::from_str(text).map_err(|e| {
             let e = e.to_string();
             if e.contains("missing field `op`") {
@@ -89,7 +94,8 @@ impl ClientFrame {
             other => {
                 return Err(format!(
                     "unknown op {other:?}: expected subscribe, unsubscribe, ack or publish"
-                ));
+                )
+                .into());
             }
         };
         let present = [
@@ -99,7 +105,7 @@ impl ClientFrame {
             ("data", raw.data.is_some()),
         ];
         if let Some((field, _)) = present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
-            return Err(format!("`{field}` is not a field of {:?}", raw.op));
+            return Err(format!("`{field}` is not a field of {:?}", raw.op).into());
         }
         let missing = |field: &str| format!("{:?} needs `{field}`", raw.op);
         Ok(match raw.op.as_str() {
@@ -280,10 +286,10 @@ mod tests {
             r#"{"op":"ack","id":"1","topic":"t"}"#,
             r#"{"op":"publish","topic":"t"}"#,
         ] {
-            assert!(!ClientFrame::decode(bad).unwrap_err().is_empty(), "{bad}");
+            assert!(!ClientFrame::decode(bad).unwrap_err().0.is_empty(), "{bad}");
         }
         assert_eq!(
-            ClientFrame::decode(r#"{"id":"1"}"#).unwrap_err(),
+            ClientFrame::decode(r#"{"id":"1"}"#).unwrap_err().0,
             "frame has no `op`"
         );
     }

@@ -47,7 +47,7 @@ impl Version {
 
 /// Bounds on what one frame may be.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub struct FrameLimits {
     /// Largest body.
     pub max_body: usize,
     pub max_headers: usize,
@@ -55,7 +55,7 @@ pub struct Limits {
     pub max_header_line: usize,
 }
 
-impl Limits {
+impl FrameLimits {
     pub fn new(max_body: usize) -> Self {
         Self {
             max_body,
@@ -146,7 +146,11 @@ const CLIENT_COMMANDS: [&str; 11] = [
 /// Decodes every frame in `input` (one WebSocket message), skipping
 /// heart-beat end-of-lines. `version` decides header unescaping; it is
 /// ignored for CONNECT and STOMP frames, which are never escaped.
-pub fn decode(input: &[u8], version: Version, limits: &Limits) -> Result<Vec<Frame>, FrameError> {
+pub fn decode(
+    input: &[u8],
+    version: Version,
+    limits: &FrameLimits,
+) -> Result<Vec<Frame>, FrameError> {
     let mut frames = Vec::new();
     let mut rest = input;
     loop {
@@ -192,7 +196,7 @@ fn line(input: &[u8], max: usize) -> Result<Option<Line<'_>>, FrameError> {
 fn decode_one(
     input: &[u8],
     version: Version,
-    limits: &Limits,
+    limits: &FrameLimits,
 ) -> Result<(Frame, usize), FrameError> {
     let (command, mut rest) =
         line(input, limits.max_header_line)?.ok_or(FrameError::UnterminatedHeaders)?;
@@ -357,8 +361,8 @@ pub fn heart_beat(value: Option<&str>) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
-    fn limits() -> Limits {
-        Limits::new(1024)
+    fn limits() -> FrameLimits {
+        FrameLimits::new(1024)
     }
 
     fn one(input: &[u8], version: Version) -> Result<Frame, FrameError> {
@@ -478,7 +482,7 @@ mod tests {
 
     #[test]
     fn oversized_frames_are_refused_before_they_are_read() {
-        let limits = Limits::new(8);
+        let limits = FrameLimits::new(8);
         let input = b"SEND\ncontent-length:100000000\n\n";
         assert_eq!(
             decode(input, Version::V1_2, &limits),
@@ -494,7 +498,7 @@ mod tests {
         }
         many.extend_from_slice(b"\n\0");
         assert_eq!(
-            decode(&many, Version::V1_2, &Limits::new(8)),
+            decode(&many, Version::V1_2, &FrameLimits::new(8)),
             Err(FrameError::TooManyHeaders(64))
         );
         let mut long = b"SEND\nh:".to_vec();
@@ -546,7 +550,7 @@ mod tests {
     #[test]
     fn fuzz_regression_frames_at_the_header_limit() {
         let input = include_bytes!("../../fuzz/regressions/stomp-64-headers");
-        let frames = decode(input, Version::V1_2, &Limits::new(4096)).unwrap();
+        let frames = decode(input, Version::V1_2, &FrameLimits::new(4096)).unwrap();
         assert!(!frames.is_empty());
         for frame in frames {
             let headers: Vec<(&str, &str)> = frame
@@ -556,7 +560,7 @@ mod tests {
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
             let again = encode(&frame.command, &headers, &frame.body, Version::V1_2);
-            let mut limits = Limits::new(4096);
+            let mut limits = FrameLimits::new(4096);
             limits.max_headers += 1;
             let decoded = decode(&again, Version::V1_2, &limits).unwrap();
             assert_eq!(decoded[0].body, frame.body);
@@ -583,7 +587,7 @@ mod tests {
             ) {
                 let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
                 let bytes = encode(command, &pairs, &body, Version::V1_2);
-                let frames = decode(&bytes, Version::V1_2, &Limits::new(1024)).unwrap();
+                let frames = decode(&bytes, Version::V1_2, &FrameLimits::new(1024)).unwrap();
                 prop_assert_eq!(frames.len(), 1);
                 let frame = &frames[0];
                 prop_assert_eq!(frame.command.as_str(), command);
@@ -603,7 +607,7 @@ mod tests {
                     bytes.extend(encode("SEND", &[("destination", "/topic/x")], body, Version::V1_2));
                     bytes.extend_from_slice(b"\n");
                 }
-                let frames = decode(&bytes, Version::V1_2, &Limits::new(1024)).unwrap();
+                let frames = decode(&bytes, Version::V1_2, &FrameLimits::new(1024)).unwrap();
                 let decoded: Vec<Vec<u8>> = frames.iter().map(|f| f.body.to_vec()).collect();
                 prop_assert_eq!(decoded, bodies);
             }
@@ -612,7 +616,7 @@ mod tests {
             #[test]
             fn arbitrary_input_never_panics(input in prop::collection::vec(any::<u8>(), 0..2000)) {
                 for version in [Version::V1_0, Version::V1_1, Version::V1_2] {
-                    let _ = decode(&input, version, &Limits::new(256));
+                    let _ = decode(&input, version, &FrameLimits::new(256));
                 }
             }
         }

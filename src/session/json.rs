@@ -1,34 +1,121 @@
-//! The JSON protocol's half of a session: `welcome`, and the client's
-//! `subscribe`, `unsubscribe`, `publish` and `ack` frames.
+//! The JSON protocol's half of a session: `welcome`, the client's
+//! `subscribe`, `unsubscribe`, `publish` and `ack` frames, and its own
+//! state (the ids delivered and not yet acked, the bad frames it sent).
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock: the same as the system's, except in tests that pause it.
+use tokio::time::Instant;
 
 use axum::extract::ws::Message;
 
-use super::{Backfill, Exit, Origin, Reply, Session};
-use crate::deliveries::Record;
-use crate::message::{NewMessage, Payload, StreamKey, Target};
+use super::{Backfill, Exit, Half, Input, Item, Origin, Ready, Session, WsSink};
+use crate::message::{Payload, StreamKey, Target};
+use crate::protocol::Protocol;
 use crate::protocol::json::{self, ClientFrame};
-use crate::router::EnqueueError;
+use crate::read::delivery_log::Record;
+use crate::read::hub::Envelope;
 use crate::topic;
+use crate::write::enqueue::EnqueueError;
+use crate::write::parse::{self, Draft, Refusal, Rules};
 
-impl Session {
-    pub(super) async fn json_welcome(&mut self) -> Result<(), Exit> {
+/// Bad frames tolerated per minute before the client is closed.
+pub(super) const BAD_FRAMES_PER_MINUTE: usize = 10;
+/// Delivered-but-unacked ids remembered per connection, to validate acks.
+const UNACKED_REMEMBERED: usize = 10_000;
+
+/// A JSON session's own state.
+#[derive(Default)]
+pub(super) struct Json {
+    unacked: Unacked,
+    bad_frames: VecDeque<Instant>,
+}
+
+/// A publish waiting for its commit: answered with `published`.
+pub(super) struct Published {
+    topic: Arc<str>,
+}
+
+impl Half for Json {
+    const PROTOCOL: Protocol = Protocol::Json;
+    type Reply = Published;
+
+    async fn confirm<S: WsSink>(session: &mut Session<Self, S>) -> Result<(), Exit> {
         let welcome = json::welcome(
-            &self.id.to_string(),
-            self.ctx.node_id.as_str(),
-            self.ctx.settings.heartbeat_interval.as_millis() as u64,
+            &session.id.to_string(),
+            session.ctx.node_id.as_str(),
+            session.ctx.settings.heartbeat_interval.as_millis() as u64,
         );
-        self.send(Message::Text(welcome.into())).await
+        session.send(Message::Text(welcome.into())).await?;
+        Box::pin(session.run_pending_backfills()).await
     }
 
-    pub(super) async fn json_text(&mut self, text: &str) -> Result<(), Exit> {
+    async fn input<S: WsSink>(session: &mut Session<Self, S>, input: Input) -> Result<(), Exit> {
+        match input {
+            Input::Text(text) => session.json_text(&text).await,
+            Input::Binary(_) => {
+                session
+                    .json_bad_frame("binary frames are not part of the pgrelay.v1 protocol")
+                    .await
+            }
+        }
+    }
+
+    async fn answered<S: WsSink>(
+        session: &mut Session<Self, S>,
+        reply: Published,
+        answer: Result<i64, EnqueueError>,
+    ) -> Result<(), Exit> {
+        session.json_published(&reply.topic, answer).await
+    }
+
+    async fn refuse<S: WsSink>(&self, _sink: &mut S, _reason: &str) {
+        // The close frame carries the reason.
+    }
+
+    fn frames(&mut self, item: Item, _hold_at_most: usize) -> Option<Ready> {
+        let frame = shared_frame(&item.envelope);
+        Some(Ready {
+            item,
+            frames: vec![Message::Text(frame)],
+        })
+    }
+
+    fn written(&mut self, message_id: i64) {
+        self.unacked.insert(message_id);
+    }
+
+    fn counts_its_own_frames(&self) -> bool {
+        false
+    }
+
+    fn heartbeat_in(&self) -> Option<Duration> {
+        None
+    }
+
+    fn heartbeat_out(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// A message's frame: the same for every JSON session, so encoded once (by
+/// the first session that writes it) and shared.
+fn shared_frame(envelope: &Envelope) -> axum::extract::ws::Utf8Bytes {
+    envelope
+        .shared_frame
+        .get_or_init(|| json::message(&envelope.message, json::To::of(&envelope.stream)).into())
+        .clone()
+}
+
+impl<S: WsSink> Session<Json, S> {
+    async fn json_text(&mut self, text: &str) -> Result<(), Exit> {
         let frame = match ClientFrame::decode(text) {
             Ok(frame) => frame,
             Err(reason) => {
                 self.answer_in_flight().await?;
-                return self.json_bad_frame(&reason).await;
+                return self.json_bad_frame(&reason.0).await;
             }
         };
         // Publishes are answered in order, after their commit; acks answer
@@ -40,13 +127,13 @@ impl Session {
         }
         match frame {
             ClientFrame::Ack { id } => {
-                if self.unacked.take(id.0) {
+                if self.proto.unacked.take(id.0) {
                     let record = Record::Acked {
                         message_id: id.0,
                         connection_id: self.id,
                         at: chrono::Utc::now(),
                     };
-                    self.ctx.deliveries.record(record).await;
+                    self.ctx.delivery.log.record(record).await;
                     Ok(())
                 } else {
                     self.answer_in_flight().await?;
@@ -59,7 +146,7 @@ impl Session {
             }
             ClientFrame::Subscribe { topic, since } => {
                 if let Err(reason) = topic::validate(&topic) {
-                    return self.json_bad_frame(&reason).await;
+                    return self.json_bad_frame(&reason.0).await;
                 }
                 if !topic::allowed(&self.identity.topics, &topic) {
                     let detail = format!("your token does not allow subscribing to {topic:?}");
@@ -96,37 +183,39 @@ impl Session {
             ClientFrame::Publish { topic, data } => {
                 if let Err(reason) = topic::validate(&topic) {
                     self.answer_in_flight().await?;
-                    return self.json_bad_frame(&reason).await;
+                    return self.json_bad_frame(&reason.0).await;
                 }
                 if !topic::allowed(&self.identity.publish, &topic) {
                     self.answer_in_flight().await?;
                     let detail = format!("your token does not allow publishing to {topic:?}");
                     return self.json_error("forbidden", &detail).await;
                 }
-                if data.get().len() > self.ctx.settings.max_message_bytes {
-                    self.answer_in_flight().await?;
-                    return self
-                        .json_error("too_large", "`data` is over the message size limit")
-                        .await;
-                }
-                if let Err(reason) = crate::message::check_json_depth(&data) {
-                    self.answer_in_flight().await?;
-                    return self.json_bad_frame(&reason).await;
-                }
-                let message = NewMessage {
+                let draft = Draft {
                     target: Target::Topic(topic.clone()),
                     destination: None,
                     payload: Payload::Json(Arc::from(data)),
                     ttl_secs: None,
                 };
+                let message = match parse::check(draft, &Rules::of(&self.ctx.settings)) {
+                    Ok(message) => message,
+                    Err(refusal) => {
+                        self.answer_in_flight().await?;
+                        return match refusal {
+                            Refusal::TooLarge { .. } => {
+                                self.json_error("too_large", &refusal.to_string()).await
+                            }
+                            _ => self.json_bad_frame(&refusal.to_string()).await,
+                        };
+                    }
+                };
                 let topic: Arc<str> = topic.as_str().into();
-                self.submit(message, Reply::Published { topic }).await
+                self.submit(message, Published { topic }).await
             }
         }
     }
 
     /// Answers a publish once its commit is known.
-    pub(super) async fn json_published(
+    async fn json_published(
         &mut self,
         topic: &str,
         answer: Result<i64, EnqueueError>,
@@ -159,18 +248,19 @@ impl Session {
 
     /// Answers a bad frame with an `error` frame; too many in a minute close
     /// the connection.
-    pub(super) async fn json_bad_frame(&mut self, reason: &str) -> Result<(), Exit> {
+    async fn json_bad_frame(&mut self, reason: &str) -> Result<(), Exit> {
         let now = Instant::now();
-        while self
-            .bad_frames
+        let bad_frames = &mut self.proto.bad_frames;
+        while bad_frames
             .front()
             .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
         {
-            self.bad_frames.pop_front();
+            bad_frames.pop_front();
         }
-        self.bad_frames.push_back(now);
+        bad_frames.push_back(now);
+        let too_many = bad_frames.len() > BAD_FRAMES_PER_MINUTE;
         self.json_error("bad_frame", reason).await?;
-        if self.bad_frames.len() > super::BAD_FRAMES_PER_MINUTE {
+        if too_many {
             return Err(Exit::close(1008, "too many bad frames"));
         }
         Ok(())
@@ -179,5 +269,30 @@ impl Session {
     async fn json_error(&mut self, code: &str, message: &str) -> Result<(), Exit> {
         self.send(Message::Text(json::error(code, message).into()))
             .await
+    }
+}
+
+/// Ids delivered on this connection and not yet acked, bounded: the oldest
+/// are forgotten first.
+#[derive(Default)]
+struct Unacked {
+    ids: HashSet<i64>,
+    order: VecDeque<i64>,
+}
+
+impl Unacked {
+    fn insert(&mut self, id: i64) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > UNACKED_REMEMBERED
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+
+    fn take(&mut self, id: i64) -> bool {
+        self.ids.remove(&id)
     }
 }

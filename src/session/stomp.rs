@@ -1,5 +1,6 @@
-//! STOMP's half of a session: CONNECT and CONNECTED, subscriptions to
-//! `/topic/…` and `/user/…` destinations, SEND, ACK/NACK, receipts and
+//! STOMP's half of a session: CONNECT and CONNECTED ([`handshake`]),
+//! subscriptions to `/topic/…` and `/user/…` destinations
+//! ([`subscriptions`], [`destinations`]), SEND, ACK/NACK, receipts and
 //! heart-beats, as Spring clients (@stomp/stompjs) use them.
 //!
 //! Destinations:
@@ -15,207 +16,129 @@
 //! `users.<name>`). Transactions are refused. Any error is an ERROR frame,
 //! after which the connection closes, as STOMP requires.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+mod destinations;
+mod handshake;
+mod subscriptions;
+
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 
-use super::{Exit, Incoming, Reply, Session, Sink, SubscribeError};
-use crate::auth::{Identity, bearer};
-use crate::config::Auth;
-use crate::deliveries::Record;
-use crate::message::{NewMessage, Payload, StoredMessage, StreamKey, Target};
-use crate::node::NodeContext;
-use crate::protocol::stomp::{self, Frame, FrameError, Limits, Version};
-use crate::router::EnqueueError;
+use super::topics::SubscribeError;
+use super::{Exit, Half, Input, Item, Ready, Session, WsSink};
+use crate::message::{Payload, StreamKey, Target};
+use crate::protocol::Protocol;
+use crate::protocol::stomp::{self, Frame, FrameError, FrameLimits, Version};
+use crate::read::delivery_log::Record;
 use crate::topic;
+use crate::write::enqueue::EnqueueError;
+use crate::write::parse::{self, Draft, Refusal, Rules};
+use destinations::{Listens, parse_send, parse_subscription};
+pub(super) use handshake::handshake;
+use subscriptions::{AckMode, Subscription, Subscriptions};
 
 /// Frames one WebSocket message may carry: each is read, and a SEND
 /// queued, before the next message is read.
 const MAX_FRAMES_PER_MESSAGE: usize = 1000;
-/// Outstanding acks remembered per connection; the oldest are forgotten.
-const MAX_PENDING_ACKS: usize = 10_000;
-/// The destination of user messages sent without one.
-const DEFAULT_USER_DESTINATION: &str = "/queue/messages";
-const DEFAULT_BROADCAST_DESTINATION: &str = "/topic/broadcast";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum AckMode {
-    Auto,
-    Client,
-    ClientIndividual,
-}
-
-/// What a subscription listens to.
-#[derive(Clone, Debug)]
-enum Listens {
-    Topic(Arc<str>),
-    /// This user's messages with this destination (`/queue/x`).
-    User(String),
-}
-
-struct Subscription {
-    destination: String,
-    listens: Listens,
-    ack: AckMode,
-}
-
-struct PendingAck {
-    subscription: String,
-    message_id: i64,
-}
-
-/// A STOMP session's state.
-pub(super) struct State {
-    pub(super) version: Version,
-    limits: Limits,
-    subscriptions: HashMap<String, Subscription>,
-    /// Ack id → what it acknowledges, in ack id order.
-    pending: HashMap<u64, PendingAck>,
-    pending_order: VecDeque<u64>,
-    next_ack: u64,
+/// A STOMP session's own state.
+pub(super) struct Stomp {
+    version: Version,
+    limits: FrameLimits,
+    subscriptions: Subscriptions,
+    /// User messages no subscription matches yet, in order.
+    held: VecDeque<Item>,
     /// Send a heart-beat this often (agreed in CONNECT).
-    pub(super) heartbeat_out: Option<Duration>,
+    heartbeat_out: Option<Duration>,
     /// The client promised one at least this often.
-    pub(super) heartbeat_in: Option<Duration>,
+    heartbeat_in: Option<Duration>,
 }
 
-impl State {
-    /// The MESSAGE frames for a message, one per matching subscription.
-    pub(super) fn frames_for(
-        &mut self,
-        message: &StoredMessage,
-        stream: &StreamKey,
-    ) -> Vec<Message> {
-        let wanted: Vec<(String, String, AckMode)> = self
-            .subscriptions
-            .iter()
-            .filter(|(_, sub)| match (&sub.listens, stream) {
-                (Listens::Topic(t), StreamKey::Topic(topic)) => t == topic,
-                (Listens::User(destination), StreamKey::User(_)) => {
-                    destination
-                        == message
-                            .destination
-                            .as_deref()
-                            .unwrap_or(DEFAULT_USER_DESTINATION)
-                }
-                (_, StreamKey::Broadcast) => {
-                    sub.destination
-                        == message
-                            .destination
-                            .as_deref()
-                            .unwrap_or(DEFAULT_BROADCAST_DESTINATION)
-                }
-                _ => false,
-            })
-            .map(|(id, sub)| (id.clone(), sub.destination.clone(), sub.ack))
-            .collect();
-        let (body, content_type) = message.payload.body();
-        let message_id = message.id.to_string();
-        let mut frames = Vec::with_capacity(wanted.len());
-        for (subscription, destination, ack) in wanted {
-            let ack_id =
-                (ack != AckMode::Auto).then(|| self.remember_ack(&subscription, message.id));
-            let ack_text = ack_id.map(|id| id.to_string());
-            let mut headers = vec![
-                ("subscription", subscription.as_str()),
-                ("message-id", message_id.as_str()),
-                ("destination", destination.as_str()),
-            ];
-            if let Some(content_type) = content_type {
-                headers.push(("content-type", content_type));
-            }
-            if let Some(ack) = &ack_text
-                && self.version == Version::V1_2
-            {
-                headers.push(("ack", ack));
-            }
-            frames.push(to_message(stomp::encode(
-                "MESSAGE",
-                &headers,
-                &body,
-                self.version,
-            )));
+impl Stomp {
+    pub(in crate::session) fn new(
+        version: Version,
+        limits: FrameLimits,
+        heartbeat_out: Option<Duration>,
+        heartbeat_in: Option<Duration>,
+    ) -> Self {
+        Self {
+            version,
+            limits,
+            subscriptions: Subscriptions::default(),
+            held: VecDeque::new(),
+            heartbeat_out,
+            heartbeat_in,
         }
-        frames
+    }
+}
+
+/// A SEND waiting for its commit: answered with a RECEIPT when it asked.
+pub(super) struct Sent {
+    receipt: Option<String>,
+}
+
+impl Half for Stomp {
+    const PROTOCOL: Protocol = Protocol::Stomp;
+    type Reply = Sent;
+
+    async fn confirm<S: WsSink>(session: &mut Session<Self, S>) -> Result<(), Exit> {
+        session.stomp_connected().await
     }
 
-    fn remember_ack(&mut self, subscription: &str, message_id: i64) -> u64 {
-        self.next_ack += 1;
-        let id = self.next_ack;
-        self.pending.insert(
-            id,
-            PendingAck {
-                subscription: subscription.to_owned(),
-                message_id,
-            },
-        );
-        self.pending_order.push_back(id);
-        while self.pending_order.len() > MAX_PENDING_ACKS {
-            if let Some(old) = self.pending_order.pop_front() {
-                self.pending.remove(&old);
-            }
+    async fn input<S: WsSink>(session: &mut Session<Self, S>, input: Input) -> Result<(), Exit> {
+        match input {
+            Input::Text(text) => session.stomp_input(text.as_bytes()).await,
+            Input::Binary(bytes) => session.stomp_input(&bytes).await,
         }
-        id
     }
 
-    /// The pending acks an ACK or NACK frame settles: one (client-individual)
-    /// or every earlier one of the subscription too (client). Empty when the
-    /// frame names nothing pending.
-    fn settle(&mut self, frame: &Frame) -> Vec<i64> {
-        let found = match self.version {
-            Version::V1_2 => frame.header("id").and_then(|id| id.parse::<u64>().ok()),
-            _ => {
-                let subscription = frame.header("subscription");
-                let message_id = frame
-                    .header("message-id")
-                    .and_then(|id| id.parse::<i64>().ok());
-                self.pending_order.iter().copied().find(|ack| {
-                    self.pending.get(ack).is_some_and(|p| {
-                        Some(p.message_id) == message_id
-                            && subscription.is_none_or(|s| s == p.subscription)
-                    })
-                })
-            }
-        };
-        let Some(ack_id) = found else {
-            return Vec::new();
-        };
-        let Some(pending) = self.pending.get(&ack_id) else {
-            return Vec::new();
-        };
-        let subscription = pending.subscription.clone();
-        let cumulative = self
-            .subscriptions
-            .get(&subscription)
-            .is_some_and(|s| s.ack == AckMode::Client);
-        let settled: Vec<u64> = if cumulative {
-            self.pending_order
-                .iter()
-                .copied()
-                .filter(|id| {
-                    *id <= ack_id
-                        && self
-                            .pending
-                            .get(id)
-                            .is_some_and(|p| p.subscription == subscription)
-                })
-                .collect()
-        } else {
-            vec![ack_id]
-        };
-        let mut messages = Vec::with_capacity(settled.len());
-        for id in settled {
-            if let Some(pending) = self.pending.remove(&id) {
-                messages.push(pending.message_id);
+    async fn answered<S: WsSink>(
+        session: &mut Session<Self, S>,
+        reply: Sent,
+        answer: Result<i64, EnqueueError>,
+    ) -> Result<(), Exit> {
+        session.stomp_sent(reply.receipt, answer).await
+    }
+
+    async fn refuse<S: WsSink>(&self, sink: &mut S, reason: &str) {
+        let _ = send_error(sink, self.version, reason, None).await;
+    }
+
+    /// Keeps a user message no subscription wants yet until one does; the
+    /// oldest are let go past `hold_at_most`. What is let go stays routed to
+    /// this connection in the outbox: parked for the user when it closes.
+    fn frames(&mut self, item: Item, hold_at_most: usize) -> Option<Ready> {
+        let envelope = &item.envelope;
+        let frames =
+            self.subscriptions
+                .frames_for(&envelope.message, &envelope.stream, self.version);
+        if !frames.is_empty() {
+            return Some(Ready { item, frames });
+        }
+        if matches!(envelope.stream, StreamKey::User(_)) {
+            self.held.push_back(item);
+            if self.held.len() > hold_at_most {
+                self.held.pop_front();
             }
         }
-        self.pending_order
-            .retain(|id| self.pending.contains_key(id));
-        messages
+        None
+    }
+
+    fn written(&mut self, _message_id: i64) {}
+
+    fn counts_its_own_frames(&self) -> bool {
+        true
+    }
+
+    fn heartbeat_in(&self) -> Option<Duration> {
+        self.heartbeat_in
+    }
+
+    fn heartbeat_out(&self) -> Option<Duration> {
+        self.heartbeat_out
     }
 }
 
@@ -231,8 +154,8 @@ fn to_message(bytes: Vec<u8>) -> Message {
 }
 
 /// Sends an ERROR frame (the caller closes the connection after it).
-pub(super) async fn send_error(
-    sink: &mut Sink,
+async fn send_error<S: WsSink>(
+    sink: &mut S,
     version: Version,
     message: &str,
     receipt: Option<&str>,
@@ -243,99 +166,6 @@ pub(super) async fn send_error(
     }
     let frame = stomp::encode("ERROR", &headers, message.as_bytes(), version);
     sink.send(to_message(frame)).await
-}
-
-/// Reads CONNECT (or STOMP) and authenticates. None when the client is
-/// refused (it has been sent an ERROR and closed).
-pub(super) async fn handshake(
-    ctx: &NodeContext,
-    sink: &mut Sink,
-    incoming: &mut Incoming,
-    identity: Option<Identity>,
-    deadline: tokio::time::Instant,
-) -> Option<(Identity, State)> {
-    let limits = Limits::new(ctx.settings.max_message_bytes);
-    let outcome = async {
-        let frame = loop {
-            // One deadline from accept, whatever the client sends meanwhile
-            // (heart-beats, pings): a socket that never connects is closed.
-            let message = match tokio::time::timeout_at(deadline, incoming.next()).await {
-                Ok(Some(Ok(message))) => message,
-                Ok(_) => return Err(None),
-                Err(_) => return Err(Some("no CONNECT frame in time".to_owned())),
-            };
-            let bytes = match &message {
-                Message::Text(text) => text.as_bytes(),
-                Message::Binary(bytes) => &bytes[..],
-                Message::Close(_) => return Err(None),
-                _ => continue,
-            };
-            match stomp::decode(bytes, Version::V1_2, &limits) {
-                Ok(mut frames) if !frames.is_empty() => break frames.remove(0),
-                Ok(_) => continue, // heart-beats
-                Err(error) => return Err(Some(format!("malformed frame: {error}"))),
-            }
-        };
-        if frame.command != "CONNECT" && frame.command != "STOMP" {
-            return Err(Some(format!("expected CONNECT, got {}", frame.command)));
-        }
-        let version = Version::negotiate(frame.header("accept-version"))
-            .ok_or_else(|| Some("supported versions are 1.0, 1.1 and 1.2".to_owned()))?;
-        let (client_sends, client_wants) = stomp::heart_beat(frame.header("heart-beat"))
-            .ok_or_else(|| Some("the heart-beat header must be two numbers: cx,cy".to_owned()))?;
-        let identity = match identity {
-            Some(identity) => identity,
-            None => connect_identity(ctx, &frame).map_err(Some)?,
-        };
-        let ours = ctx.settings.heartbeat_interval.as_millis() as u64;
-        let state = State {
-            version,
-            limits,
-            subscriptions: HashMap::new(),
-            pending: HashMap::new(),
-            pending_order: VecDeque::new(),
-            next_ack: 0,
-            heartbeat_out: (client_wants > 0)
-                .then(|| Duration::from_millis(client_wants.max(ours))),
-            heartbeat_in: (client_sends > 0).then(|| Duration::from_millis(client_sends.max(ours))),
-        };
-        Ok((identity, state))
-    }
-    .await;
-    match outcome {
-        Ok(accepted) => Some(accepted),
-        Err(reason) => {
-            if let Some(reason) = reason {
-                tracing::debug!(%reason, "STOMP connect refused");
-                let _ = send_error(sink, Version::V1_2, &reason, None).await;
-                super::close_and_drain(sink, incoming, 1008, "STOMP connect refused").await;
-            }
-            None
-        }
-    }
-}
-
-/// The identity in a CONNECT frame: a JWT as `passcode` or in an
-/// `Authorization` header, or with auth `none` the `login` header.
-fn connect_identity(ctx: &NodeContext, frame: &Frame) -> Result<Identity, String> {
-    match &ctx.settings.auth {
-        Auth::None => {
-            let user = frame
-                .header("login")
-                .ok_or("auth is `none`: name the user with ?user=<id> or the login header")?;
-            Identity::unauthenticated(user)
-        }
-        Auth::Jwt { verifier, .. } => {
-            let token = frame
-                .header("passcode")
-                .or_else(|| frame.header("Authorization").and_then(bearer))
-                .or_else(|| frame.header("authorization").and_then(bearer))
-                .ok_or(
-                    "a token is required: as the passcode header, or `Authorization: Bearer <jwt>`",
-                )?;
-            verifier.verify(token)
-        }
-    }
 }
 
 /// A STOMP error: an ERROR frame with this message, then a close.
@@ -374,18 +204,32 @@ impl From<FrameError> for StompError {
     }
 }
 
-impl Session {
-    fn stomp(&mut self) -> &mut State {
-        match &mut self.proto {
-            super::Proto::Stomp(state) => state,
-            super::Proto::Json => unreachable!("a STOMP operation on a JSON session"),
-        }
-    }
+enum Continue {
+    Yes,
+    Disconnect,
+}
 
-    pub(super) async fn stomp_connected(&mut self) -> Result<(), Exit> {
+enum Failure {
+    Stomp(StompError),
+    Exit(Exit),
+}
+
+impl From<StompError> for Failure {
+    fn from(error: StompError) -> Self {
+        Failure::Stomp(error)
+    }
+}
+
+impl From<Exit> for Failure {
+    fn from(exit: Exit) -> Self {
+        Failure::Exit(exit)
+    }
+}
+
+impl<S: WsSink> Session<Stomp, S> {
+    async fn stomp_connected(&mut self) -> Result<(), Exit> {
         let id = self.id.to_string();
-        let user = self.user.clone();
-        let state = self.stomp();
+        let state = &self.proto;
         let beat = format!(
             "{},{}",
             state.heartbeat_out.map_or(0, |d| d.as_millis()),
@@ -398,19 +242,15 @@ impl Session {
             ("heart-beat", beat.as_str()),
             ("server", server),
             ("session", id.as_str()),
-            ("user-name", &user),
+            ("user-name", &self.user),
         ];
         let frame = stomp::encode("CONNECTED", &headers, b"", version);
         self.send(to_message(frame)).await
     }
 
     /// One inbound WebSocket message: zero or more frames.
-    pub(super) async fn stomp_input(&mut self, bytes: &[u8]) -> Result<(), Exit> {
-        let (version, limits) = {
-            let state = self.stomp();
-            (state.version, state.limits)
-        };
-        let frames = match stomp::decode(bytes, version, &limits) {
+    async fn stomp_input(&mut self, bytes: &[u8]) -> Result<(), Exit> {
+        let frames = match stomp::decode(bytes, self.proto.version, &self.proto.limits) {
             Ok(frames) if frames.len() > MAX_FRAMES_PER_MESSAGE => {
                 self.answer_in_flight().await?;
                 let error = StompError::protocol(format!(
@@ -466,14 +306,18 @@ impl Session {
     }
 
     async fn stomp_receipt(&mut self, receipt: &str) -> Result<(), Exit> {
-        let version = self.stomp().version;
-        let frame = stomp::encode("RECEIPT", &[("receipt-id", receipt)], b"", version);
+        let frame = stomp::encode(
+            "RECEIPT",
+            &[("receipt-id", receipt)],
+            b"",
+            self.proto.version,
+        );
         self.send(to_message(frame)).await
     }
 
     async fn stomp_fail(&mut self, error: StompError, receipt: Option<&str>) -> Exit {
         tracing::debug!(message = %error.message, "STOMP error");
-        let version = self.stomp().version;
+        let version = self.proto.version;
         let _ = send_error(&mut self.sink, version, &error.message, receipt).await;
         Exit::close(error.code, "STOMP error (see the ERROR frame)")
     }
@@ -487,15 +331,13 @@ impl Session {
                     .or_else(|| frame.header("destination"))
                     .ok_or_else(|| StompError::protocol("UNSUBSCRIBE needs an id header"))?
                     .to_owned();
-                let removed = self.stomp().subscriptions.remove(&id);
+                let subscriptions = &mut self.proto.subscriptions.by_id;
                 if let Some(Subscription {
                     listens: Listens::Topic(topic),
                     ..
-                }) = removed
+                }) = subscriptions.remove(&id)
                 {
-                    let still_used = self
-                        .stomp()
-                        .subscriptions
+                    let still_used = subscriptions
                         .values()
                         .any(|s| matches!(&s.listens, Listens::Topic(t) if *t == topic));
                     if !still_used {
@@ -505,7 +347,7 @@ impl Session {
                 Ok(Continue::Yes)
             }
             "ACK" | "NACK" => {
-                let settled = self.stomp().settle(frame);
+                let settled = self.proto.subscriptions.settle(frame, self.proto.version);
                 if frame.command == "ACK" {
                     let at = chrono::Utc::now();
                     for message_id in settled {
@@ -514,7 +356,7 @@ impl Session {
                             connection_id: self.id,
                             at,
                         };
-                        self.ctx.deliveries.record(record).await;
+                        self.ctx.delivery.log.record(record).await;
                     }
                 }
                 Ok(Continue::Yes)
@@ -529,17 +371,16 @@ impl Session {
     }
 
     async fn stomp_subscribe(&mut self, frame: &Frame) -> Result<(), Failure> {
-        let version = self.stomp().version;
         let destination = frame
             .header("destination")
             .ok_or_else(|| StompError::protocol("SUBSCRIBE needs a destination header"))?
             .to_owned();
         let id = match frame.header("id") {
             Some(id) => id.to_owned(),
-            None if version == Version::V1_0 => destination.clone(),
+            None if self.proto.version == Version::V1_0 => destination.clone(),
             None => return Err(StompError::protocol("SUBSCRIBE needs an id header").into()),
         };
-        if self.stomp().subscriptions.contains_key(&id) {
+        if self.proto.subscriptions.by_id.contains_key(&id) {
             return Err(
                 StompError::protocol(format!("subscription id {id:?} is already in use")).into(),
             );
@@ -567,7 +408,7 @@ impl Session {
             }
         }
         let user_messages = matches!(listens, Listens::User(_));
-        self.stomp().subscriptions.insert(
+        self.proto.subscriptions.by_id.insert(
             id,
             Subscription {
                 destination,
@@ -579,7 +420,7 @@ impl Session {
             // The first place user messages can go: the backfill runs now,
             // then what was held for a subscription like this one.
             self.run_pending_backfills().await?;
-            let held: Vec<_> = self.held.drain(..).collect();
+            let held: Vec<_> = self.proto.held.drain(..).collect();
             self.deliver(held).await?;
         }
         Ok(())
@@ -607,10 +448,7 @@ impl Session {
             ))
             .into());
         }
-        if frame.body.len() > self.ctx.settings.max_message_bytes {
-            return Err(StompError::protocol("the body is over the message size limit").into());
-        }
-        let message = NewMessage {
+        let draft = Draft {
             target,
             destination: message_destination,
             payload: Payload::Raw {
@@ -619,14 +457,23 @@ impl Session {
             },
             ttl_secs: None,
         };
-        self.submit(message, Reply::Stomp { receipt }).await?;
+        let message =
+            parse::check(draft, &Rules::of(&self.ctx.settings)).map_err(
+                |refusal| match refusal {
+                    Refusal::TooLarge { size, limit } => StompError::protocol(format!(
+                        "the body is {size} bytes; the limit is {limit} (PGRELAY_MAX_MESSAGE_BYTES)"
+                    )),
+                    other => StompError::protocol(format!("the message was refused: {other}")),
+                },
+            )?;
+        self.submit(message, Sent { receipt }).await?;
         Ok(())
     }
 
     /// Answers a SEND once its commit is known: a RECEIPT when asked for;
     /// an ERROR (which ends the session) when it was not stored, or may not
     /// have been.
-    pub(super) async fn stomp_sent(
+    async fn stomp_sent(
         &mut self,
         receipt: Option<String>,
         answer: Result<i64, EnqueueError>,
@@ -652,136 +499,7 @@ impl Session {
         // The session ends with this ERROR: SENDs queued behind this one and
         // not taken into a batch yet are withdrawn (never stored), so that a
         // client resending from the failed one does not store it after them.
-        for later in &self.in_flight {
-            later.pending.withdraw();
-        }
+        self.withdraw_in_flight();
         Err(self.stomp_fail(error, receipt.as_deref()).await)
-    }
-}
-
-/// A SUBSCRIBE destination.
-fn parse_subscription(destination: &str) -> Result<Listens, StompError> {
-    if let Some(topic) = destination.strip_prefix("/topic/") {
-        topic::validate(topic).map_err(StompError::protocol)?;
-        return Ok(Listens::Topic(topic.into()));
-    }
-    for kind in ["/user/queue/", "/user/topic/"] {
-        if let Some(name) = destination.strip_prefix(kind)
-            && !name.is_empty()
-        {
-            return Ok(Listens::User(destination["/user".len()..].to_owned()));
-        }
-    }
-    if destination.starts_with("/user/") {
-        return Err(StompError::forbidden(
-            "subscribe to your own messages as /user/queue/<name>; other users' destinations are not yours",
-        ));
-    }
-    Err(StompError::protocol(format!(
-        "unsupported destination {destination:?}: use /topic/<name> or /user/queue/<name>"
-    )))
-}
-
-/// A SEND destination: the target, and the destination the message carries.
-fn parse_send(destination: &str, me: &str) -> Result<(Target, Option<String>), StompError> {
-    if let Some(topic) = destination.strip_prefix("/topic/") {
-        topic::validate(topic).map_err(StompError::protocol)?;
-        return Ok((
-            Target::Topic(topic.to_owned()),
-            Some(destination.to_owned()),
-        ));
-    }
-    if let Some(rest) = destination.strip_prefix("/user/") {
-        // /user/<name>/queue/<x>, /user/<name>/topic/<x>; /user/queue/<x> is oneself.
-        let (user, path) = match rest.split_once('/') {
-            Some(("queue" | "topic", _)) => (me, &destination["/user".len()..]),
-            Some((user, _)) => (user, &rest[user.len()..]),
-            None => ("", ""),
-        };
-        let valid_path = (path.starts_with("/queue/") || path.starts_with("/topic/"))
-            && path.len() > "/queue/".len();
-        if user.is_empty() || !valid_path {
-            return Err(StompError::protocol(format!(
-                "unsupported destination {destination:?}: use /user/<name>/queue/<name>"
-            )));
-        }
-        crate::auth::validate_user_id(user).map_err(StompError::protocol)?;
-        return Ok((Target::User(user.to_owned()), Some(path.to_owned())));
-    }
-    Err(StompError::protocol(format!(
-        "unsupported destination {destination:?}: use /topic/<name> or /user/<name>/queue/<name>"
-    )))
-}
-
-enum Continue {
-    Yes,
-    Disconnect,
-}
-
-enum Failure {
-    Stomp(StompError),
-    Exit(Exit),
-}
-
-impl From<StompError> for Failure {
-    fn from(error: StompError) -> Self {
-        Failure::Stomp(error)
-    }
-}
-
-impl From<Exit> for Failure {
-    fn from(exit: Exit) -> Self {
-        Failure::Exit(exit)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subscription_destinations() {
-        assert!(
-            matches!(parse_subscription("/topic/chat.a"), Ok(Listens::Topic(t)) if &*t == "chat.a")
-        );
-        assert!(
-            matches!(parse_subscription("/user/queue/x"), Ok(Listens::User(d)) if d == "/queue/x")
-        );
-        assert!(
-            matches!(parse_subscription("/user/topic/x"), Ok(Listens::User(d)) if d == "/topic/x")
-        );
-        // Never another user's messages, whatever the string.
-        for other in [
-            "/user/bob/queue/x",
-            "/user/queue/",
-            "/user/../bob/queue/x",
-            "/user//queue/x",
-        ] {
-            assert!(parse_subscription(other).is_err(), "{other}");
-        }
-        assert!(parse_subscription("/queue/x").is_err());
-        assert!(parse_subscription("/topic/a..b").is_err());
-    }
-
-    #[test]
-    fn send_destinations() {
-        let (target, destination) = parse_send("/topic/chat.a", "alice").unwrap();
-        assert_eq!(target, Target::Topic("chat.a".into()));
-        assert_eq!(destination.as_deref(), Some("/topic/chat.a"));
-        let (target, destination) = parse_send("/user/bob/queue/inbox", "alice").unwrap();
-        assert_eq!(target, Target::User("bob".into()));
-        assert_eq!(destination.as_deref(), Some("/queue/inbox"));
-        let (target, destination) = parse_send("/user/queue/notes", "alice").unwrap();
-        assert_eq!(target, Target::User("alice".into()));
-        assert_eq!(destination.as_deref(), Some("/queue/notes"));
-        for bad in [
-            "/user/bob",
-            "/user/bob/queue/",
-            "/user//queue/x",
-            "/queue/x",
-            "/topic/",
-        ] {
-            assert!(parse_send(bad, "alice").is_err(), "{bad}");
-        }
     }
 }

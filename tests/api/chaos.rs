@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgrelay::pgtemp::{self, TempPostgres};
+use pgrelay::tools::pgtemp::{self, TempPostgres};
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 

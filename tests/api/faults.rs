@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgrelay::pgtemp::{self, TempPostgres};
+use pgrelay::tools::pgtemp::{self, TempPostgres};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio_tungstenite::tungstenite::Message;
@@ -546,7 +546,7 @@ async fn a_rolling_restart_of_every_node_under_traffic_loses_nothing() {
 async fn taskless_node_with_a_connection(
     db: &TestDb,
     user: &str,
-) -> std::sync::Arc<pgrelay::node::NodeContext> {
+) -> std::sync::Arc<pgrelay::state::NodeState> {
     let node = pgrelay::node::prepare(settings(db, AuthKind::None, 0), db.pool.clone())
         .await
         .unwrap();
@@ -558,7 +558,7 @@ async fn taskless_node_with_a_connection(
     .execute(&db.pool)
     .await
     .unwrap();
-    node.ctx
+    node.state
 }
 
 /// A claim whose caller stops waiting (a timeout, a cancelled task) while its
@@ -572,7 +572,9 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
 
     // Every connection of the pool has the claim prepared, as a node that has
     // run a while has: the claim is then sent whole, in one go.
-    let warm_up: Vec<_> = (0..4).map(|_| pgrelay::outbox::claim_once(&ctx)).collect();
+    let warm_up: Vec<_> = (0..4)
+        .map(|_| pgrelay::read::claimer::claim_once(&ctx))
+        .collect();
     for claimed in futures_util::future::join_all(warm_up).await {
         assert_eq!(claimed.unwrap().rows, 0);
     }
@@ -590,7 +592,7 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
         .unwrap();
     let claim = tokio::spawn({
         let ctx = ctx.clone();
-        async move { pgrelay::outbox::claim_once(&ctx).await }
+        async move { pgrelay::read::claimer::claim_once(&ctx).await }
     });
     assert_eq!(node_sessions_waiting_on_locks(&db.pool, 1).await, 1);
     claim.abort();
@@ -600,7 +602,7 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
     // The work comes back for the next claim. No session of wes is on this
     // node, so that claim parks the message for wes's next connect.
     let claimed = eventually("the outbox row claimable again", || async {
-        let claimed = pgrelay::outbox::claim_once(&ctx).await.unwrap();
+        let claimed = pgrelay::read::claimer::claim_once(&ctx).await.unwrap();
         (claimed.rows == 1).then_some(claimed)
     })
     .await;
@@ -613,8 +615,8 @@ async fn an_abandoned_claim_loses_no_outbox_work() {
     .await
     .unwrap();
     assert_eq!(parked, 1);
-    ctx.pool.close().await;
-    ctx.bookkeeping.close().await;
+    ctx.db.pool.close().await;
+    ctx.db.bookkeeping.close().await;
     db.drop_database().await;
 }
 
@@ -642,15 +644,15 @@ async fn a_claim_waits_for_a_held_row_rather_than_overtake_it() {
 
     let claim = tokio::spawn({
         let ctx = ctx.clone();
-        async move { pgrelay::outbox::claim_once(&ctx).await }
+        async move { pgrelay::read::claimer::claim_once(&ctx).await }
     });
     assert_eq!(node_sessions_waiting_on_locks(&db.pool, 1).await, 1);
     assert!(!claim.is_finished());
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     let claimed = claim.await.unwrap().unwrap();
     assert_eq!(claimed.rows, 2, "both messages, in one claim, in order");
-    ctx.pool.close().await;
-    ctx.bookkeeping.close().await;
+    ctx.db.pool.close().await;
+    ctx.db.bookkeeping.close().await;
     db.drop_database().await;
 }
 

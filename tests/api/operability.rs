@@ -325,7 +325,26 @@ async fn logs_carry_the_ids_an_operator_greps_for() {
     let mut client = Client::connect(&node.ws_url("user=lena"), &[])
         .await
         .unwrap();
+    // Each id the logs must carry comes from somewhere other than the logs:
+    // the connection's from the welcome frame, confirmed by the registry; the
+    // node's from the command line, confirmed by the welcome; the user's from
+    // the query; the message's from the HTTP answer and the delivery.
+    let connection_id = client.connection_id.clone();
+    assert_eq!(client.node_id, node.node_id, "the welcome names the node");
     let http = reqwest::Client::new();
+    let (status, registry) = response(
+        http.get(node.url("/v1/users/lena/connections"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{registry}");
+    let listed = registry["connections"].as_array().expect("a list");
+    assert_eq!(listed.len(), 1, "{registry}");
+    assert_eq!(listed[0]["id"], connection_id.as_str(), "{registry}");
+    assert_eq!(listed[0]["node_id"], node.node_id.as_str(), "{registry}");
+    assert_eq!(listed[0]["user_id"], "lena", "{registry}");
     let answer: Value = http
         .post(node.url("/v1/messages"))
         .json(&json!({"to": {"user": "lena"}, "data": 1}))
@@ -335,8 +354,8 @@ async fn logs_carry_the_ids_an_operator_greps_for() {
         .json()
         .await
         .unwrap();
-    let id = answer["id"].as_str().unwrap().to_owned();
-    assert_eq!(id_of(&client.next_message().await).to_string(), id);
+    let message_id: i64 = answer["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(id_of(&client.next_message().await), message_id);
     client.close().await;
 
     // Fields of the line and of every span it is in.
@@ -362,28 +381,19 @@ async fn logs_carry_the_ids_an_operator_greps_for() {
         let connected = lines.iter().any(|l| {
             l["message"] == "connected"
                 && l["user_id"] == "lena"
-                && l["node_id"] == "log-node"
-                && l["connection_id"] == client_id(&lines)
+                && l["node_id"] == node.node_id.as_str()
+                && l["connection_id"] == connection_id.as_str()
         });
         let stored = lines.iter().any(|l| {
             l["message"] == "stored"
-                && l["node_id"] == "log-node"
-                && l["message_id"].to_string().contains(&id)
+                && l["node_id"] == node.node_id.as_str()
+                && l["message_id"] == message_id
         });
         (connected && stored).then_some(())
     })
     .await;
     node.terminate().await;
     db.drop_database().await;
-}
-
-/// The connection id the node logged for lena.
-fn client_id(lines: &[Value]) -> Value {
-    lines
-        .iter()
-        .find(|l| l["user_id"] == "lena" && l["connection_id"].is_string())
-        .map(|l| l["connection_id"].clone())
-        .unwrap_or(Value::Null)
 }
 
 fn pgrelay(args: &[&str]) -> tokio::process::Command {

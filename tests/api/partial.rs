@@ -572,7 +572,7 @@ async fn one_stuck_transaction_does_not_stop_the_reaping_of_other_nodes() {
     let started = Instant::now();
     let report = within(
         Duration::from_secs(8),
-        pgrelay::sweeper::sweep_once(&node.ctx, Some(Duration::from_secs(2))),
+        pgrelay::sweeper::sweep_once(&node.state, Some(Duration::from_secs(2))),
     )
     .await;
     eprintln!(
@@ -597,7 +597,7 @@ async fn one_stuck_transaction_does_not_stop_the_reaping_of_other_nodes() {
     .await;
     assert_eq!(parked, 1);
     sqlx::query("ROLLBACK").execute(&mut stuck).await.unwrap();
-    node.ctx.pool.close().await;
+    node.state.db.pool.close().await;
     db.drop_database().await;
 }
 
@@ -975,7 +975,7 @@ async fn a_reaped_node_can_commit_nothing_under_its_old_incarnation() {
     let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
         .await
         .unwrap();
-    let ctx = node.ctx.clone();
+    let ctx = node.state.clone();
     sqlx::query(
         "INSERT INTO relay.connections (id, node_id, user_id, protocol) VALUES (gen_random_uuid(), 'node-a', 'uma', 'json')",
     )
@@ -996,10 +996,10 @@ async fn a_reaped_node_can_commit_nothing_under_its_old_incarnation() {
     let sweeper = pgrelay::node::prepare(settings(&db, AuthKind::None, 1), db.pool.clone())
         .await
         .unwrap();
-    pgrelay::sweeper::sweep_once(&sweeper.ctx, Some(Duration::from_secs(60)))
+    pgrelay::sweeper::sweep_once(&sweeper.state, Some(Duration::from_secs(60)))
         .await
         .unwrap();
-    let claimed = pgrelay::outbox::claim_once(&ctx).await;
+    let claimed = pgrelay::read::claimer::claim_once(&ctx).await;
     assert!(
         matches!(claimed, Err(pgrelay::db::WorkError::Fenced)),
         "a claim under the old incarnation: {claimed:?}"
@@ -1012,7 +1012,7 @@ async fn a_reaped_node_can_commit_nothing_under_its_old_incarnation() {
     .await;
     assert_eq!(parked, 1);
     let attached = pgrelay::registry::connections::attach(
-        &ctx.pool,
+        &ctx.db.pool,
         &pgrelay::registry::connections::NewConnection {
             id: uuid::Uuid::now_v7(),
             node_id: &ctx.node_id,
@@ -1033,7 +1033,7 @@ async fn a_reaped_node_can_commit_nothing_under_its_old_incarnation() {
         ),
         "an attach under the old incarnation: {attached:?}"
     );
-    ctx.pool.close().await;
+    ctx.db.pool.close().await;
     db.drop_database().await;
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
-use crate::pgtemp::{self, TempPostgres};
+use crate::tools::pgtemp::{self, TempPostgres};
 
 /// A running benchmark cluster; dropping it stops everything.
 pub struct BenchCluster {

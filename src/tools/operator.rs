@@ -11,11 +11,13 @@ use hyper::Method;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use super::http_client::HttpClient;
 use crate::config::{Settings, parse_duration};
-use crate::http::client::HttpClient;
-use crate::message::{NewMessage, Payload, Target};
-use crate::router::Source;
+use crate::message::{Payload, Target};
 use crate::status::{self, ClusterStatus, DeliveryEvent};
+use crate::write::enqueue::{self, Source};
+use crate::write::group_commit::GroupCommit;
+use crate::write::parse::{self, Draft, Rules};
 
 /// Where an operator command reads and writes.
 #[derive(clap::Args, Debug)]
@@ -123,24 +125,22 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     };
     let data: Box<serde_json::value::RawValue> =
         serde_json::from_str(text.trim()).context("the data is not valid JSON")?;
-    crate::message::check_json_depth(&data).map_err(anyhow::Error::msg)?;
     let ttl_secs = args.ttl.map(|ttl| ttl.as_secs().max(1));
     let id = match args.endpoint.open().await? {
         Backend::Database(pool) => {
-            let message = NewMessage {
-                target: Target::from_json(&to).map_err(anyhow::Error::msg)?,
+            let draft = Draft {
+                target: Target::from_json(&to)?,
                 destination: args.destination,
                 payload: Payload::Json(data.into()),
                 ttl_secs,
             };
-            // A command line waits longer than a request would, and still
-            // says honestly whether the message was stored.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            // The same way in as a node's: here a batch of one.
+            // The same rules and the same way in as a node's (here a batch
+            // of one); the database applies its size and TTL limits.
+            let message = parse::check(draft, &Rules::of_database())?;
             let slow = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
-            let submitter = crate::group_commit::GroupCommit::start(pool, 1, 1, slow);
+            let submitter = GroupCommit::start(pool, 1, 1, slow);
             submitter
-                .submit(message, Source::Cli, deadline)
+                .submit(message, Source::Cli, enqueue::deadline())
                 .await?
                 .to_string()
         }
@@ -314,7 +314,7 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         if !full {
             tokio::select! {
                 () = tokio::time::sleep(TAIL_POLL) => {}
-                () = crate::dev::wait_for_signal() => return Ok(()),
+                () = crate::process::wait_for_signal() => return Ok(()),
             }
         }
     }

@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use crate::http::client::HttpClient as Http;
+pub use crate::tools::http_client::HttpClient as Http;
 
 /// The `"id":"123"` of a 202 answer or of a `message` frame.
 pub fn parse_id(text: &[u8]) -> Option<i64> {

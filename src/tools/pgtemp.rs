@@ -11,6 +11,11 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+reason_error!(
+    /// Why a throwaway PostgreSQL could not be started or stopped.
+    PgTempError
+);
+
 /// How the server is tuned.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -75,7 +80,7 @@ impl TempPostgres {
     /// # Errors
     /// No PostgreSQL binaries on this machine, or the server failing to start
     /// (the message then includes the end of its log).
-    pub fn start(options: Options) -> Result<Self, String> {
+    pub fn start(options: Options) -> Result<Self, PgTempError> {
         let bindir = find_bindir()?;
         remove_stale_clusters();
         let root = std::env::temp_dir().join(format!(
@@ -99,7 +104,7 @@ impl TempPostgres {
             postmaster: None,
         };
         server.initdb()?;
-        let mut last_error = String::new();
+        let mut last_error = PgTempError::from("no attempt to start PostgreSQL");
         for _ in 0..5 {
             server.port = free_port()?;
             match server.start_postmaster() {
@@ -121,7 +126,7 @@ impl TempPostgres {
 
     /// Stops the server (fast shutdown), keeping its files: [`Self::restart`]
     /// brings it back on the same port with the same data.
-    pub fn stop(&mut self) -> Result<(), String> {
+    pub fn stop(&mut self) -> Result<(), PgTempError> {
         let Some(postmaster) = self.postmaster.take() else {
             return Ok(());
         };
@@ -135,7 +140,7 @@ impl TempPostgres {
     }
 
     /// Starts a stopped server again.
-    pub fn restart(&mut self) -> Result<(), String> {
+    pub fn restart(&mut self) -> Result<(), PgTempError> {
         self.stop()?;
         self.start_postmaster()
     }
@@ -153,7 +158,7 @@ impl TempPostgres {
         command
     }
 
-    fn initdb(&self) -> Result<(), String> {
+    fn initdb(&self) -> Result<(), PgTempError> {
         let output = self
             .command("initdb")
             .arg("-D")
@@ -174,12 +179,13 @@ impl TempPostgres {
             return Err(format!(
                 "initdb failed: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
-            ));
+            )
+            .into());
         }
         Ok(())
     }
 
-    fn start_postmaster(&mut self) -> Result<(), String> {
+    fn start_postmaster(&mut self) -> Result<(), PgTempError> {
         let log_path = self.root.join("postgres.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -227,7 +233,7 @@ impl TempPostgres {
         }
         // The parent-death signal follows the *thread* that forked the child,
         // so the child is spawned from a thread that lives exactly as long as it.
-        let (started_tx, started_rx) = mpsc::channel();
+        let (started_tx, started_rx) = mpsc::channel::<Result<i32, PgTempError>>();
         let (exited_tx, exited) = mpsc::channel();
         std::thread::Builder::new()
             .name("pgrelay-postgres".into())
@@ -238,7 +244,7 @@ impl TempPostgres {
                     let _ = exited_tx.send(());
                 }
                 Err(e) => {
-                    let _ = started_tx.send(Err(format!("cannot start postgres: {e}")));
+                    let _ = started_tx.send(Err(format!("cannot start postgres: {e}").into()));
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -254,7 +260,8 @@ impl TempPostgres {
                 return Err(format!(
                     "postgres exited during start; its log ends with:\n{}",
                     tail(&log_path)
-                ));
+                )
+                .into());
             }
             let ready = self
                 .command("pg_isready")
@@ -271,7 +278,8 @@ impl TempPostgres {
                 return Err(format!(
                     "postgres did not start within 60 s; its log ends with:\n{}",
                     tail(&log_path)
-                ));
+                )
+                .into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -286,7 +294,7 @@ impl Drop for TempPostgres {
 }
 
 /// Finds a directory with `initdb`, `postgres` and `pg_isready`.
-pub fn find_bindir() -> Result<PathBuf, String> {
+pub fn find_bindir() -> Result<PathBuf, PgTempError> {
     let has_tools = |dir: &Path| {
         ["initdb", "postgres", "pg_isready"]
             .iter()
@@ -300,7 +308,8 @@ pub fn find_bindir() -> Result<PathBuf, String> {
             Err(format!(
                 "PGRELAY_PG_BINDIR={} has no initdb/postgres/pg_isready",
                 dir.display()
-            ))
+            )
+            .into())
         };
     }
     let mut candidates = Vec::new();
@@ -341,7 +350,7 @@ pub fn find_bindir() -> Result<PathBuf, String> {
     candidates.into_iter().find(|dir| has_tools(dir)).ok_or_else(|| {
         "no PostgreSQL server binaries (initdb, postgres) found on this machine: install PostgreSQL \
          (e.g. `apt install postgresql`), set PGRELAY_PG_BINDIR, or set DATABASE_URL to an existing database"
-            .to_owned()
+            .into()
     })
 }
 
@@ -357,7 +366,7 @@ fn version_of(bindir: &Path) -> u32 {
 
 /// `initdb` refuses to run as root: as root, run the server as `postgres`
 /// (or `nobody`).
-fn unprivileged_user() -> Result<Option<(libc::uid_t, libc::gid_t)>, String> {
+fn unprivileged_user() -> Result<Option<(libc::uid_t, libc::gid_t)>, PgTempError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
@@ -371,18 +380,18 @@ fn unprivileged_user() -> Result<Option<(libc::uid_t, libc::gid_t)>, String> {
     Err("running as root and there is no `postgres` or `nobody` user to run PostgreSQL as".into())
 }
 
-fn chown(path: &Path, uid: libc::uid_t, gid: libc::gid_t) -> Result<(), String> {
+fn chown(path: &Path, uid: libc::uid_t, gid: libc::gid_t) -> Result<(), PgTempError> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(|e| format!("cannot chown {}: {e}", path.display()))
+        .map_err(|e| format!("cannot chown {}: {e}", path.display()).into())
 }
 
-fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16, PgTempError> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
     listener
         .local_addr()
         .map(|a| a.port())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string().into())
 }
 
 fn tail(path: &Path) -> String {

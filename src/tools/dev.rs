@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::Context;
 
 use crate::config::{NodeId, Settings};
-use crate::pgtemp::{self, TempPostgres};
+use crate::process::wait_for_signal;
+use crate::tools::pgtemp::{self, TempPostgres};
 use crate::{db, node};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -79,20 +80,4 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Stops the throwaway server and removes its files.
     drop(postgres);
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -1,5 +1,5 @@
-//! The write side: store messages and route them to the nodes that hold their
-//! recipients, in one transaction. The routing itself lives in the SQL
+//! Storing and routing messages: in one transaction, to the nodes that hold
+//! their recipients. The routing itself lives in the SQL
 //! function `relay.enqueue` (see the migrations), so that the HTTP API and
 //! `relay.send_to_user()` share one implementation of the ordering protocol.
 //!
@@ -50,6 +50,12 @@ impl Source {
 /// How long a submission may take, from its start, before it gives up: the
 /// contract answers within 5 s.
 pub const SUBMIT_TIMEOUT: Duration = Duration::from_millis(4500);
+
+/// When a submission that starts now must be answered: one policy for every
+/// way in (HTTP, WebSocket, STOMP, the command line).
+pub fn deadline() -> Instant {
+    Instant::now() + SUBMIT_TIMEOUT
+}
 
 /// Time kept for COMMIT itself: work before it must be done this long
 /// before the deadline.

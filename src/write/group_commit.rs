@@ -11,9 +11,10 @@ use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::enqueue::{COMMIT_MARGIN, EnqueueError, Source, store, store_at_once};
 use crate::message::{NewMessage, Target};
 use crate::metrics as m;
-use crate::router::{COMMIT_MARGIN, EnqueueError, Source, store, store_at_once};
+use crate::supervisor::{self, spawn_worker};
 
 /// Group commit: concurrent submissions share transactions, whatever way
 /// they came in (HTTP, single or batch; JSON `publish`; STOMP `SEND`;
@@ -107,15 +108,22 @@ impl Pending {
 }
 
 impl GroupCommit {
-    /// Starts the shards; each ends when every `GroupCommit` handle is
-    /// dropped and its queue is empty (a panic in a batch does not end it).
+    /// Starts the shards, supervised; each ends when every `GroupCommit`
+    /// handle is dropped and its queue is empty (a panic does not end it).
     /// `slow` bounds the submissions that wait for a held stream.
     pub fn start(pool: PgPool, max_batch: usize, shards: usize, slow: Arc<Semaphore>) -> Self {
         let max_batch = max_batch.max(1);
         let shards: Vec<_> = (0..shards.max(1))
             .map(|_| {
                 let (jobs, queue) = mpsc::channel(max_batch * 4);
-                tokio::spawn(run_shard(pool.clone(), queue, max_batch, slow.clone()));
+                let (pool, slow, queue) = (pool.clone(), slow.clone(), supervisor::queue(queue));
+                spawn_worker("group-commit shard", move || {
+                    let (pool, slow, queue) = (pool.clone(), slow.clone(), queue.clone());
+                    async move {
+                        let mut queue = queue.lock().await;
+                        run_shard(pool, &mut queue, max_batch, slow).await;
+                    }
+                });
                 jobs
             })
             .collect();
@@ -227,7 +235,7 @@ struct Chain {
 
 async fn run_shard(
     pool: PgPool,
-    mut queue: mpsc::Receiver<Job>,
+    queue: &mut mpsc::Receiver<Job>,
     max_batch: usize,
     slow: Arc<Semaphore>,
 ) {
@@ -303,12 +311,19 @@ async fn run_shard(
                     let chain = chains.entry(job.stream()).or_insert_with(|| {
                         let (jobs, queue) = mpsc::unbounded_channel();
                         let pending = Arc::new(AtomicUsize::new(0));
-                        tokio::spawn(run_chain(
-                            pool.clone(),
-                            slow.clone(),
-                            queue,
-                            pending.clone(),
-                        ));
+                        let queue = supervisor::queue(queue);
+                        spawn_worker("group-commit chain", {
+                            let (pool, slow, pending) =
+                                (pool.clone(), slow.clone(), pending.clone());
+                            move || {
+                                let (pool, slow, pending, queue) =
+                                    (pool.clone(), slow.clone(), pending.clone(), queue.clone());
+                                async move {
+                                    let mut queue = queue.lock().await;
+                                    run_chain(pool, slow, &mut queue, pending).await;
+                                }
+                            }
+                        });
                         Chain { jobs, pending }
                     });
                     chain.pending.fetch_add(1, Ordering::AcqRel);
@@ -326,7 +341,7 @@ async fn run_shard(
 async fn run_chain(
     pool: PgPool,
     slow: Arc<Semaphore>,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
     pending: Arc<AtomicUsize>,
 ) {
     while let Some(job) = jobs.recv().await {

@@ -135,7 +135,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         args.senders = args.senders.min(4);
         args.stomp_producers = args.stomp_producers.min(2);
     }
-    let fd_limit = raise_fd_limit();
+    let fd_limit = crate::process::raise_fd_limit();
     let wanted = |name: &str| args.scenarios.iter().any(|s| s == name);
     let (database_url, scratch) = match &args.database_url {
         Some(url) => {
@@ -237,7 +237,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             "keeping the cluster: DATABASE_URL={} (Ctrl-C stops)",
             cluster.database_url
         );
-        crate::dev::wait_for_signal().await;
+        crate::process::wait_for_signal().await;
     }
     cluster.stop().await;
     if let Some((admin_url, name)) = scratch {
@@ -262,30 +262,6 @@ async fn settle(pool: &sqlx::PgPool) {
             eprintln!("({statement} failed: {error}; figures may include its aftermath)");
         }
     }
-}
-
-/// Raises the open-file limit as far as allowed (sockets are files); the
-/// nodes this starts inherit it.
-pub fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        // Root may go past the hard limit, up to the kernel's.
-        let wanted = libc::rlimit {
-            rlim_cur: 200_000,
-            rlim_max: limit.rlim_max.max(200_000),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-            return wanted.rlim_cur;
-        }
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-    }
-    limit.rlim_cur
 }
 
 async fn scratch_database(url: &str) -> anyhow::Result<(String, String)> {

@@ -1,53 +1,27 @@
-//! The read side: each node claims the work routed to it from `relay.outbox`
-//! and hands the messages to its sessions.
+//! The claimer: takes the work routed to this node from `relay.outbox` and
+//! hands the messages to its sessions (through the hub); and the outbox's
+//! backlog gauge, which measures what waits here.
 //!
-//! NOTIFY only wakes the claimer; the table is the truth. Every way a wake-up
-//! can be lost is covered: the listener reconnects and rescans, and the
-//! claimer polls on an interval whatever happens.
+//! NOTIFY only wakes the claimer (see [`super::listener`]); the table is the
+//! truth, and the claimer polls on an interval whatever happens.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use uuid::Uuid;
 
+use super::delivery_log::Outcome;
+use super::hub::{Control, Envelope, Offer};
+use super::listener::Wake;
 use crate::db::{self, Bounds, WorkError};
-use crate::deliveries::Outcome;
-use crate::hub::{Control, Envelope, Offer};
 use crate::message::{StoredMessage, StreamKey};
 use crate::metrics as m;
-use crate::node::NodeContext;
-use crate::protocol::json;
+use crate::state::NodeState;
 
 /// Outbox rows claimed per transaction.
 pub const CLAIM_BATCH: i64 = 512;
-
-/// How the listener wakes the claimer, and since when it has been awake
-/// without claiming (for the `claim_wait` stage).
-#[derive(Default)]
-pub struct Wake {
-    notify: Notify,
-    since: Mutex<Option<Instant>>,
-}
-
-impl Wake {
-    pub fn wake(&self) {
-        self.since
-            .lock()
-            .expect("wake lock")
-            .get_or_insert_with(Instant::now);
-        self.notify.notify_one();
-    }
-
-    /// When the first wake-up not yet followed by a claim came.
-    fn take_since(&self) -> Option<Instant> {
-        self.since.lock().expect("wake lock").take()
-    }
-}
 
 /// What one claim found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +51,9 @@ pub struct Claimed {
 /// The claim is fenced: its first lock is a KEY SHARE on this node's row
 /// under its current incarnation. Once the node has been reaped, a claim
 /// takes nothing and answers [`WorkError::Fenced`].
-pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
+pub async fn claim_once(ctx: &NodeState) -> Result<Claimed, WorkError> {
     let started = Instant::now();
-    let incarnation = ctx.registration.current();
+    let incarnation = ctx.lifecycle.registration.current();
     let bounds = Bounds {
         // Longer than the caller waits (OP_TIMEOUT): an abandoned claim is
         // rolled back, not cut short under its successor.
@@ -89,7 +63,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     };
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
-    let mut tx = db::begin_bounded(&ctx.bookkeeping, bounds).await?;
+    let mut tx = db::begin_bounded(&ctx.db.bookkeeping, bounds).await?;
     // The batch is chosen once (ARRAY() runs as an init plan): as `IN
     // (subquery)` the planner, on a table that statistics call empty, ran the
     // subquery again for every row changed, and each run skipped the rows
@@ -139,7 +113,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
     .await?;
     let offered_at = Instant::now();
     if !rows.first().is_some_and(|r| r.alive) {
-        ctx.registration.report_fenced(incarnation);
+        ctx.lifecycle.registration.report_fenced(incarnation);
         return Err(WorkError::Fenced);
     }
 
@@ -163,7 +137,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
         let connections = row.connection_ids.unwrap_or_default();
         if kind == "disconnect" {
             for id in connections {
-                ctx.hub.control(
+                ctx.delivery.hub.control(
                     id,
                     Control::Close {
                         code: 1008,
@@ -208,16 +182,14 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
             row.target_connection,
         );
         let envelope = Arc::new(Envelope {
-            frame: json::message(&message, json::To::of(&stream)).into(),
-            message,
-            stream,
             offered_at,
+            ..Envelope::new(message, stream)
         });
         match &envelope.stream {
             StreamKey::User(_) => {
                 let (reached, gone): (Vec<Uuid>, Vec<Uuid>) = connections
                     .iter()
-                    .partition(|c| ctx.hub.offer(**c, &envelope) != Offer::Gone);
+                    .partition(|c| ctx.delivery.hub.offer(**c, &envelope) != Offer::Gone);
                 if !reached.is_empty() {
                     claimed.handed_over += 1;
                 }
@@ -244,12 +216,12 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
                 }
             }
             StreamKey::Topic(topic) => {
-                if ctx.hub.offer_topic(topic, &envelope) > 0 {
+                if ctx.delivery.hub.offer_topic(topic, &envelope) > 0 {
                     claimed.handed_over += 1;
                 }
             }
             StreamKey::Broadcast => {
-                if ctx.hub.offer_all(&envelope) > 0 {
+                if ctx.delivery.hub.offer_all(&envelope) > 0 {
                     claimed.handed_over += 1;
                 }
             }
@@ -268,7 +240,7 @@ pub async fn claim_once(ctx: &NodeContext) -> Result<Claimed, WorkError> {
 
 /// The claimer task: claims whenever woken, and at least every
 /// `poll_interval`, until `token` is cancelled.
-pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Wake>, token: CancellationToken) {
+pub async fn run(ctx: Arc<NodeState>, wake: Arc<Wake>, token: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         // Registered before claiming, so a wake-up during the claim is kept.
@@ -329,76 +301,38 @@ pub async fn run_claimer(ctx: Arc<NodeContext>, wake: Arc<Wake>, token: Cancella
     }
 }
 
-/// The listener task: LISTENs on this node's channel on a dedicated
-/// connection and wakes the claimer. After every (re)connect it wakes the
-/// claimer too, since notifications sent while it was away are lost.
-pub async fn run_listener(ctx: Arc<NodeContext>, wake: Arc<Wake>, token: CancellationToken) {
-    let channel = ctx.node_id.channel();
-    let mut backoff = Duration::from_millis(100);
+/// The backlog gauge's task: every heartbeat interval.
+pub async fn run_backlog(ctx: Arc<NodeState>, token: CancellationToken) {
+    let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let connected = async {
-            let options = crate::db::connect_options(
-                &ctx.settings.database_url,
-                &format!("pgrelay {} listener", ctx.node_id),
-            )?;
-            // A pool of one, of its own: the listener must never wait for (or
-            // starve) the request pool.
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .max_lifetime(None)
-                .idle_timeout(None)
-                .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
-                .connect_with(options)
-                .await?;
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.ignore_pool_close_event(true);
-            listener.listen(&channel).await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        let mut listener = tokio::select! {
-            result = connected => match result {
-                Ok(listener) => listener,
-                Err(error) => {
-                    ctx.listener_up.store(false, Ordering::Release);
-                    metrics::counter!(m::DB_ERRORS, "operation" => "listen").increment(1);
-                    tracing::warn!(%error, "LISTEN connection failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = token.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            },
+        tokio::select! {
+            _ = interval.tick() => {}
             () = token.cancelled() => return,
-        };
-        ctx.listener_up.store(true, Ordering::Release);
-        backoff = Duration::from_millis(100);
-        tracing::debug!(%channel, "listening");
-        metrics::counter!(m::WAKEUPS, "source" => "rescan").increment(1);
-        wake.wake();
-        loop {
-            tokio::select! {
-                received = listener.try_recv() => match received {
-                    Ok(Some(_)) => {
-                        metrics::counter!(m::WAKEUPS, "source" => "notify").increment(1);
-                        wake.wake();
-                    }
-                    Ok(None) => {
-                        // Reconnected underneath: anything sent meanwhile is lost.
-                        tracing::info!("LISTEN connection re-established; rescanning the outbox");
-                        metrics::counter!(m::WAKEUPS, "source" => "rescan").increment(1);
-                        wake.wake();
-                    }
-                    Err(error) => {
-                        ctx.listener_up.store(false, Ordering::Release);
-                        metrics::counter!(m::DB_ERRORS, "operation" => "listen").increment(1);
-                        tracing::warn!(%error, "LISTEN connection lost; reconnecting");
-                        break;
-                    }
-                },
-                () = token.cancelled() => return,
-            }
+        }
+        if let Err(error) = backlog_once(&ctx).await {
+            tracing::debug!(%error, "could not measure the outbox backlog");
         }
     }
+}
+
+/// This node's outbox backlog and the age of its oldest row: work that
+/// waits here is what an operator looks for first.
+pub async fn backlog_once(ctx: &NodeState) -> Result<(), sqlx::Error> {
+    let backlog = db::bounded(
+        sqlx::query!(
+            r#"
+            SELECT count(*) AS "rows!",
+                   COALESCE(EXTRACT(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest_secs!"
+              FROM (SELECT created_at FROM relay.outbox WHERE node_id = $1 LIMIT 1000000) o
+            "#,
+            ctx.node_id.as_str()
+        )
+        .fetch_one(&ctx.db.pool),
+    )
+    .await?;
+    let node = ctx.node_id.to_string();
+    metrics::gauge!(m::OUTBOX_BACKLOG, "node" => node.clone()).set(backlog.rows as f64);
+    metrics::gauge!(m::OUTBOX_OLDEST, "node" => node).set(backlog.oldest_secs);
+    Ok(())
 }

@@ -570,7 +570,7 @@ async fn pgbench_insert_notify(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
-    let bindir = crate::pgtemp::find_bindir().map_err(anyhow::Error::msg)?;
+    let bindir = crate::tools::pgtemp::find_bindir().map_err(anyhow::Error::msg)?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS pgrelay_bench_raw (id bigserial PRIMARY KEY, payload jsonb)",
     )

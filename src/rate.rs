@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock: the same as the system's, except in tests that pause it.
+use tokio::time::Instant;
 
 /// Allows `rate` events per second, with bursts up to `rate`.
 #[derive(Debug, Clone)]

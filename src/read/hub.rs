@@ -1,4 +1,4 @@
-//! The node's local sessions: where the outbox claimer hands a message to the
+//! The node's local sessions: where the claimer hands a message to the
 //! sockets it was routed to. Every session has a bounded mailbox; a session
 //! whose mailbox is full is marked *lagging* instead of blocking the claimer,
 //! and later catches up from its stream in the database, so one slow client
@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
@@ -14,16 +14,30 @@ use uuid::Uuid;
 
 use crate::message::{StoredMessage, StreamKey};
 
-/// A message routed to sessions, with its JSON-protocol frame encoded once
-/// for all of them.
+/// A message routed to sessions.
 #[derive(Debug)]
 pub struct Envelope {
     pub message: Arc<StoredMessage>,
     /// The stream it came through: a user's, a topic's, or the broadcast.
     pub stream: StreamKey,
-    pub frame: Utf8Bytes,
     /// When the claim handed it over (the `mailbox` stage starts).
     pub offered_at: std::time::Instant,
+    /// A frame that is the same for every session of a protocol, encoded
+    /// by the first session that writes it and shared by the others (a
+    /// topic message's, for a thousand subscribers). The hub knows no
+    /// protocol: the session that fills it does.
+    pub shared_frame: OnceLock<Utf8Bytes>,
+}
+
+impl Envelope {
+    pub fn new(message: Arc<StoredMessage>, stream: StreamKey) -> Self {
+        Self {
+            message,
+            stream,
+            offered_at: std::time::Instant::now(),
+            shared_frame: OnceLock::new(),
+        }
+    }
 }
 
 /// Instructions to a session from outside its task.
@@ -276,8 +290,8 @@ mod tests {
     use super::*;
 
     fn envelope(id: i64) -> Arc<Envelope> {
-        Arc::new(Envelope {
-            message: StoredMessage::from_row(
+        Arc::new(Envelope::new(
+            StoredMessage::from_row(
                 id,
                 None,
                 Some("1".into()),
@@ -286,10 +300,8 @@ mod tests {
                 chrono::Utc::now(),
                 None,
             ),
-            stream: StreamKey::Broadcast,
-            frame: Utf8Bytes::from_static("{}"),
-            offered_at: std::time::Instant::now(),
-        })
+            StreamKey::Broadcast,
+        ))
     }
 
     #[test]

@@ -22,6 +22,7 @@ use futures_util::FutureExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::NodeId;
@@ -62,12 +63,50 @@ pub enum Record {
 #[derive(Clone)]
 pub struct DeliveryLog {
     records: mpsc::Sender<Record>,
+    /// Records waiting for room in a full queue, each in a task of its own:
+    /// the node's stop waits for them before the writer's last batch.
+    overflow: TaskTracker,
 }
 
 impl DeliveryLog {
     pub fn new() -> (Self, mpsc::Receiver<Record>) {
         let (records, rx) = mpsc::channel(QUEUE);
-        (Self { records }, rx)
+        let overflow = TaskTracker::new();
+        (Self { records, overflow }, rx)
+    }
+
+    /// Queues `record` in a task of its own, for when the queue is full and
+    /// the caller cannot wait. A record that cannot be queued (the writer
+    /// has stopped) is logged, never dropped silently.
+    fn send_later(&self, record: Record) {
+        let records = self.records.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                ?record,
+                "a delivery record was lost: no runtime to queue it"
+            );
+            return;
+        };
+        self.overflow.spawn_on(
+            async move {
+                if let Err(mpsc::error::SendError(record)) = records.send(record).await {
+                    tracing::error!(?record, "a delivery record was lost: the log has stopped");
+                }
+            },
+            &runtime,
+        );
+    }
+
+    /// Waits, up to `limit`, for the records waiting for room in the queue
+    /// to be queued (the writer still runs meanwhile).
+    pub async fn overflow_drained(&self, limit: Duration) {
+        self.overflow.close();
+        if tokio::time::timeout(limit, self.overflow.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("delivery records still waiting for the log at shutdown");
+        }
     }
 
     /// Queues a record. Waits when the writer is far behind (the database is
@@ -91,12 +130,7 @@ impl DeliveryLog {
             Err(mpsc::error::TrySendError::Closed(_)) => return false,
             // The log is far behind: the record waits for room in a task of
             // its own (never dropped), and the session goes on closing.
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                let records = self.records.clone();
-                tokio::spawn(async move {
-                    let _ = records.send(record).await;
-                });
-            }
+            Err(mpsc::error::TrySendError::Full(record)) => self.send_later(record),
         }
         matches!(tokio::time::timeout(wait, committed).await, Ok(Ok(())))
     }
@@ -105,12 +139,7 @@ impl DeliveryLog {
     /// drop): a task sends it if the queue is full.
     pub fn record_later(&self, record: Record) {
         if let Err(mpsc::error::TrySendError::Full(record)) = self.records.try_send(record) {
-            let records = self.records.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = records.send(record).await;
-                });
-            }
+            self.send_later(record);
         }
     }
 }
@@ -466,12 +495,12 @@ async fn linger(
 /// is empty. A failed batch is retried with backoff, never dropped, until the
 /// node stops; what is still unwritten then is logged.
 pub async fn run(
-    pool: PgPool,
-    node_id: NodeId,
-    registration: Arc<Registration>,
+    pool: &PgPool,
+    node_id: &NodeId,
+    registration: &Registration,
     idle: Duration,
-    mut records: mpsc::Receiver<Record>,
-    stop: CancellationToken,
+    records: &mut mpsc::Receiver<Record>,
+    stop: &CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -490,7 +519,7 @@ pub async fn run(
                     }
                 }
             }
-            linger(&mut records, &mut batch, &stop).await;
+            linger(records, &mut batch, stop).await;
         }
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -498,8 +527,8 @@ pub async fn run(
             // A panic here (a bug) must not end the log: every later record
             // would be lost. It counts as a failed batch, and is retried.
             let written = std::panic::AssertUnwindSafe(db::bounded(write_batch(
-                &pool,
-                &node_id,
+                pool,
+                node_id,
                 incarnation,
                 &batch,
                 idle,

@@ -1,0 +1,123 @@
+//! STOMP destinations: what a SUBSCRIBE listens to, and where a SEND goes.
+
+use std::sync::Arc;
+
+use super::StompError;
+use crate::message::Target;
+use crate::topic;
+
+/// What a subscription listens to.
+#[derive(Clone, Debug)]
+pub(super) enum Listens {
+    Topic(Arc<str>),
+    /// This user's messages with this destination (`/queue/x`).
+    User(String),
+}
+
+/// A SUBSCRIBE destination.
+pub(super) fn parse_subscription(destination: &str) -> Result<Listens, StompError> {
+    if let Some(topic) = destination.strip_prefix("/topic/") {
+        topic::validate(topic).map_err(|e| StompError::protocol(e.0))?;
+        return Ok(Listens::Topic(topic.into()));
+    }
+    for kind in ["/user/queue/", "/user/topic/"] {
+        if let Some(name) = destination.strip_prefix(kind)
+            && !name.is_empty()
+        {
+            return Ok(Listens::User(destination["/user".len()..].to_owned()));
+        }
+    }
+    if destination.starts_with("/user/") {
+        return Err(StompError::forbidden(
+            "subscribe to your own messages as /user/queue/<name>; other users' destinations are not yours",
+        ));
+    }
+    Err(StompError::protocol(format!(
+        "unsupported destination {destination:?}: use /topic/<name> or /user/queue/<name>"
+    )))
+}
+
+/// A SEND destination: the target, and the destination the message carries.
+pub(super) fn parse_send(
+    destination: &str,
+    me: &str,
+) -> Result<(Target, Option<String>), StompError> {
+    if let Some(topic) = destination.strip_prefix("/topic/") {
+        topic::validate(topic).map_err(|e| StompError::protocol(e.0))?;
+        return Ok((
+            Target::Topic(topic.to_owned()),
+            Some(destination.to_owned()),
+        ));
+    }
+    if let Some(rest) = destination.strip_prefix("/user/") {
+        // /user/<name>/queue/<x>, /user/<name>/topic/<x>; /user/queue/<x> is oneself.
+        let (user, path) = match rest.split_once('/') {
+            Some(("queue" | "topic", _)) => (me, &destination["/user".len()..]),
+            Some((user, _)) => (user, &rest[user.len()..]),
+            None => ("", ""),
+        };
+        let valid_path = (path.starts_with("/queue/") || path.starts_with("/topic/"))
+            && path.len() > "/queue/".len();
+        if user.is_empty() || !valid_path {
+            return Err(StompError::protocol(format!(
+                "unsupported destination {destination:?}: use /user/<name>/queue/<name>"
+            )));
+        }
+        crate::auth::validate_user_id(user).map_err(|e| StompError::protocol(e.0))?;
+        return Ok((Target::User(user.to_owned()), Some(path.to_owned())));
+    }
+    Err(StompError::protocol(format!(
+        "unsupported destination {destination:?}: use /topic/<name> or /user/<name>/queue/<name>"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_destinations() {
+        assert!(
+            matches!(parse_subscription("/topic/chat.a"), Ok(Listens::Topic(t)) if &*t == "chat.a")
+        );
+        assert!(
+            matches!(parse_subscription("/user/queue/x"), Ok(Listens::User(d)) if d == "/queue/x")
+        );
+        assert!(
+            matches!(parse_subscription("/user/topic/x"), Ok(Listens::User(d)) if d == "/topic/x")
+        );
+        // Never another user's messages, whatever the string.
+        for other in [
+            "/user/bob/queue/x",
+            "/user/queue/",
+            "/user/../bob/queue/x",
+            "/user//queue/x",
+        ] {
+            assert!(parse_subscription(other).is_err(), "{other}");
+        }
+        assert!(parse_subscription("/queue/x").is_err());
+        assert!(parse_subscription("/topic/a..b").is_err());
+    }
+
+    #[test]
+    fn send_destinations() {
+        let (target, destination) = parse_send("/topic/chat.a", "alice").unwrap();
+        assert_eq!(target, Target::Topic("chat.a".into()));
+        assert_eq!(destination.as_deref(), Some("/topic/chat.a"));
+        let (target, destination) = parse_send("/user/bob/queue/inbox", "alice").unwrap();
+        assert_eq!(target, Target::User("bob".into()));
+        assert_eq!(destination.as_deref(), Some("/queue/inbox"));
+        let (target, destination) = parse_send("/user/queue/notes", "alice").unwrap();
+        assert_eq!(target, Target::User("alice".into()));
+        assert_eq!(destination.as_deref(), Some("/queue/notes"));
+        for bad in [
+            "/user/bob",
+            "/user/bob/queue/",
+            "/user//queue/x",
+            "/queue/x",
+            "/topic/",
+        ] {
+            assert!(parse_send(bad, "alice").is_err(), "{bad}");
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! the status queries, and their answers into HTTP; sessions start here.
 //! Nothing below imports this module, except the node that serves it.
 
+mod audit;
 pub mod auth;
 mod health;
 mod messages;
@@ -14,7 +15,6 @@ pub mod openapi;
 mod presence;
 pub mod problem;
 pub mod server;
-mod status;
 mod ws;
 
 use std::sync::Arc;
@@ -91,8 +91,8 @@ pub fn api_routes(settings: &crate::config::Settings) -> OpenApiRouter<Arc<NodeS
         .routes(routes!(presence::nodes))
         .routes(routes!(presence::connections))
         .routes(routes!(presence::disconnect))
-        .routes(routes!(status::status))
-        .routes(routes!(status::deliveries))
+        .routes(routes!(audit::status))
+        .routes(routes!(audit::deliveries))
 }
 
 /// The OpenAPI document of this version, as `/v1/openapi.json` serves it.

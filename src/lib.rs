@@ -26,12 +26,14 @@
 //! - [`registry`]: nodes, connections and subscriptions, and the node's
 //!   heartbeat; [`sweeper`]: retention and reaping, on one node at a time.
 //!
-//! Underneath, shared by all: [`state`] (what a node's parts share),
+//! Underneath them all: [`registration`] (this process's incarnation),
 //! [`supervisor`] (no task dies silently), [`config`], [`auth`], [`topic`],
-//! [`message`], [`db`], [`liveness`], [`rate`], [`metrics`], [`status`]
-//! (what the status and tail commands read). On top: [`node`] (a node's
-//! lifecycle), [`cli`], and [`tools`] (the demo, a throwaway PostgreSQL, the
-//! operator commands and the benchmark).
+//! [`message`], [`db`], [`liveness`], [`rate`], [`metrics`] and [`status`]
+//! (what the status and tail commands read). [`state`] groups what a node's
+//! parts share; it imports only the types it holds (the hub, the delivery
+//! log, the group commit), none of which imports it. On top: [`node`] (a
+//! node's lifecycle), [`cli`], and [`tools`] (the demo, a throwaway
+//! PostgreSQL, the operator commands and the benchmark).
 
 /// Declares an error that is one sentence for people (what was wrong, fit
 /// to show whoever sent it), as a type of its own, so that a signature says
@@ -76,6 +78,7 @@ pub mod process;
 pub mod protocol;
 pub mod rate;
 pub mod read;
+pub mod registration;
 pub mod registry;
 pub mod session;
 pub mod state;

@@ -16,11 +16,11 @@ use uuid::Uuid;
 use crate::config::{Auth, NodeId, Settings};
 use crate::liveness::Liveness;
 use crate::rate::KeyedLimiter;
-use crate::read::delivery_log::{self, DeliveryLog, Record};
+use crate::read::delivery_log::{self, DeliveryLog, Record, Writer};
 use crate::read::hub::Hub;
 use crate::read::{claimer, listener};
+use crate::registration::Registration;
 use crate::registry::heartbeat;
-use crate::registry::nodes::Registration;
 use crate::state::{Database, Lifecycle, LocalDelivery, NodeState, WriteSide};
 use crate::supervisor::{self, spawn_loop, spawn_worker};
 use crate::write::group_commit::GroupCommit;
@@ -33,8 +33,8 @@ pub struct RunningNode {
     /// configured one was 0).
     pub addr: SocketAddr,
     server: JoinHandle<()>,
-    recorder: JoinHandle<()>,
-    recorder_stop: CancellationToken,
+    delivery_log: JoinHandle<()>,
+    delivery_log_stop: CancellationToken,
 }
 
 /// Starts a node: connects, migrates, binds, registers and spawns its tasks.
@@ -156,20 +156,20 @@ impl Prepared {
         tracing::info!(node_id = %ctx.node_id, %addr, "node started");
         // The delivery log outlives the sessions: it writes their last
         // records when the node stops.
-        let recorder_stop = CancellationToken::new();
-        let records = supervisor::queue(records);
-        let recorder = spawn_worker("delivery log", {
-            let (ctx, stop) = (ctx.clone(), recorder_stop.clone());
+        let delivery_log_stop = CancellationToken::new();
+        let writer = supervisor::queue(Writer::new(records));
+        let delivery_log = spawn_worker("delivery log", {
+            let (ctx, stop) = (ctx.clone(), delivery_log_stop.clone());
             move || {
-                let (ctx, stop, records) = (ctx.clone(), stop.clone(), records.clone());
+                let (ctx, stop, writer) = (ctx.clone(), stop.clone(), writer.clone());
                 async move {
-                    let mut records = records.lock().await;
+                    let mut writer = writer.lock().await;
                     delivery_log::run(
                         &ctx.db.bookkeeping,
                         &ctx.node_id,
                         &ctx.lifecycle.registration,
                         ctx.settings.idle_transaction_timeout(),
-                        &mut records,
+                        &mut writer,
                         &stop,
                     )
                     .await;
@@ -223,13 +223,14 @@ impl Prepared {
 
         let listener = Arc::new(listener);
         let router = http::router(ctx.clone());
+        let slots = Arc::new(Semaphore::new(ctx.settings.limits.max_connections));
         let server = spawn_worker("http server", {
             let ctx = ctx.clone();
             move || {
                 http::server::serve(
                     listener.clone(),
                     router.clone(),
-                    ctx.settings.limits.max_connections,
+                    slots.clone(),
                     ctx.settings.limits.request_timeout,
                     ctx.lifecycle.shutdown.clone(),
                     ctx.settings.shutdown_grace,
@@ -241,8 +242,8 @@ impl Prepared {
             state: ctx,
             addr,
             server,
-            recorder,
-            recorder_stop,
+            delivery_log,
+            delivery_log_stop,
         }
     }
 }
@@ -271,8 +272,8 @@ impl RunningNode {
         let _ = tokio::time::timeout(grace, self.server).await;
         // Departures still waiting for room in the log's queue go in first.
         ctx.delivery.log.overflow_drained(grace).await;
-        self.recorder_stop.cancel();
-        let _ = tokio::time::timeout(grace, self.recorder).await;
+        self.delivery_log_stop.cancel();
+        let _ = tokio::time::timeout(grace, self.delivery_log).await;
         let fatal = ctx.take_fatal();
         // A node whose id was taken over must not remove the other's rows
         // (deregister removes only this incarnation's).

@@ -24,7 +24,7 @@ use crate::metrics as m;
 use crate::rate::KeyedLimiter;
 use crate::read::delivery_log::DeliveryLog;
 use crate::read::hub::Hub;
-use crate::registry::nodes::Registration;
+use crate::registration::Registration;
 use crate::write::group_commit::GroupCommit;
 
 /// Everything the node's tasks and handlers share.

@@ -260,7 +260,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 /// key stores and answers 202; a later one with the same key and the same
 /// body answers 200 with the same ids and stores nothing; the same key with
 /// another body is a 409. Every answer is honest about what was stored (see
-/// `router`): by the deadline, or "outcome unknown".
+/// `write::enqueue`): by the deadline, or "outcome unknown".
 async fn store(
     ctx: &NodeState,
     caller: &ApiCaller,
@@ -270,7 +270,7 @@ async fn store(
     messages: &[NewMessage],
 ) -> Result<(StatusCode, Vec<i64>), Problem> {
     let started = std::time::Instant::now();
-    let deadline = enqueue::deadline();
+    let deadline = enqueue::deadline(Source::Http);
     let stored = match key {
         // Shares a transaction with concurrent submissions (a batch stays
         // atomic within it).

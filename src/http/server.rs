@@ -26,16 +26,18 @@ pub struct ConnectionSlot {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets open HTTP
-/// requests finish for up to `grace`.
+/// requests finish for up to `grace`. Each connection takes a permit of
+/// `slots` (the node's cap), held for as long as it lives: the caller
+/// creates it, so that a restarted accept loop counts the connections the
+/// previous one accepted.
 pub async fn serve(
     listener: Arc<TcpListener>,
     router: Router,
-    max_connections: usize,
+    slots: Arc<Semaphore>,
     header_timeout: Duration,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -51,7 +53,7 @@ pub async fn serve(
             () = shutdown.cancelled() => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, max_connections, "connection refused: the node holds the most connections allowed");
+            tracing::warn!(%remote, "connection refused: the node holds the most connections allowed");
             drop(stream);
             continue;
         };

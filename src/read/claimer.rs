@@ -42,7 +42,7 @@ pub struct Claimed {
 /// A claim marks its rows (topic and broadcast rows, which are done once
 /// handed to the local subscribers, it deletes); a user's row stays until
 /// every connection it lists has been written the message or has gone (see
-/// `deliveries`), so what a session holds is also in the database. The claim
+/// `super::delivery_log`), so what a session holds is also in the database. The claim
 /// is a transaction, and messages are offered to sessions before it
 /// commits: if the commit fails, or this future is dropped (a timeout) at
 /// any point before it, the rows come back and are offered again; sessions

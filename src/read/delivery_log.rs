@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::config::NodeId;
 use crate::db::{self, Bounds};
-use crate::registry::nodes::Registration;
+use crate::registration::Registration;
 
 /// Records taken per transaction.
 const BATCH: usize = 4096;
@@ -491,6 +491,23 @@ async fn linger(
     }
 }
 
+/// The writer's queue and the batch it is writing: kept by its supervisor
+/// across a restart, so that a writer started again after a panic goes on
+/// with the same batch.
+pub struct Writer {
+    records: mpsc::Receiver<Record>,
+    batch: Vec<Record>,
+}
+
+impl Writer {
+    pub fn new(records: mpsc::Receiver<Record>) -> Self {
+        Self {
+            records,
+            batch: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
 /// The writer task: batches records until `stop` is cancelled and the queue
 /// is empty. A failed batch is retried with backoff, never dropped, until the
 /// node stops; what is still unwritten then is logged.
@@ -499,14 +516,14 @@ pub async fn run(
     node_id: &NodeId,
     registration: &Registration,
     idle: Duration,
-    records: &mut mpsc::Receiver<Record>,
+    writer: &mut Writer,
     stop: &CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(BATCH);
+    let Writer { records, batch } = writer;
     loop {
         if batch.is_empty() {
             tokio::select! {
-                received = records.recv_many(&mut batch, BATCH) => {
+                received = records.recv_many(batch, BATCH) => {
                     if received == 0 {
                         return;
                     }
@@ -514,12 +531,12 @@ pub async fn run(
                 () = stop.cancelled() => {
                     // Sessions have ended: take what is left, then finish.
                     records.close();
-                    if records.recv_many(&mut batch, BATCH).await == 0 {
+                    if records.recv_many(batch, BATCH).await == 0 {
                         return;
                     }
                 }
             }
-            linger(records, &mut batch, stop).await;
+            linger(records, batch, stop).await;
         }
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -530,7 +547,7 @@ pub async fn run(
                 pool,
                 node_id,
                 incarnation,
-                &batch,
+                batch,
                 idle,
             )))
             .catch_unwind()

@@ -22,11 +22,11 @@ pub struct Envelope {
     pub stream: StreamKey,
     /// When the claim handed it over (the `mailbox` stage starts).
     pub offered_at: std::time::Instant,
-    /// A frame that is the same for every session of a protocol, encoded
+    /// The JSON protocol's frame, the same for every JSON session: encoded
     /// by the first session that writes it and shared by the others (a
-    /// topic message's, for a thousand subscribers). The hub knows no
-    /// protocol: the session that fills it does.
-    pub shared_frame: OnceLock<Utf8Bytes>,
+    /// topic message's, for a thousand subscribers). The hub does not encode
+    /// it: the JSON half of a session does (`session::json`).
+    pub json_frame: OnceLock<Utf8Bytes>,
 }
 
 impl Envelope {
@@ -35,7 +35,7 @@ impl Envelope {
             message,
             stream,
             offered_at: std::time::Instant::now(),
-            shared_frame: OnceLock::new(),
+            json_frame: OnceLock::new(),
         }
     }
 }

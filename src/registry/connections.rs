@@ -1,5 +1,5 @@
 //! Connection rows: a socket is registered before its `welcome` is sent and
-//! removed when it closes (by the delivery log, see `deliveries`, which also
+//! removed when it closes (by the delivery log, see `read::delivery_log`, which also
 //! parks what was routed to it and never written).
 
 use std::time::Duration;

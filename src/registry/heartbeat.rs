@@ -162,7 +162,8 @@ pub async fn run(ctx: Arc<NodeState>, token: CancellationToken) {
 
 /// Heartbeats of this node's presence rows, on the main pool: every
 /// interval, `last_seen_at` of the connections that showed signs of life,
-/// the outbox backlog gauge, and, when rows may exist without a session,
+/// the adoption of an earlier registration's claims, and, when rows may
+/// exist without a session,
 /// the reconciliation of the registry with the hub.
 pub async fn run_presence(ctx: Arc<NodeState>, token: CancellationToken) {
     let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
@@ -188,7 +189,7 @@ const RECONCILE_EVERY: u64 = 30;
 /// without a session (an attach whose answer was lost, more rows than
 /// sessions), the rows of this node's connections are compared with the
 /// hub, and those without a session depart (their undelivered messages are
-/// parked, see `deliveries`).
+/// parked, see `read::delivery_log`).
 pub async fn presence_once(ctx: &NodeState, full: bool) -> Result<u64, sqlx::Error> {
     let seen = ctx.delivery.hub.take_seen();
     db::bounded(registry::connections::refresh(

@@ -35,7 +35,9 @@ pub struct SessionParams {
 ///
 /// Sessions are many and mostly idle, so the size of their future matters:
 /// everything they await only now and then (database work, a backfill, a
-/// burst of input) is boxed, and the idle state stays small.
+/// burst of input) is boxed, and the idle state stays small; each protocol's
+/// session is boxed too, so that a JSON session does not carry the room a
+/// STOMP one needs.
 pub async fn run(ctx: Arc<NodeState>, socket: WebSocket, params: SessionParams) {
     let id = Uuid::now_v7();
     let span = tracing::info_span!(
@@ -50,7 +52,16 @@ pub async fn run(ctx: Arc<NodeState>, socket: WebSocket, params: SessionParams) 
         match params.protocol {
             Protocol::Json => {
                 let identity = params.identity.clone().expect("checked at upgrade");
-                start(ctx, sink, incoming, params, id, identity, Json::default()).await;
+                Box::pin(start(
+                    ctx,
+                    sink,
+                    incoming,
+                    params,
+                    id,
+                    identity,
+                    Json::default(),
+                ))
+                .await;
             }
             Protocol::Stomp => {
                 let deadline = params.accepted + ctx.settings.limits.handshake_timeout;
@@ -63,7 +74,7 @@ pub async fn run(ctx: Arc<NodeState>, socket: WebSocket, params: SessionParams) 
                 ))
                 .await;
                 if let Some((identity, state)) = accepted {
-                    start(ctx, sink, incoming, params, id, identity, state).await;
+                    Box::pin(start(ctx, sink, incoming, params, id, identity, state)).await;
                 }
             }
         }

@@ -56,6 +56,8 @@ impl Half for Json {
         match input {
             Input::Text(text) => session.json_text(&text).await,
             Input::Binary(_) => {
+                // Answered after the publishes before it, like any refusal.
+                session.answer_in_flight().await?;
                 session
                     .json_bad_frame("binary frames are not part of the pgrelay.v1 protocol")
                     .await
@@ -76,7 +78,7 @@ impl Half for Json {
     }
 
     fn frames(&mut self, item: Item, _hold_at_most: usize) -> Option<Ready> {
-        let frame = shared_frame(&item.envelope);
+        let frame = frame_of(&item.envelope);
         Some(Ready {
             item,
             frames: vec![Message::Text(frame)],
@@ -102,9 +104,9 @@ impl Half for Json {
 
 /// A message's frame: the same for every JSON session, so encoded once (by
 /// the first session that writes it) and shared.
-fn shared_frame(envelope: &Envelope) -> axum::extract::ws::Utf8Bytes {
+fn frame_of(envelope: &Envelope) -> axum::extract::ws::Utf8Bytes {
     envelope
-        .shared_frame
+        .json_frame
         .get_or_init(|| json::message(&envelope.message, json::To::of(&envelope.stream)).into())
         .clone()
 }

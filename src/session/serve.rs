@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{SinkExt, StreamExt};
 
-use super::submit::next_answer;
+use super::submit::{IN_FLIGHT, next_answer};
 use super::{Exit, Half, Input, Session, WsSink, WsStream};
 use crate::metrics as m;
 use crate::read::hub::{Control, Inbox};
@@ -22,9 +22,6 @@ const WRITE_BATCH: usize = 64;
 /// unwritten messages parked), before it closes anyway: the delivery log
 /// writes it when the database answers.
 const DEPARTURE_WAIT: Duration = Duration::from_secs(2);
-/// Submissions a connection may have in flight: enough to fill the group
-/// commit's batches from one busy producer, few enough to bound its memory.
-pub(super) const IN_FLIGHT: usize = 64;
 
 impl<P: Half, S: WsSink> Session<P, S> {
     /// Serves the connection until it ends; the error says how.

@@ -4,13 +4,16 @@
 
 use std::collections::VecDeque;
 
-use super::serve::IN_FLIGHT;
 use super::{Exit, Half, Session, WsSink};
 use crate::message::NewMessage;
 use crate::metrics as m;
 use crate::read::hub::Control;
 use crate::write::enqueue::{self, EnqueueError, Source};
 use crate::write::group_commit::Pending;
+
+/// Submissions a connection may have in flight: enough to fill the group
+/// commit's batches from one busy producer, few enough to bound its memory.
+pub(super) const IN_FLIGHT: usize = 64;
 
 /// A submission of this connection waiting for its commit.
 pub(super) struct InFlight<R> {
@@ -44,7 +47,11 @@ impl<P: Half, S: WsSink> Session<P, S> {
             .ctx
             .write
             .group_commit
-            .enqueue(vec![message], Source::WebSocket, enqueue::deadline())
+            .enqueue(
+                vec![message],
+                Source::WebSocket,
+                enqueue::deadline(Source::WebSocket),
+            )
             .await;
         match queued {
             Ok(pending) => {

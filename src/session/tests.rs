@@ -24,7 +24,7 @@ use crate::protocol::stomp::{FrameLimits, Version};
 use crate::rate::KeyedLimiter;
 use crate::read::delivery_log::{DeliveryLog, Record};
 use crate::read::hub::{Control, Envelope, Hub, Inbox};
-use crate::registry::nodes::Registration;
+use crate::registration::Registration;
 use crate::state::{Database, Lifecycle, LocalDelivery, NodeState, WriteSide};
 use crate::write::group_commit::GroupCommit;
 
@@ -411,6 +411,30 @@ async fn a_stomp_client_sending_heart_beats_stays() {
         while client.from_server.try_recv().is_ok() {}
     }
     assert!(!task.is_finished(), "heart-beats are signs of life");
+    ctx.lifecycle.shutdown.cancel();
+    assert!(closed_with(&task.await.expect("the session ends"), 1012));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_is_answered_after_the_publishes_before_it() {
+    let (ctx, _records) = node(settings(Duration::from_secs(600)));
+    let (sink, incoming, mut client) = socket(64);
+    let (_, task) = serve(&ctx, sink, incoming, Json::default());
+    assert_eq!(client.next_json().await["op"], "welcome");
+    client
+        .send_text(r#"{"op":"publish","topic":"news","data":1}"#)
+        .await;
+    client
+        .to_server
+        .send(Ok(Message::Binary(vec![1, 2, 3].into())))
+        .await
+        .expect("the session reads");
+    // No database here: the publish fails, and its answer comes first.
+    let publish = client.next_json().await;
+    assert_eq!(publish["op"], "error", "{publish}");
+    assert_ne!(publish["code"], "bad_frame", "{publish}");
+    let refusal = client.next_json().await;
+    assert_eq!(refusal["code"], "bad_frame", "{refusal}");
     ctx.lifecycle.shutdown.cancel();
     assert!(closed_with(&task.await.expect("the session ends"), 1012));
 }

@@ -140,7 +140,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             let slow = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
             let submitter = GroupCommit::start(pool, 1, 1, slow);
             submitter
-                .submit(message, Source::Cli, enqueue::deadline())
+                .submit(message, Source::Cli, enqueue::deadline(Source::Cli))
                 .await?
                 .to_string()
         }

@@ -51,10 +51,19 @@ impl Source {
 /// contract answers within 5 s.
 pub const SUBMIT_TIMEOUT: Duration = Duration::from_millis(4500);
 
-/// When a submission that starts now must be answered: one policy for every
-/// way in (HTTP, WebSocket, STOMP, the command line).
-pub fn deadline() -> Instant {
-    Instant::now() + SUBMIT_TIMEOUT
+/// How long `pgrelay send` may take: a command line waits longer than a
+/// request would (a stream held by an application's transaction), and
+/// still says honestly whether the message was stored.
+pub const CLI_SUBMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// When a submission from `source` that starts now must be answered: the
+/// one timeout policy for every way in.
+pub fn deadline(source: Source) -> Instant {
+    let limit = match source {
+        Source::Http | Source::WebSocket => SUBMIT_TIMEOUT,
+        Source::Cli => CLI_SUBMIT_TIMEOUT,
+    };
+    Instant::now() + limit
 }
 
 /// Time kept for COMMIT itself: work before it must be done this long

@@ -1,5 +1,7 @@
-//! Group commit: the one way in for every submission (HTTP, single or
-//! batch; JSON `publish`; STOMP `SEND`; `pgrelay send`). Concurrent
+//! Group commit: the way in for every submission (HTTP, single or batch;
+//! JSON `publish`; STOMP `SEND`; `pgrelay send`), but those under an
+//! `Idempotency-Key`, which need a transaction of their own (see
+//! `super::idempotency`). Concurrent
 //! submissions share transactions; see [`GroupCommit`].
 
 use std::collections::HashMap;
@@ -116,12 +118,17 @@ impl GroupCommit {
         let shards: Vec<_> = (0..shards.max(1))
             .map(|_| {
                 let (jobs, queue) = mpsc::channel(max_batch * 4);
-                let (pool, slow, queue) = (pool.clone(), slow.clone(), supervisor::queue(queue));
+                let shard = Shard {
+                    queue,
+                    next: None,
+                    chains: HashMap::new(),
+                };
+                let (pool, slow, shard) = (pool.clone(), slow.clone(), supervisor::queue(shard));
                 spawn_worker("group-commit shard", move || {
-                    let (pool, slow, queue) = (pool.clone(), slow.clone(), queue.clone());
+                    let (pool, slow, shard) = (pool.clone(), slow.clone(), shard.clone());
                     async move {
-                        let mut queue = queue.lock().await;
-                        run_shard(pool, &mut queue, max_batch, slow).await;
+                        let mut shard = shard.lock().await;
+                        run_shard(pool, &mut shard, max_batch, slow).await;
                     }
                 });
                 jobs
@@ -233,15 +240,23 @@ struct Chain {
     pending: Arc<AtomicUsize>,
 }
 
-async fn run_shard(
-    pool: PgPool,
-    queue: &mut mpsc::Receiver<Job>,
-    max_batch: usize,
-    slow: Arc<Semaphore>,
-) {
-    // Held over from a batch that was full: it starts the next one.
-    let mut next: Option<Job> = None;
-    let mut chains: HashMap<u64, Chain> = HashMap::new();
+/// A shard's queue and what it keeps between batches: kept by its
+/// supervisor across a restart, so that a shard started again after a panic
+/// still starts with the job held over and still sends a held stream's
+/// submissions to its chain (its order is kept).
+struct Shard {
+    queue: mpsc::Receiver<Job>,
+    /// Held over from a batch that was full: it starts the next one.
+    next: Option<Job>,
+    chains: HashMap<u64, Chain>,
+}
+
+async fn run_shard(pool: PgPool, shard: &mut Shard, max_batch: usize, slow: Arc<Semaphore>) {
+    let Shard {
+        queue,
+        next,
+        chains,
+    } = shard;
     loop {
         let first = match next.take() {
             Some(job) => job,
@@ -264,7 +279,7 @@ async fn run_shard(
             }
         }
         if size > max_batch && jobs.len() > 1 {
-            next = jobs.pop();
+            *next = jobs.pop();
         }
         chains.retain(|_, chain| chain.pending.load(Ordering::Acquire) > 0);
         let taken_at = Instant::now();

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::StompError;
-use crate::message::Target;
+use crate::message::{MAX_DESTINATION_BYTES, Target};
 use crate::topic;
 
 /// What a subscription listens to.
@@ -24,7 +24,15 @@ pub(super) fn parse_subscription(destination: &str) -> Result<Listens, StompErro
         if let Some(name) = destination.strip_prefix(kind)
             && !name.is_empty()
         {
-            return Ok(Listens::User(destination["/user".len()..].to_owned()));
+            // The destination its messages carry, under the rule every
+            // message's destination follows (`write::parse`).
+            let carried = &destination["/user".len()..];
+            if carried.len() > MAX_DESTINATION_BYTES {
+                return Err(StompError::protocol(format!(
+                    "the destination after /user must be at most {MAX_DESTINATION_BYTES} bytes"
+                )));
+            }
+            return Ok(Listens::User(carried.to_owned()));
         }
     }
     if destination.starts_with("/user/") {
@@ -96,6 +104,9 @@ mod tests {
             assert!(parse_subscription(other).is_err(), "{other}");
         }
         assert!(parse_subscription("/queue/x").is_err());
+        let longest = format!("/user/queue/{}", "x".repeat(MAX_DESTINATION_BYTES - 7));
+        assert!(parse_subscription(&longest).is_ok());
+        assert!(parse_subscription(&format!("{longest}x")).is_err());
         assert!(parse_subscription("/topic/a..b").is_err());
     }
 

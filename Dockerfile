@@ -7,6 +7,8 @@ COPY Cargo.toml Cargo.lock build.rs sqlx.toml ./
 COPY .sqlx .sqlx
 COPY migrations migrations
 COPY src src
+# The JavaScript client, served at /client.js (compiled in).
+COPY clients/js/src clients/js/src
 RUN cargo build --release --locked --bin pgrelay
 
 FROM debian:bookworm-slim

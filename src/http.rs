@@ -45,6 +45,7 @@ pub fn router(ctx: Arc<NodeState>) -> Router {
     ));
     let node_id = ctx.node_id.to_string();
     api.route("/", get(index))
+        .route("/client.js", get(client_js))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
         .layer(axum::Extension(document))
@@ -118,6 +119,22 @@ async fn request_timeout(
         )
         .into_response(),
     }
+}
+
+/// The official JavaScript client (`clients/js`, `@pgrelay/client`), as one
+/// ES module: what the demo page imports, and a page can too.
+async fn client_js() -> Response {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../clients/js/src/index.js"),
+    )
+        .into_response()
 }
 
 /// The demo page when it is on (`pgrelay dev`, `serve --demo`); otherwise a

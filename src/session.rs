@@ -39,6 +39,7 @@ use futures_util::{Sink, Stream};
 use uuid::Uuid;
 
 pub use connect::{SessionParams, run};
+pub use serve::close_and_drain;
 
 use crate::auth::Identity;
 use crate::message::StreamKey;

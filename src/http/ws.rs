@@ -9,6 +9,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::Problem;
@@ -28,6 +29,7 @@ struct WsQuery {
     token: Option<String>,
     user: Option<String>,
     since: Option<String>,
+    refusal: Option<String>,
 }
 
 /// The query parameters of `GET /v1/ws`.
@@ -42,6 +44,11 @@ struct WsParams {
     user: Option<String>,
     /// Resume the user's stream after this message id.
     since: Option<String>,
+    /// `close`: a refused token or user is answered after the upgrade, with
+    /// close code 1008 and the problem as its reason (`unauthorized: …`),
+    /// for clients that cannot read an HTTP answer to an upgrade (browsers
+    /// see only 1006, as for a dead node). Without it, the 401 or 400.
+    refusal: Option<String>,
 }
 
 /// Connect a client
@@ -107,43 +114,19 @@ pub async fn upgrade(
         ws.set_selected_protocol(HeaderValue::from_static(name));
     }
 
-    // The identity, when the request carries one. A STOMP client may present
-    // it later, in CONNECT; a JSON client must present it now.
-    let identity = match &ctx.settings.auth {
-        Auth::None => match query.user.as_deref() {
-            Some(user) => match Identity::unauthenticated(user) {
-                Ok(identity) => Some(identity),
-                Err(e) => return Problem::bad_request("bad_user", e).into_response(),
-            },
-            None => None,
-        },
-        Auth::Jwt { verifier, .. } => {
-            let from_header = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer);
-            match from_header.or(query.token.as_deref()) {
-                Some(token) => match verifier.verify(token) {
-                    Ok(identity) => Some(identity),
-                    Err(e) => return Problem::unauthorized(e).into_response(),
-                },
-                None => None,
-            }
+    let in_band = match query.refusal.as_deref() {
+        None => false,
+        Some("close") => true,
+        Some(_) => {
+            return Problem::bad_request("bad_refusal", "`refusal` may only be `close`")
+                .into_response();
         }
     };
-    if identity.is_none() && protocol == Protocol::Json {
-        return match ctx.settings.auth {
-            Auth::None => Problem::bad_request(
-                "missing_user",
-                "auth is `none`: name the user with ?user=<id>",
-            )
-            .into_response(),
-            Auth::Jwt { .. } => Problem::unauthorized(
-                "a token is required: `Authorization: Bearer <jwt>` or ?token=<jwt>",
-            )
-            .into_response(),
-        };
-    }
+    let identity = match identify(&ctx, &headers, &query, protocol) {
+        Ok(identity) => identity,
+        Err(problem) if in_band => return refuse_in_band(ws, problem),
+        Err(problem) => return problem.into_response(),
+    };
 
     let accepted = slot
         .as_ref()
@@ -176,4 +159,60 @@ pub async fn upgrade(
                 session::run(ctx, socket, params).await;
             })
         })
+}
+
+/// The identity, when the request carries one. A STOMP client may present
+/// it later, in CONNECT; a JSON client must present it now.
+fn identify(
+    ctx: &NodeState,
+    headers: &HeaderMap,
+    query: &WsQuery,
+    protocol: Protocol,
+) -> Result<Option<Identity>, Problem> {
+    let identity = match &ctx.settings.auth {
+        Auth::None => match query.user.as_deref() {
+            Some(user) => Some(
+                Identity::unauthenticated(user).map_err(|e| Problem::bad_request("bad_user", e))?,
+            ),
+            None => None,
+        },
+        Auth::Jwt { verifier, .. } => {
+            let from_header = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer);
+            match from_header.or(query.token.as_deref()) {
+                Some(token) => Some(verifier.verify(token).map_err(Problem::unauthorized)?),
+                None => None,
+            }
+        }
+    };
+    if identity.is_none() && protocol == Protocol::Json {
+        return Err(match ctx.settings.auth {
+            Auth::None => Problem::bad_request(
+                "missing_user",
+                "auth is `none`: name the user with ?user=<id>",
+            ),
+            Auth::Jwt { .. } => Problem::unauthorized(
+                "a token is required: `Authorization: Bearer <jwt>` or ?token=<jwt>",
+            ),
+        });
+    }
+    Ok(identity)
+}
+
+/// Accepts the upgrade only to close at once with 1008 and the problem as
+/// the reason (`<code>: <detail>`, cut to the 123 bytes a close frame holds).
+fn refuse_in_band(ws: WebSocketUpgrade, problem: Problem) -> Response {
+    let mut reason = format!("{}: {}", problem.code, problem.detail);
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.truncate(end);
+    tracing::debug!(%reason, "WebSocket refused after the upgrade");
+    ws.on_upgrade(move |socket| async move {
+        let (mut sink, mut incoming) = socket.split();
+        session::close_and_drain(&mut sink, &mut incoming, 1008, &reason).await;
+    })
 }

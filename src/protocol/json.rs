@@ -29,6 +29,9 @@ pub enum ClientFrame {
         topic: String,
         data: Box<RawValue>,
     },
+    /// Answered `pong`: a browser cannot see the server's WebSocket pings,
+    /// so a client that wants to notice a dead connection asks.
+    Ping,
 }
 
 /// The union of all frames' fields. Decoded flat rather than as a tagged
@@ -91,9 +94,10 @@ impl ClientFrame {
             "unsubscribe" => &["topic"],
             "ack" => &["id"],
             "publish" => &["topic", "data"],
+            "ping" => &[],
             other => {
                 return Err(format!(
-                    "unknown op {other:?}: expected subscribe, unsubscribe, ack or publish"
+                    "unknown op {other:?}: expected subscribe, unsubscribe, ack, publish or ping"
                 )
                 .into());
             }
@@ -119,6 +123,7 @@ impl ClientFrame {
             "ack" => ClientFrame::Ack {
                 id: raw.id.ok_or_else(|| missing("id"))?,
             },
+            "ping" => ClientFrame::Ping,
             _ => ClientFrame::Publish {
                 topic: raw.topic.ok_or_else(|| missing("topic"))?,
                 data: raw.data.ok_or_else(|| missing("data"))?,
@@ -152,16 +157,26 @@ struct Welcome<'a> {
     connection_id: &'a str,
     node_id: &'a str,
     heartbeat_ms: u64,
+    user_head: String,
 }
 
-pub fn welcome(connection_id: &str, node_id: &str, heartbeat_ms: u64) -> String {
+/// The first frame. `user_head` is the head of the user's stream when the
+/// connection was registered: a client that keeps it as its cursor resumes
+/// exactly (`since`), even if no message came before it dropped.
+pub fn welcome(connection_id: &str, node_id: &str, heartbeat_ms: u64, user_head: i64) -> String {
     serde_json::to_string(&Welcome {
         op: "welcome",
         connection_id,
         node_id,
         heartbeat_ms,
+        user_head: user_head.to_string(),
     })
     .expect("serializable")
+}
+
+/// The answer to `ping`.
+pub fn pong() -> String {
+    r#"{"op":"pong"}"#.to_owned()
 }
 
 #[derive(Serialize)]
@@ -215,14 +230,29 @@ struct TopicFrame<'a> {
     topic: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    head: Option<String>,
 }
 
-/// `subscribed`, `unsubscribed`, and `published` (with the new message's id).
+/// `unsubscribed`, and `published` (with the new message's id).
 pub fn topic_frame(op: &'static str, topic: &str, id: Option<i64>) -> String {
     serde_json::to_string(&TopicFrame {
         op,
         topic,
         id: id.map(|id| id.to_string()),
+        head: None,
+    })
+    .expect("serializable")
+}
+
+/// `subscribed`, with the topic's head: later messages arrive live, and a
+/// client that keeps it as its cursor resubscribes exactly (`since`).
+pub fn subscribed(topic: &str, head: i64) -> String {
+    serde_json::to_string(&TopicFrame {
+        op: "subscribed",
+        topic,
+        id: None,
+        head: Some(head.to_string()),
     })
     .expect("serializable")
 }
@@ -330,11 +360,21 @@ mod tests {
         assert_eq!(frame["data"], Value::Null);
         assert_eq!(frame["body_base64"], "AP8=");
         assert_eq!(frame["content_type"], "application/octet-stream");
-        let welcome: Value = serde_json::from_str(&welcome("c1", "n1", 5000)).unwrap();
+        let welcome: Value = serde_json::from_str(&welcome("c1", "n1", 5000, 7)).unwrap();
         assert_eq!(
             welcome,
-            json!({"op":"welcome","connection_id":"c1","node_id":"n1","heartbeat_ms":5000})
+            json!({"op":"welcome","connection_id":"c1","node_id":"n1","heartbeat_ms":5000,"user_head":"7"})
         );
+        let subscribed: Value = serde_json::from_str(&subscribed("t", 12)).unwrap();
+        assert_eq!(
+            subscribed,
+            json!({"op":"subscribed","topic":"t","head":"12"})
+        );
+        assert!(matches!(
+            ClientFrame::decode(r#"{"op":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        ));
+        assert!(ClientFrame::decode(r#"{"op":"ping","id":"1"}"#).is_err());
         let error: Value = serde_json::from_str(&error("bad_frame", "oops")).unwrap();
         assert_eq!(
             error,

@@ -47,6 +47,7 @@ impl Half for Json {
             &session.id.to_string(),
             session.ctx.node_id.as_str(),
             session.ctx.settings.heartbeat_interval.as_millis() as u64,
+            session.user_cursor,
         );
         session.send(Message::Text(welcome.into())).await?;
         Box::pin(session.run_pending_backfills()).await
@@ -161,10 +162,8 @@ impl<S: WsSink> Session<Json, S> {
                         return self.json_error("subscribe_failed", &error.describe()).await;
                     }
                 };
-                self.send(Message::Text(
-                    json::topic_frame("subscribed", &topic, None).into(),
-                ))
-                .await?;
+                self.send(Message::Text(json::subscribed(&topic, head).into()))
+                    .await?;
                 if let Some(since) = since {
                     let backfill = Backfill {
                         origin: Origin::Stream,
@@ -175,6 +174,7 @@ impl<S: WsSink> Session<Json, S> {
                 }
                 Ok(())
             }
+            ClientFrame::Ping => self.send(Message::Text(json::pong().into())).await,
             ClientFrame::Unsubscribe { topic } => {
                 self.unsubscribe_topic(&topic).await;
                 self.send(Message::Text(

@@ -199,7 +199,7 @@ impl<P: Half, S: WsSink> Session<P, S> {
 /// Sends a close frame, then reads until the client answers (briefly): a
 /// socket dropped with unread input is reset, and a reset makes the client
 /// discard what it had not read yet, the close frame and its reason included.
-pub(super) async fn close_and_drain<S: WsSink, I: WsStream>(
+pub async fn close_and_drain<S: WsSink, I: WsStream>(
     sink: &mut S,
     incoming: &mut I,
     code: u16,

@@ -438,3 +438,18 @@ async fn a_refusal_is_answered_after_the_publishes_before_it() {
     ctx.lifecycle.shutdown.cancel();
     assert!(closed_with(&task.await.expect("the session ends"), 1012));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_is_answered_with_a_pong_and_the_welcome_names_the_users_head() {
+    let (ctx, _records) = node(settings(Duration::from_secs(600)));
+    let (sink, incoming, mut client) = socket(16);
+    let (_, task) = serve(&ctx, sink, incoming, Json::default());
+    let welcome = client.next_json().await;
+    assert_eq!(welcome["op"], "welcome");
+    // The session's user cursor at registration (0 here: no messages yet).
+    assert_eq!(welcome["user_head"], "0", "{welcome}");
+    client.send_text(r#"{"op":"ping"}"#).await;
+    assert_eq!(client.next_json().await, serde_json::json!({"op": "pong"}));
+    ctx.lifecycle.shutdown.cancel();
+    assert!(closed_with(&task.await.expect("the session ends"), 1012));
+}

@@ -11,16 +11,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
 
-/// Fast liveness for tests: dead after 2 s, swept every 500 ms.
-const FAST: [&str; 6] = [
-    "--heartbeat-interval",
-    "500ms",
-    "--node-timeout",
-    "2s",
-    "--sweep-interval",
-    "500ms",
-];
-
 async fn post(http: &reqwest::Client, node: &NodeProcess, body: Value) -> (u16, Value) {
     response(
         http.post(node.url("/v1/messages"))

@@ -14,6 +14,7 @@ mod cli;
 mod core;
 mod faults;
 mod guarantees;
+mod jsclient;
 mod operability;
 mod partial;
 mod random;

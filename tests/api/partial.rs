@@ -15,16 +15,6 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::faultkit::*;
 use crate::helpers::*;
 
-/// Fast liveness: heartbeats every 500 ms, dead after 2 s, swept every 500 ms.
-const FAST: [&str; 6] = [
-    "--heartbeat-interval",
-    "500ms",
-    "--node-timeout",
-    "2s",
-    "--sweep-interval",
-    "500ms",
-];
-
 fn fast_with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     FAST.iter().copied().chain(extra.iter().copied()).collect()
 }

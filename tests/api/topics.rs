@@ -12,7 +12,11 @@ async fn subscribe(client: &mut Client, topic: &str, since: Option<i64>) {
     }
     client.send_json(frame).await;
     let answer = client.next_frame().await;
-    assert_eq!(answer, json!({"op": "subscribed", "topic": topic}));
+    assert_eq!(answer["op"], "subscribed", "{answer}");
+    assert_eq!(answer["topic"], topic, "{answer}");
+    // The topic's head: the cursor a client resubscribes with.
+    let head = answer["head"].as_str().expect("a head");
+    assert!(head.parse::<i64>().is_ok(), "{answer}");
 }
 
 async fn publish(cluster: &Cluster, node: usize, topic: &str, data: Value) -> i64 {
@@ -299,5 +303,40 @@ async fn publish_in_sql_commits_and_rolls_back_with_the_caller() {
     assert_eq!(id_of(&frame), id);
     assert_eq!(frame["data"], json!({"order": 7}));
     max.close().await;
+    cluster.finish().await;
+}
+
+/// `subscribed` names the topic's head, and `welcome` the user's: the
+/// cursors a client resumes from, exact even before its first message.
+#[tokio::test]
+async fn subscribed_and_welcome_name_the_heads_to_resume_from() {
+    let cluster = Cluster::start(2).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(publish(&cluster, n % 2, "heads", json!(n)).await);
+    }
+    let mut client = cluster.connect(0, "hal").await;
+    client
+        .send_json(json!({"op": "subscribe", "topic": "heads"}))
+        .await;
+    let subscribed = client.next_frame().await;
+    assert_eq!(subscribed["head"], ids[2].to_string(), "{subscribed}");
+    let next = publish(&cluster, 1, "heads", json!(3)).await;
+    assert_eq!(client.message_ids(1).await, [next]);
+    client.close().await;
+
+    let sent = cluster.send_to_user(1, "hal", json!("before")).await;
+    let (mut raw, _) = tokio_tungstenite::connect_async(cluster.ws_url(0, "user=hal"))
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let welcome = loop {
+        if let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = raw.next().await {
+            break serde_json::from_str::<Value>(&text).unwrap();
+        }
+    };
+    assert_eq!(welcome["op"], "welcome", "{welcome}");
+    assert_eq!(welcome["user_head"], sent.to_string(), "{welcome}");
+    drop(raw);
     cluster.finish().await;
 }

@@ -7,6 +7,16 @@ use serde_json::Value;
 use super::waiting::{eventually, within};
 
 /// A `pgrelay serve` process.
+/// Fast liveness for node processes: dead after 2 s, swept every 500 ms.
+pub const FAST: [&str; 6] = [
+    "--heartbeat-interval",
+    "500ms",
+    "--node-timeout",
+    "2s",
+    "--sweep-interval",
+    "500ms",
+];
+
 pub struct NodeProcess {
     child: tokio::process::Child,
     pub node_id: String,
@@ -18,6 +28,12 @@ impl NodeProcess {
     /// Starts `pgrelay serve` (auth none, JSON logs) on a free port and waits
     /// until it serves.
     pub async fn start(database_url: &str, node_id: &str, extra: &[&str]) -> Self {
+        Self::start_on(database_url, node_id, "127.0.0.1:0", extra).await
+    }
+
+    /// [`NodeProcess::start`] on `listen` (to start a node again where its
+    /// clients expect it).
+    pub async fn start_on(database_url: &str, node_id: &str, listen: &str, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join("pgrelay-test-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{node_id}-{:08x}.log", rand::random::<u32>()));
@@ -31,7 +47,7 @@ impl NodeProcess {
                 "--node-id",
                 node_id,
                 "--listen",
-                "127.0.0.1:0",
+                listen,
             ])
             .args(extra)
             .env("DATABASE_URL", database_url)
@@ -151,4 +167,53 @@ pub async fn node_scenario(
         "scenario {name} failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains(&format!("ok {name}")), "{stdout}");
+}
+
+/// [`node_scenario`] for a scenario that stops halfway: each time it prints
+/// `ready <what>`, `act(what)` runs (a restart, say) and the scenario is told
+/// to go on (a line on its stdin).
+pub async fn node_scenario_acting<F, Fut>(
+    dir: &str,
+    script: &str,
+    name: &str,
+    config: &Value,
+    limit: Duration,
+    mut act: F,
+) where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut child = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(name)
+        .arg(config.to_string())
+        .current_dir(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut printed = String::new();
+    within(limit, async {
+        while let Some(line) = stdout.next_line().await.expect("read the scenario") {
+            printed.push_str(&line);
+            printed.push('\n');
+            if let Some(what) = line.strip_prefix("ready ") {
+                act(what.to_owned()).await;
+                stdin.write_all(b"go\n").await.expect("tell the scenario");
+            }
+        }
+    })
+    .await;
+    let output = within(limit, child.wait_with_output()).await.expect("node");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scenario {name} failed:\n{printed}\n{stderr}"
+    );
+    assert!(printed.contains(&format!("ok {name}")), "{printed}");
 }

@@ -122,7 +122,8 @@ async fn request_timeout(
 }
 
 /// The official JavaScript client (`clients/js`, `@pgrelay/client`), as one
-/// ES module: what the demo page imports, and a page can too.
+/// ES module: what the demo page imports, and any page can too (a module
+/// from another origin needs CORS; the file is public, like the code).
 async fn client_js() -> Response {
     (
         [
@@ -131,6 +132,7 @@ async fn client_js() -> Response {
                 "text/javascript; charset=utf-8",
             ),
             (axum::http::header::CACHE_CONTROL, "no-cache"),
+            (axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
         ],
         include_str!("../clients/js/src/index.js"),
     )

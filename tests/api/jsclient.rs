@@ -67,6 +67,21 @@ async fn the_js_client_resumes_exactly_and_drops_only_copies() {
 }
 
 #[tokio::test]
+async fn the_js_client_keeps_subscriptions_through_lost_answers_and_temporary_refusals() {
+    npm_installed(DIR, "ws");
+    let config = json!({});
+    node_scenario(
+        DIR,
+        "scenarios.mjs",
+        "scripted-subscriptions",
+        &config,
+        &[],
+        LIMIT,
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn the_js_client_stops_on_final_closes_and_retries_the_others() {
     npm_installed(DIR, "ws");
     let config = json!({});

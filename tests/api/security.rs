@@ -683,3 +683,56 @@ async fn a_raw_websocket_client_flooding_garbage_does_not_disturb_others() {
     good.close().await;
     cluster.finish().await;
 }
+
+/// A browser sees an HTTP 401 on an upgrade only as close 1006, the same as
+/// a dead node: with `refusal=close` the refusal comes in-band instead, as a
+/// close 1008 with the reason, and nothing is registered. Without it, the
+/// 401 stays.
+#[tokio::test]
+async fn a_refused_token_can_be_told_in_band_as_a_close_with_the_reason() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let cluster = Cluster::start_with(1, AuthKind::Jwt, |_, _| {}).await;
+    let expired = token("eve", json!({"exp": chrono::Utc::now().timestamp() - 600}));
+    for query in [
+        format!("token={expired}&refusal=close"),
+        "refusal=close".to_owned(),
+    ] {
+        let (mut socket, _) = tokio_tungstenite::connect_async(cluster.ws_url(0, &query))
+            .await
+            .expect("the upgrade is accepted");
+        let close = within(WAIT, async {
+            loop {
+                match socket.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
+                    Some(Ok(_)) => continue,
+                    other => panic!("no close frame: {other:?}"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(u16::from(close.code), 1008, "{query}");
+        assert!(
+            close.reason.starts_with("unauthorized: "),
+            "{}",
+            close.reason
+        );
+    }
+    let rejected =
+        tokio_tungstenite::connect_async(cluster.ws_url(0, &format!("token={expired}"))).await;
+    match rejected {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    let bad = tokio_tungstenite::connect_async(cluster.ws_url(0, "refusal=maybe")).await;
+    assert!(
+        matches!(&bad, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 400),
+        "{bad:?}"
+    );
+    let (status, body) = cluster.get(0, "/v1/users/eve/connections").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["connections"], json!([]), "nothing registered");
+    cluster.finish().await;
+}

@@ -314,6 +314,50 @@ scenarios["scripted-closes"] = async () => {
   await c.close();
 };
 
+// A subscription outlives connections lost before it was confirmed, and
+// temporary refusals; a close while a token is being fetched is final.
+scenarios["scripted-subscriptions"] = async () => {
+  const sockets = [];
+  const WebSocket = scripted((socket) => {
+    sockets.push(socket);
+    const n = sockets.length;
+    socket.onsent = (f) => {
+      if (f.op !== "subscribe") return;
+      if (n === 1) socket.close(1006, ""); // lost before the answer
+      else if (n === 2 && !socket.refused) {
+        socket.refused = true; // refused for now, then accepted
+        socket.deliver({ op: "error", code: "subscribe_failed", message: "try again" });
+      } else socket.deliver({ op: "subscribed", topic: f.topic, head: "7" });
+    };
+    socket.deliver(welcome(0));
+  });
+  const c = client({ url: "ws://scripted/v1/ws", user: "ann", WebSocket });
+  const got = [];
+  await c.subscribe("t", (m) => got.push(m.id));
+  check(sockets.length === 2, `${sockets.length} connections`);
+  check(sockets[1].sent.filter((f) => f.op === "subscribe").length === 2, "subscribed again after the refusal");
+  sockets[1].deliver(message(8, { topic: "t" }));
+  await until("the topic message", () => got.includes("8"));
+  await c.close();
+  const refusedAfterClose = await c.subscribe("u").then(() => "subscribed", (e) => e.code);
+  check(refusedAfterClose === "closed", `subscribe after close: ${refusedAfterClose}`);
+
+  let created = 0;
+  let release;
+  const Counting = class extends scripted((socket) => socket.deliver(welcome(0))) {
+    constructor(...args) {
+      super(...args);
+      created++;
+    }
+  };
+  const late = client({ url: "ws://scripted/v1/ws", WebSocket: Counting, getToken: () => new Promise((r) => (release = r)) });
+  await until("getToken called", () => release);
+  await late.close();
+  release("token");
+  await sleep(50);
+  check(created === 0 && late.states.at(-1) === "closed", `after close: ${created} sockets, ${late.states}`);
+};
+
 // The same scenario; the test restarts PostgreSQL at "ready" instead.
 scenarios["postgres-restart"] = scenarios["rolling-restart"];
 

@@ -21,7 +21,7 @@ export interface RelayError extends Error {
   code?: string;
 }
 
-/** Where cursors are kept across page loads: `localStorage` fits. */
+/** Where cursors are kept across reloads: `sessionStorage` (one tab's). */
 export interface CursorStorage {
   getItem(key: string): string | null;
   setItem(key: string, value: string): void;
@@ -47,7 +47,7 @@ export interface Options {
   minDelay?: number;
   maxDelay?: number;
   storage?: CursorStorage;
-  /** The storage key (default `pgrelay.cursors`). */
+  /** The storage key (default `pgrelay.cursors:<user>@<first url>`). */
   storageKey?: string;
 }
 

@@ -1,8 +1,11 @@
 // @pgrelay/client: the pgrelay.v1 protocol with reconnect, resume, dedupe
 // and acks done right. No dependencies; browsers and Node 20+ (pass `ws`).
 
-const RETRY = [1001, 1006, 1011, 1012, 1013];
+const RETRY = [1001, 1006, 1009, 1011, 1012, 1013];
 const SEEN = 10000; // ids remembered per stream, to drop duplicates at or below a cursor
+const FINAL_SUBSCRIBE = ["forbidden", "bad_frame"]; // other refusals are tried again
+
+const fault = (message, code) => Object.assign(new Error(message), { code });
 
 /** Connects and keeps connecting until `close()`. */
 export function connect(options) {
@@ -18,15 +21,15 @@ class Client {
     this.on_ = { message: new Set(), state: new Set(), error: new Set() };
     this.cursors = {}; // stream -> id (decimal string)
     this.seen = {}; // stream -> Set of recent ids
-    this.subs = new Map(); // topic -> { handler, waiting }
+    this.subs = new Map(); // topic -> { handler, ok, fail }
     this.waiting = []; // answers expected on this socket, in order
     this.queued = []; // publishes waiting for a socket
     this.attempt = 0;
     this.n = 0; // which url next
     this.state = "";
-    this.storageKey = o.storageKey || "pgrelay.cursors";
+    this.key = o.storageKey || `pgrelay.cursors:${o.user || ""}@${this.urls[0]}`;
     try {
-      Object.assign(this.cursors, JSON.parse(o.storage?.getItem(this.storageKey) || "{}"));
+      Object.assign(this.cursors, JSON.parse(o.storage?.getItem(this.key) || "{}"));
     } catch {}
     this.set("connecting");
     this.open();
@@ -57,23 +60,33 @@ class Client {
   }
 
   async open() {
-    if (this.state === "closed") return;
     let token = this.o.token;
     try {
       if (this.o.getToken) token = await this.o.getToken();
+      if (this.state === "closed") return;
+      const q = new URLSearchParams({ refusal: "close" });
+      if (token) q.set("token", token);
+      if (this.o.user) q.set("user", this.o.user);
+      if (this.cursors.user) q.set("since", this.cursors.user);
+      const url = this.urls[this.n++ % this.urls.length];
+      const ws = (this.ws = new this.WS(url + (url.includes("?") ? "&" : "?") + q, "pgrelay.v1"));
+      this.delivered = new Set(); // ids this socket may ack
+      ws.onmessage = (e) => {
+        if (ws !== this.ws) return;
+        let frame;
+        try {
+          frame = JSON.parse(e.data);
+        } catch {
+          return this.emit("error", fault("the server sent a frame that is not JSON", "bad_frame"));
+        }
+        this.frame(frame);
+      };
+      ws.onclose = (e) => ws === this.ws && this.closed(e.code, e.reason);
+      ws.onerror = () => {};
     } catch (e) {
       this.emit("error", e);
-      return this.retry();
+      this.retry();
     }
-    const q = new URLSearchParams({ refusal: "close" });
-    if (token) q.set("token", token);
-    if (this.o.user) q.set("user", this.o.user);
-    if (this.cursors.user) q.set("since", this.cursors.user);
-    const url = this.urls[this.n++ % this.urls.length];
-    const ws = (this.ws = new this.WS(url + (url.includes("?") ? "&" : "?") + q, "pgrelay.v1"));
-    ws.onmessage = (e) => ws === this.ws && this.frame(JSON.parse(e.data));
-    ws.onclose = (e) => ws === this.ws && this.closed(e.code, e.reason);
-    ws.onerror = () => {};
   }
 
   send(frame) {
@@ -92,15 +105,11 @@ class Client {
       case "error":
         // An ack's refusal answers nothing awaited; any other error answers
         // the oldest frame waiting.
-        if (f.code !== "unknown_message" && this.waiting.length) {
-          const w = this.waiting.shift();
-          return w.reject(Object.assign(new Error(f.message), { code: f.code }));
-        }
-        return this.emit("error", Object.assign(new Error(f.message), { code: f.code }));
-      default: {
-        const w = this.waiting.shift();
-        return w?.resolve(f);
-      }
+        if (f.code !== "unknown_message" && this.waiting.length)
+          return this.waiting.shift().reject(fault(f.message, f.code));
+        return this.emit("error", fault(f.message, f.code));
+      default:
+        return this.waiting.shift()?.resolve(f);
     }
   }
 
@@ -113,19 +122,35 @@ class Client {
     if (!this.cursors.user) this.advance("user", f.user_head);
     const beat = f.heartbeat_ms || 5000;
     clearInterval(this.timer);
-    // The server's pings are invisible to a browser: ours are answered.
+    // The server's pings are invisible to a browser: ours are answered. A
+    // connection silent for two intervals gets one more ping and a moment
+    // to answer it (a stalled timer is no proof of a dead socket).
     this.timer = setInterval(() => {
-      if (Date.now() - this.heard > 2 * beat) return this.ws.close(4000, "heartbeat missed");
+      if (Date.now() - this.heard > 2 * beat && !this.probe)
+        this.probe = setTimeout(() => {
+          this.probe = null;
+          if (Date.now() - this.heard > 2 * beat) this.drop(4000, "heartbeat missed");
+        }, Math.min(beat, 1000));
       this.send({ op: "ping" });
     }, beat);
     for (const [topic, sub] of this.subs) this.resubscribe(topic, sub);
+    for (const p of this.queued.splice(0)) this.sendPublish(p);
     this.set("open");
-    const queued = this.queued.splice(0);
-    for (const p of queued) this.sendPublish(p);
+  }
+
+  /** Gives up on the socket now (a dead one may take long to close). */
+  drop(code, reason) {
+    const ws = this.ws;
+    this.ws = null;
+    try {
+      ws?.close(code, reason);
+    } catch {}
+    this.closed(code, reason);
   }
 
   resubscribe(topic, sub) {
     const since = this.cursors["topic:" + topic];
+    const ws = this.ws;
     // Expected before it is sent: answers are matched in order.
     this.waiting.push({
       resolve: (f) => {
@@ -133,8 +158,14 @@ class Client {
         sub.ok?.();
       },
       reject: (e) => {
-        this.subs.delete(topic);
-        (sub.fail || ((e) => this.emit("error", e)))(e);
+        // The connection was lost: it is subscribed again on the next one.
+        if (e.code === "outcome_unknown" || this.subs.get(topic) !== sub) return;
+        if (FINAL_SUBSCRIBE.includes(e.code)) {
+          this.subs.delete(topic);
+          return (sub.fail || ((e) => this.emit("error", e)))(e);
+        }
+        this.emit("error", e);
+        setTimeout(() => ws === this.ws && this.state === "open" && this.resubscribe(topic, sub), 1000);
       },
     });
     this.send({ op: "subscribe", topic, ...(since && { since }) });
@@ -145,7 +176,7 @@ class Client {
     if (id == null || (this.cursors[stream] && BigInt(id) <= BigInt(this.cursors[stream]))) return;
     this.cursors[stream] = id;
     try {
-      this.o.storage?.setItem(this.storageKey, JSON.stringify(this.cursors));
+      this.o.storage?.setItem(this.key, JSON.stringify(this.cursors));
     } catch {}
   }
 
@@ -160,6 +191,9 @@ class Client {
     seen.add(f.id);
     if (seen.size > SEEN) seen.delete(seen.values().next().value);
     this.advance(stream, f.id);
+    const delivered = this.delivered;
+    delivered.add(f.id);
+    if (delivered.size > SEEN) delivered.delete(delivered.values().next().value);
     const m = {
       id: f.id,
       to,
@@ -169,12 +203,10 @@ class Client {
       contentType: f.content_type,
       bodyBase64: f.body_base64,
     };
-    const ws = this.ws;
     const done = [];
     for (const fn of this.on_.message) done.push(this.call(fn, m));
     if (to.topic) done.push(this.call(this.subs.get(to.topic)?.handler, m));
-    if (this.o.autoAck)
-      Promise.all(done).then(() => ws === this.ws && ws.readyState === 1 && this.ack(f.id));
+    if (this.o.autoAck) Promise.all(done).then(() => delivered === this.delivered && this.ack(f.id));
   }
 
   async call(fn, m) {
@@ -185,28 +217,31 @@ class Client {
     }
   }
 
-  /** Records that the application has handled message `id`. */
+  /** Records that the application has handled message `id` (on the
+   * connection that delivered it; after a reconnect there is none). */
   ack(id) {
-    if (this.ws?.readyState === 1) this.send({ op: "ack", id: String(id) });
+    id = String(id);
+    if (this.ws?.readyState === 1 && this.delivered.delete(id)) this.send({ op: "ack", id });
   }
 
   closed(code, reason) {
     clearInterval(this.timer);
+    clearTimeout(this.probe);
+    this.probe = null;
     // Answers that will never come: a publish in flight may or may not be stored.
     for (const w of this.waiting.splice(0))
-      w.reject(Object.assign(new Error("connection lost: " + (w.what || "outcome unknown")), { code: "outcome_unknown" }));
+      w.reject(fault("connection lost: " + (w.what || "outcome unknown"), "outcome_unknown"));
     if (this.state === "closed") return;
-    const auth = code === 1008 && /^unauthorized/.test(reason);
-    if (auth && !this.o.getToken) {
-      this.emit("error", Object.assign(new Error(reason), { code: "unauthorized" }));
-      return this.shut();
+    if (code === 1008 && /^unauthorized/.test(reason)) {
+      this.emit("error", fault(reason, "unauthorized"));
+      // A fixed token will not get better; getToken may give a fresh one.
+      return this.o.getToken ? this.retry() : this.shut();
     }
     // 1008 is also "slow consumer" or "too many connections": try again,
     // unless an operator disconnected it or the user is not valid.
     const final = code === 1008 && /^(disconnected|missing_user|bad_user)/.test(reason);
-    if (auth || RETRY.includes(code) || code >= 4000 || (code === 1008 && !final))
-      return this.retry();
-    this.emit("error", Object.assign(new Error(`closed ${code}: ${reason}`), { code: "closed" }));
+    if (RETRY.includes(code) || code >= 4000 || (code === 1008 && !final)) return this.retry();
+    this.emit("error", fault(`closed ${code}: ${reason}`, "closed"));
     this.shut();
   }
 
@@ -214,12 +249,14 @@ class Client {
     if (this.state === "closed") return;
     this.set("reconnecting");
     const cap = Math.min(this.o.maxDelay, this.o.minDelay * 2 ** this.attempt++);
-    setTimeout(() => this.open(), cap / 2 + (Math.random() * cap) / 2);
+    this.later = setTimeout(() => this.open(), cap / 2 + (Math.random() * cap) / 2);
   }
 
-  /** Subscribes to a topic, resuming from its cursor; resolves once subscribed. */
+  /** Subscribes to a topic, resuming from its cursor on every reconnect;
+   * resolves once subscribed, rejects if refused. */
   subscribe(topic, handler) {
     return new Promise((ok, fail) => {
+      if (this.state === "closed") return fail(fault("the client is closed", "closed"));
       if (this.subs.has(topic)) return fail(new Error("already subscribed to " + topic));
       const sub = { handler, ok, fail };
       this.subs.set(topic, sub);
@@ -229,6 +266,7 @@ class Client {
       sub.ok = sub.fail = null;
       return {
         unsubscribe: () => {
+          if (this.subs.get(topic) !== sub) return Promise.resolve();
           this.subs.delete(topic);
           if (this.state !== "open") return Promise.resolve();
           return new Promise((resolve, reject) => {
@@ -244,9 +282,10 @@ class Client {
   publish(topic, data) {
     return new Promise((resolve, reject) => {
       const p = { topic, data, resolve: (f) => resolve(f.id), reject };
-      if (this.state === "open") this.sendPublish(p);
-      else if (this.state === "closed") reject(new Error("the client is closed"));
-      else if (this.queued.length >= this.o.maxQueued) reject(new Error("too many publishes waiting"));
+      if (this.state === "closed") reject(fault("the client is closed", "closed"));
+      else if (this.queued.length + this.waiting.length >= this.o.maxQueued)
+        reject(fault("too many publishes waiting", "too_many"));
+      else if (this.state === "open") this.sendPublish(p);
       else this.queued.push(p);
     });
   }
@@ -258,7 +297,9 @@ class Client {
 
   shut() {
     this.set("closed");
-    for (const p of this.queued.splice(0)) p.reject(new Error("the client is closed"));
+    clearTimeout(this.later);
+    for (const p of this.queued.splice(0)) p.reject(fault("the client is closed", "closed"));
+    for (const sub of this.subs.values()) sub.fail?.(fault("the client is closed", "closed"));
   }
 
   /** Closes for good. */

@@ -4,6 +4,13 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 ENV SQLX_OFFLINE=true
 COPY Cargo.toml Cargo.lock build.rs sqlx.toml ./
+# Dependencies first, in a layer of their own: a change to pgrelay's sources
+# rebuilds only pgrelay.
+RUN mkdir -p src migrations \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
+ && cargo build --release --locked --bin pgrelay \
+ && rm -rf src target/release/.fingerprint/pgrelay-* target/release/deps/pgrelay-* target/release/deps/libpgrelay-*
 COPY .sqlx .sqlx
 COPY migrations migrations
 COPY src src
@@ -16,8 +23,12 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/pgrelay /usr/local/bin/pgrelay
-USER nobody
+# nobody, by number: Kubernetes' runAsNonRoot checks a numeric user.
+USER 65534:65534
 ENV PGRELAY_LISTEN=0.0.0.0:8080
 EXPOSE 8080
+# Ready: registered, heartbeating, listening (`/readyz`, through the binary:
+# the slim image has no curl).
+HEALTHCHECK --interval=5s --timeout=6s --start-period=10s --retries=3 CMD ["pgrelay", "health"]
 ENTRYPOINT ["pgrelay"]
 CMD ["serve"]

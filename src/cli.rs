@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{LogFormat, ServeArgs, Settings};
 use crate::tools::bench::BenchArgs;
 use crate::tools::dev::{self, DevArgs};
-use crate::tools::operator::{SendArgs, StatusArgs, TailArgs};
+use crate::tools::operator::{HealthArgs, SendArgs, StatusArgs, TailArgs};
 use crate::{db, node, telemetry};
 
 #[derive(Parser, Debug)]
@@ -40,6 +40,8 @@ enum Command {
     Status(StatusArgs),
     /// Print deliveries as they happen.
     Tail(TailArgs),
+    /// Ask a node whether it is ready (exit 0) or not (exit 1): for health checks.
+    Health(HealthArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -119,6 +121,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Send(args) => crate::tools::operator::send(args).await,
         Command::Status(args) => crate::tools::operator::status(args).await,
         Command::Tail(args) => crate::tools::operator::tail(args).await,
+        Command::Health(args) => crate::tools::operator::health(args).await,
     }
 }
 

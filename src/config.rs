@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
+
 use crate::auth::{ApiKeys, JwtVerifier};
 
 reason_error!(
@@ -243,16 +245,16 @@ pub struct ServeArgs {
     pub request_timeout: Duration,
 
     /// Serve `/metrics` without an API key (for scrapers on a private network).
-    #[arg(long, env = "PGRELAY_METRICS_PUBLIC")]
+    #[arg(long, env = "PGRELAY_METRICS_PUBLIC", value_parser = BoolishValueParser::new())]
     pub metrics_public: bool,
 
     /// Serve `/v1/openapi.json` without an API key.
-    #[arg(long, env = "PGRELAY_OPENAPI_PUBLIC")]
+    #[arg(long, env = "PGRELAY_OPENAPI_PUBLIC", value_parser = BoolishValueParser::new())]
     pub openapi_public: bool,
 
     /// Serve the demo page at `/` (it sends through the HTTP API: with auth
     /// `jwt` it asks for an API key and tokens).
-    #[arg(long, env = "PGRELAY_DEMO")]
+    #[arg(long, env = "PGRELAY_DEMO", value_parser = BoolishValueParser::new())]
     pub demo: bool,
 
     /// Log format: `text` for people, `json` for collectors.

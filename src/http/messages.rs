@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -117,7 +117,8 @@ pub const MAX_BATCH: usize = 1000;
     request_body(content = SubmitBody, content_type = "application/json"),
     params(IdempotencyKey),
     responses(
-        (status = 202, description = "Stored; it is being delivered", body = Accepted),
+        (status = 202, description = "Stored; it is being delivered", body = Accepted,
+            headers(("Location" = String, description = "`/v1/messages/{id}`: its state and deliveries"))),
         (status = 200, description = "A replay of an earlier request with this Idempotency-Key: nothing new was stored", body = Accepted),
         (status = 400, description = "Bad input", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
@@ -135,7 +136,7 @@ pub async fn submit(
     caller: ApiCaller,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<Accepted>), Problem> {
+) -> Result<(StatusCode, [(HeaderName, String); 1], Json<Accepted>), Problem> {
     rate_limit(&ctx, &caller, 1)?;
     let message = parse_message(decode(&body)?, &ctx)?;
     let key = idempotency_key(&headers)?;
@@ -146,8 +147,11 @@ pub async fn submit(
         replay = status == StatusCode::OK,
         "stored"
     );
+    // Where the message's state is read (a replay names the same).
+    let location = format!("/v1/messages/{}", ids[0]);
     Ok((
         status,
+        [(header::LOCATION, location)],
         Json(Accepted {
             id: ids[0].to_string(),
         }),

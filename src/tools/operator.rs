@@ -368,3 +368,44 @@ mod tests {
         assert_eq!(url_escape("a b&c"), "a%20b%26c");
     }
 }
+
+#[derive(clap::Args, Debug)]
+pub struct HealthArgs {
+    /// The node to ask [default: this machine, at PGRELAY_LISTEN's port].
+    #[arg(long)]
+    url: Option<String>,
+
+    /// The node's listen address, for the default URL.
+    #[arg(
+        long,
+        env = "PGRELAY_LISTEN",
+        default_value = "127.0.0.1:8080",
+        hide = true
+    )]
+    listen: String,
+}
+
+/// `pgrelay health`: asks a node's `/readyz`. Exits 0 when it is ready, 1
+/// with the reason otherwise: a container's HEALTHCHECK (the slim image has
+/// no curl).
+pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    let url = args.url.unwrap_or_else(|| {
+        let port = args.listen.rsplit(':').next().unwrap_or("8080");
+        format!("http://127.0.0.1:{port}")
+    });
+    let readyz = format!("{}/readyz", url.trim_end_matches('/'));
+    let client = HttpClient::new(1);
+    let asked = client.send(Method::GET, &readyz, None, None);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), asked)
+        .await
+        .with_context(|| format!("{readyz} did not answer within 5 s"))?
+        .with_context(|| format!("cannot reach {readyz}"))?;
+    if status != 200 {
+        let detail = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|body| body["detail"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        bail!("not ready ({status}): {detail}");
+    }
+    write_out("ready\n")
+}

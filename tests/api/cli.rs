@@ -216,3 +216,49 @@ async fn keys_created_with_the_cli_work_at_once_and_revoked_ones_stop() {
     assert_one_line_error(code, &stderr, "no live key named");
     cluster.finish().await;
 }
+
+/// `pgrelay health` is what a container's health check runs: 0 and "ready"
+/// for a ready node, 1 and one line for a node that cannot be reached.
+#[tokio::test]
+async fn health_says_whether_a_node_is_ready() {
+    let db = TestDb::new().await;
+    let node = NodeProcess::start(&db.url, "health-node", &[]).await;
+    let output = pgrelay()
+        .args(["health", "--url", &node.url("")])
+        .output()
+        .expect("run pgrelay");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ready\n");
+    // The default URL: this machine, at PGRELAY_LISTEN's port.
+    let port = node.addr.rsplit(':').next().unwrap().to_owned();
+    let output = pgrelay()
+        .args(["health"])
+        .env("PGRELAY_LISTEN", format!("0.0.0.0:{port}"))
+        .output()
+        .expect("run pgrelay");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    node.terminate().await;
+    let (code, stderr) = run(pgrelay().args(["health", "--url", "http://127.0.0.1:1"]));
+    assert_one_line_error(code, &stderr, "cannot reach");
+    db.drop_database().await;
+}
+
+/// Boolean variables take what people write: 1/0, yes/no, on/off, true/false.
+#[test]
+fn boolean_variables_accept_the_usual_spellings() {
+    for value in ["1", "0", "yes", "no", "on", "off", "true", "false"] {
+        let (code, stderr) = run(pgrelay()
+            .args(["serve", "--auth", "none"])
+            .env("PGRELAY_DEMO", value)
+            .env("PGRELAY_METRICS_PUBLIC", value)
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"));
+        // Past the flags: it fails at the database, not at the variable.
+        assert_one_line_error(code, &stderr, "cannot connect to the database");
+    }
+    let (code, stderr) = run(pgrelay()
+        .args(["serve", "--auth", "none"])
+        .env("PGRELAY_DEMO", "maybe")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("maybe"), "{stderr}");
+}

@@ -493,3 +493,31 @@ async fn a_stopping_node_closes_its_sockets_with_1012_and_leaves_the_registry() 
     again.close().await;
     cluster.finish().await;
 }
+
+/// A 202 says where the message's state is read: `Location`, which a
+/// replay of the same request names too.
+#[tokio::test]
+async fn an_accepted_message_has_a_location_to_read_its_state() {
+    let cluster = Cluster::start(1).await;
+    let http = reqwest::Client::new();
+    for expected in [202, 200] {
+        let answer = http
+            .post(cluster.url(0, "/v1/messages"))
+            .header("Idempotency-Key", "where-is-it")
+            .json(&json!({"to": {"user": "loc"}, "data": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), expected);
+        let location = answer.headers()["location"].to_str().unwrap().to_owned();
+        let (_, body) = response(answer).await;
+        assert_eq!(
+            location,
+            format!("/v1/messages/{}", body["id"].as_str().unwrap())
+        );
+        let (status, view) = cluster.get(0, &location).await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["id"], body["id"]);
+    }
+    cluster.finish().await;
+}

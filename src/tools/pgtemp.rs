@@ -2,6 +2,11 @@
 //! binaries: what `pgrelay dev` runs on when there is no `DATABASE_URL`, and
 //! what the tests use. It lives in a temporary directory, listens on a free
 //! loopback port, and dies with the process that started it.
+//!
+//! It is not open to every local user: connections need a password, generated
+//! for each server (in its URL), and its Unix socket lives in the server's
+//! private directory. A superuser's session can run programs (`COPY … TO
+//! PROGRAM`), so "trust" on a shared machine would hand that to anyone.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -46,6 +51,8 @@ pub struct TempPostgres {
     run_as: Option<(libc::uid_t, libc::gid_t)>,
     options: Options,
     postmaster: Option<Postmaster>,
+    /// The superuser's password, generated at start.
+    password: String,
 }
 
 struct Postmaster {
@@ -93,8 +100,11 @@ impl TempPostgres {
         let run_as = unprivileged_user()?;
         if let Some((uid, gid)) = run_as {
             chown(&root, uid, gid)?;
-            let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
         }
+        // Its socket and files are the server's alone.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot restrict {}: {e}", root.display()))?;
+        let password = format!("{:032x}", rand::random::<u128>());
         let mut server = Self {
             root,
             bindir,
@@ -102,6 +112,7 @@ impl TempPostgres {
             run_as,
             options,
             postmaster: None,
+            password,
         };
         server.initdb()?;
         let mut last_error = PgTempError::from("no attempt to start PostgreSQL");
@@ -117,7 +128,10 @@ impl TempPostgres {
 
     /// A connection URL for `database` on this server.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     pub fn port(&self) -> u16 {
@@ -159,22 +173,34 @@ impl TempPostgres {
     }
 
     fn initdb(&self) -> Result<(), PgTempError> {
+        // The password reaches initdb in a file only its user can read,
+        // removed once the cluster exists.
+        let pwfile = self.root.join("pwfile");
+        std::fs::write(&pwfile, &self.password)
+            .map_err(|e| format!("cannot write {}: {e}", pwfile.display()))?;
+        let _ = std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600));
+        if let Some((uid, gid)) = self.run_as {
+            chown(&pwfile, uid, gid)?;
+        }
         let output = self
             .command("initdb")
             .arg("-D")
             .arg(self.data_dir())
+            .arg(format!("--pwfile={}", pwfile.display()))
             .args([
                 "-U",
                 "postgres",
                 "-A",
-                "trust",
+                "scram-sha-256",
                 "-E",
                 "UTF8",
                 "--no-sync",
                 "--locale=C",
             ])
             .output()
-            .map_err(|e| format!("cannot run initdb: {e}"))?;
+            .map_err(|e| format!("cannot run initdb: {e}"));
+        let _ = std::fs::remove_file(&pwfile);
+        let output = output?;
         if !output.status.success() {
             return Err(format!(
                 "initdb failed: {}",

@@ -736,3 +736,30 @@ async fn a_refused_token_can_be_told_in_band_as_a_close_with_the_reason() {
     assert_eq!(body["connections"], json!([]), "nothing registered");
     cluster.finish().await;
 }
+
+/// The throwaway PostgreSQL (`pgrelay dev`, the tests) is nobody else's:
+/// a local user without its generated password cannot connect, so cannot
+/// be its superuser (and run programs through `COPY … TO PROGRAM`).
+#[tokio::test]
+async fn the_throwaway_postgres_needs_its_generated_password() {
+    use pgrelay::tools::pgtemp::{self, TempPostgres};
+    let postgres =
+        tokio::task::spawn_blocking(|| TempPostgres::start(pgtemp::Options::default()).unwrap())
+            .await
+            .unwrap();
+    let url = postgres.url("postgres");
+    let pool = sqlx::PgPool::connect(&url).await.expect("its URL connects");
+    pool.close().await;
+    for intruder in [
+        format!("postgres://postgres@127.0.0.1:{}/postgres", postgres.port()),
+        format!(
+            "postgres://postgres:guess@127.0.0.1:{}/postgres",
+            postgres.port()
+        ),
+    ] {
+        let refused = sqlx::PgPool::connect(&intruder).await;
+        let error = refused.expect_err("no password, no session").to_string();
+        assert!(error.contains("password"), "{error}");
+    }
+    drop(postgres);
+}

@@ -585,7 +585,16 @@ async fn pgbench_insert_notify(
         ),
     )?;
     let options: sqlx::postgres::PgConnectOptions = database_url.parse()?;
-    let output = tokio::process::Command::new(bindir.join("pgbench"))
+    let mut pgbench = tokio::process::Command::new(bindir.join("pgbench"));
+    // The password, when the URL has one (the throwaway server's does).
+    if let Some((_, password)) = database_url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(credentials, _)| credentials.split_once(':'))
+    {
+        pgbench.env("PGPASSWORD", password);
+    }
+    let output = pgbench
         .args(["-n", "-M", "prepared", "-j", "2"])
         .args([
             "-c",

@@ -223,11 +223,28 @@ async fn keys_created_with_the_cli_work_at_once_and_revoked_ones_stop() {
 async fn health_says_whether_a_node_is_ready() {
     let db = TestDb::new().await;
     let node = NodeProcess::start(&db.url, "health-node", &[]).await;
-    let output = pgrelay()
-        .args(["health", "--url", &node.url("")])
-        .output()
-        .expect("run pgrelay");
-    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    // Started is not ready yet (its LISTEN connection comes up after): not
+    // ready, in one line, until it is.
+    let url = node.url("");
+    let output = eventually("the node to be ready", || {
+        let output = pgrelay()
+            .args(["health", "--url", &url])
+            .output()
+            .expect("run pgrelay");
+        async move {
+            if output.status.code() == Some(0) {
+                return Some(output);
+            }
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert_one_line_error(
+                output.status.code().unwrap_or(-1),
+                &stderr,
+                "not ready (503)",
+            );
+            None
+        }
+    })
+    .await;
     assert_eq!(String::from_utf8_lossy(&output.stdout), "ready\n");
     // The default URL: this machine, at PGRELAY_LISTEN's port.
     let port = node.addr.rsplit(':').next().unwrap().to_owned();

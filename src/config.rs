@@ -177,9 +177,14 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_DEFAULT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub default_ttl: Duration,
 
-    /// Database connections per node (the LISTEN connection is extra).
+    /// Database connections per node for requests and connects (the
+    /// bookkeeping pool, LISTEN and liveness connections are extra).
     #[arg(long, env = "PGRELAY_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
+
+    /// Database connections per node for claims and delivery records.
+    #[arg(long, env = "PGRELAY_DB_BOOKKEEPING_POOL_SIZE", default_value_t = 4)]
+    pub db_bookkeeping_pool_size: u32,
 
     /// How often the sweeper (one node at a time) reaps and applies retention.
     #[arg(long, env = "PGRELAY_SWEEP_INTERVAL", default_value = "5s", value_parser = parse_duration)]
@@ -296,6 +301,7 @@ pub struct Settings {
     pub retention: Duration,
     pub default_ttl: Duration,
     pub db_pool_size: u32,
+    pub db_bookkeeping_pool_size: u32,
     pub sweep_interval: Duration,
     pub poll_interval: Duration,
     pub submit_batch: usize,
@@ -359,6 +365,7 @@ impl Settings {
             retention: Duration::from_secs(72 * 3600),
             default_ttl: Duration::from_secs(24 * 3600),
             db_pool_size: 16,
+            db_bookkeeping_pool_size: 4,
             sweep_interval: Duration::from_secs(5),
             submit_batch: 256,
             submit_concurrency: 2,
@@ -464,6 +471,10 @@ impl Settings {
         if args.db_pool_size < 2 {
             return Err("PGRELAY_DB_POOL_SIZE must be at least 2".into());
         }
+        if args.db_bookkeeping_pool_size < 2 {
+            // The claimer and the delivery log each hold one at a time.
+            return Err("PGRELAY_DB_BOOKKEEPING_POOL_SIZE must be at least 2".into());
+        }
         if args.submit_batch == 0 || args.submit_concurrency == 0 {
             return Err(
                 "PGRELAY_SUBMIT_BATCH and PGRELAY_SUBMIT_CONCURRENCY must be at least 1".into(),
@@ -494,6 +505,7 @@ impl Settings {
             retention: args.retention,
             default_ttl: args.default_ttl,
             db_pool_size: args.db_pool_size,
+            db_bookkeeping_pool_size: args.db_bookkeeping_pool_size,
             sweep_interval: args.sweep_interval,
             submit_batch: args.submit_batch,
             submit_concurrency: args.submit_concurrency,
@@ -607,6 +619,34 @@ mod tests {
             .unwrap();
             assert!(verifier.verify(&token).is_ok(), "{secret}");
         }
+    }
+
+    #[test]
+    fn each_pool_has_its_size() {
+        let settings = settings_from(&["--auth", "none"]).unwrap();
+        assert_eq!(
+            (settings.db_pool_size, settings.db_bookkeeping_pool_size),
+            (16, 4)
+        );
+        let settings = settings_from(&[
+            "--auth",
+            "none",
+            "--db-pool-size",
+            "8",
+            "--db-bookkeeping-pool-size",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            (settings.db_pool_size, settings.db_bookkeeping_pool_size),
+            (8, 3)
+        );
+        let error =
+            settings_from(&["--auth", "none", "--db-bookkeeping-pool-size", "1"]).unwrap_err();
+        assert!(
+            error.0.contains("PGRELAY_DB_BOOKKEEPING_POOL_SIZE"),
+            "{error}"
+        );
     }
 
     #[test]

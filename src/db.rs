@@ -194,7 +194,7 @@ pub async fn connect_bookkeeping(settings: &Settings) -> Result<PgPool, sqlx::Er
     )?
     .options([("synchronous_commit", "off")]);
     PgPoolOptions::new()
-        .max_connections(4)
+        .max_connections(settings.db_bookkeeping_pool_size)
         .min_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options)

@@ -42,6 +42,8 @@ enum Command {
     Tail(TailArgs),
     /// Ask a node whether it is ready (exit 0) or not (exit 1): for health checks.
     Health(HealthArgs),
+    /// Print (or --apply) the grants of the application and auditor roles.
+    Grants(crate::tools::grants::GrantsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -122,6 +124,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => crate::tools::operator::status(args).await,
         Command::Tail(args) => crate::tools::operator::tail(args).await,
         Command::Health(args) => crate::tools::operator::health(args).await,
+        Command::Grants(args) => crate::tools::grants::run(args).await,
     }
 }
 
@@ -130,7 +133,7 @@ async fn migrated_pool(database_url: Option<String>) -> anyhow::Result<sqlx::PgP
     let url = database_url
         .filter(|u| !u.trim().is_empty())
         .context("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?;
-    let pool = db::connect(&Settings::new(url))
+    let pool = db::connect_any(&url)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
     db::migrate(&pool)
@@ -141,6 +144,7 @@ async fn migrated_pool(database_url: Option<String>) -> anyhow::Result<sqlx::PgP
 
 async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     let pool = migrated_pool(args.database_url).await?;
+    let mut scope = db::scope(&pool).await?;
     match args.action {
         KeysAction::Create { name } => {
             use base64::Engine;
@@ -153,7 +157,7 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 name,
                 &crate::auth::digest(&key)[..]
             )
-            .execute(&pool)
+            .execute(&mut *scope)
             .await
             .with_context(|| {
                 format!("cannot create key {name:?} (does the name exist already?)")
@@ -166,7 +170,7 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 "UPDATE relay.api_keys SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
                 name
             )
-            .execute(&pool)
+            .execute(&mut *scope)
             .await?
             .rows_affected();
             anyhow::ensure!(revoked == 1, "no live key named {name:?}");
@@ -176,7 +180,7 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             let keys = sqlx::query!(
                 "SELECT name, created_at, revoked_at FROM relay.api_keys ORDER BY name"
             )
-            .fetch_all(&pool)
+            .fetch_all(&mut *scope)
             .await?;
             for key in keys {
                 let state = key
@@ -186,5 +190,6 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             }
         }
     }
+    scope.end().await?;
     Ok(())
 }

@@ -100,12 +100,44 @@ pub enum LogFormat {
     Json,
 }
 
+/// What `DATABASE_URL` points at.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PoolerMode {
+    /// A direct server, unless `PGRELAY_DIRECT_DATABASE_URL` is set or the
+    /// start-up NOTIFY round trip fails (then a transaction-mode pooler).
+    #[default]
+    Auto,
+    /// PostgreSQL itself, or a session-mode pooler.
+    Direct,
+    /// A transaction-mode pooler.
+    Transaction,
+}
+
 /// The flags of `pgrelay serve`, each also read from the environment.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// PostgreSQL connection string (required).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// A direct (not pooled) connection string for what needs a real
+    /// session: the LISTEN connection and the migrations' lock. Set it when
+    /// DATABASE_URL is a transaction-mode pooler (PgBouncer, Supavisor,
+    /// Neon's pooled endpoint); it also makes DATABASE_URL count as one.
+    #[arg(long, env = "PGRELAY_DIRECT_DATABASE_URL", hide_env_values = true)]
+    pub direct_database_url: Option<String>,
+
+    /// What DATABASE_URL is: `auto` (a direct server, unless a direct URL is
+    /// set or a NOTIFY sent through it never comes back at start), `direct`,
+    /// or `transaction` (a transaction-mode pooler: no session state, no
+    /// statement cache, every statement in a transaction).
+    #[arg(
+        long,
+        env = "PGRELAY_DATABASE_POOLER",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub database_pooler: PoolerMode,
 
     /// Address for HTTP and WebSocket (they share the port).
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -193,6 +225,12 @@ pub struct ServeArgs {
     /// Outbox rescan interval: the safety net for lost NOTIFY wake-ups.
     #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
+
+    /// Outbox poll interval when LISTEN is unavailable (a pooler and no
+    /// PGRELAY_DIRECT_DATABASE_URL): the node then polls instead of waiting
+    /// for NOTIFY, and this bounds a message's added latency.
+    #[arg(long, env = "PGRELAY_POLL_ONLY_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    pub poll_only_interval: Duration,
 
     /// Most messages stored in one transaction by group commit.
     #[arg(long, env = "PGRELAY_SUBMIT_BATCH", default_value_t = 256)]
@@ -290,6 +328,10 @@ impl fmt::Debug for Auth {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub database_url: String,
+    /// For the LISTEN connection and the migrations' lock, when DATABASE_URL
+    /// is a pooler.
+    pub direct_database_url: Option<String>,
+    pub database_pooler: PoolerMode,
     pub listen: SocketAddr,
     /// Registered instead of the listen address when set.
     pub advertise_addr: Option<String>,
@@ -304,6 +346,7 @@ pub struct Settings {
     pub db_bookkeeping_pool_size: u32,
     pub sweep_interval: Duration,
     pub poll_interval: Duration,
+    pub poll_only_interval: Duration,
     pub submit_batch: usize,
     pub submit_concurrency: usize,
     pub send_queue: usize,
@@ -355,6 +398,8 @@ impl Settings {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
+            direct_database_url: None,
+            database_pooler: PoolerMode::Auto,
             listen: "127.0.0.1:0".parse().expect("valid address"),
             advertise_addr: None,
             node_id: NodeId::generate(),
@@ -370,6 +415,7 @@ impl Settings {
             submit_batch: 256,
             submit_concurrency: 2,
             poll_interval: Duration::from_secs(1),
+            poll_only_interval: Duration::from_millis(250),
             send_queue: 1024,
             shutdown_grace: Duration::from_secs(10),
             limits: UsageLimits::default(),
@@ -493,8 +539,15 @@ impl Settings {
         if args.send_queue == 0 {
             return Err("PGRELAY_SEND_QUEUE must be at least 1".into());
         }
+        if args.poll_only_interval.is_zero() || args.poll_only_interval > Duration::from_secs(10) {
+            return Err("PGRELAY_POLL_ONLY_INTERVAL must be more than 0 and at most 10s".into());
+        }
         Ok(Self {
             database_url,
+            direct_database_url: args
+                .direct_database_url
+                .filter(|url| !url.trim().is_empty()),
+            database_pooler: args.database_pooler,
             listen: args.listen,
             advertise_addr: args.advertise_addr.filter(|a| !a.trim().is_empty()),
             node_id: args.node_id.unwrap_or_else(NodeId::generate),
@@ -510,6 +563,7 @@ impl Settings {
             submit_batch: args.submit_batch,
             submit_concurrency: args.submit_concurrency,
             poll_interval: args.poll_interval,
+            poll_only_interval: args.poll_only_interval,
             send_queue: args.send_queue,
             shutdown_grace: args.shutdown_grace,
             limits: UsageLimits {

@@ -1,11 +1,24 @@
 //! The database: connection pool, migrations and error classification.
+//!
+//! `DATABASE_URL` may be a transaction-mode pooler ([`pooled`]): then
+//! nothing here relies on session state. Connections carry no startup
+//! parameters and no statement cache, every statement runs inside a
+//! transaction ([`scope`], [`begin_bounded`]) whose `BEGIN` first drops the
+//! prepared statements that other clients left on the server connection,
+//! and limits are `SET LOCAL`.
+
+pub mod pooling;
+mod scope;
+
+pub use scope::{Scope, ScopeOn, scope, scope_on};
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::config::Settings;
 
@@ -31,6 +44,29 @@ pub fn is_fenced(error: &sqlx::Error) -> bool {
         .is_some_and(|code| code == FENCED)
 }
 
+/// Whether this process reaches PostgreSQL through a transaction-mode pooler
+/// (set once at start from [`pooling::plan`]; one process, one way).
+static POOLED: AtomicBool = AtomicBool::new(false);
+
+/// Declares how this process reaches the database: before any pool connects.
+pub fn set_pooled(pooled: bool) {
+    POOLED.store(pooled, Ordering::Release);
+}
+
+/// Whether `DATABASE_URL` is a transaction-mode pooler.
+pub fn pooled() -> bool {
+    POOLED.load(Ordering::Acquire)
+}
+
+/// What a statement outside a bounded transaction may take on the server.
+const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+
+/// The start of every transaction through a pooler: the server connection
+/// may hold the unnamed-cache statements of whichever client used it last
+/// (sqlx names them per client connection, so another client's `sqlx_s_1`
+/// would collide with ours).
+const POOLED_BEGIN: &str = "BEGIN; DEALLOCATE ALL";
+
 /// Limits the server itself enforces on a transaction, set with `SET LOCAL`
 /// in the `BEGIN` round trip (no session state, nothing a transaction-mode
 /// pooler would keep).
@@ -44,6 +80,9 @@ pub struct Bounds {
     pub idle: Duration,
     /// Lock waits give up after this long (None: only `statement` bounds them).
     pub lock: Option<Duration>,
+    /// `synchronous_commit = off`: for bookkeeping whose commit nothing
+    /// waits on (claims, delivery records), never for a write behind a 2xx.
+    pub asynchronous_commit: bool,
 }
 
 /// How the node's own database work fails.
@@ -77,10 +116,14 @@ pub async fn begin_bounded(
     // leave its connection in an aborted transaction that sqlx does not know
     // it opened.
     let mut begin = format!(
-        "BEGIN; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+        "{}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+        if pooled() { POOLED_BEGIN } else { "BEGIN" },
         bounds.statement.as_millis().max(1),
         bounds.idle.as_millis().max(1)
     );
+    if bounds.asynchronous_commit {
+        begin.push_str("; SET LOCAL synchronous_commit = off");
+    }
     if let Some(lock) = bounds.lock {
         let _ = write!(
             begin,
@@ -89,6 +132,35 @@ pub async fn begin_bounded(
         );
     }
     pool.begin_with(sqlx::AssertSqlSafe(begin)).await
+}
+
+/// Opens a transaction with the usual statement limit (what the connection
+/// itself carries on a direct server).
+pub async fn begin(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    if pooled() {
+        pool.begin_with(sqlx::AssertSqlSafe(pooled_begin())).await
+    } else {
+        pool.begin().await
+    }
+}
+
+/// [`begin`] on one connection.
+pub async fn begin_on(
+    connection: &mut PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    if pooled() {
+        connection
+            .begin_with(sqlx::AssertSqlSafe(pooled_begin()))
+            .await
+    } else {
+        connection.begin().await
+    }
+}
+
+fn pooled_begin() -> String {
+    format!("{POOLED_BEGIN}; SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
 }
 
 /// Why a `COMMIT` did not succeed.
@@ -149,12 +221,59 @@ pub async fn bounded<T>(
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Runs the migrations. Safe with several nodes starting at once: the
-/// migrator holds an advisory lock while it works.
+/// migrator holds an advisory lock while it works (a session lock on a
+/// direct server; through a pooler, the same lock taken for one transaction
+/// that applies them all).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    if !pooled() {
+        return MIGRATOR.run(pool).await;
+    }
+    let mut tx = begin(pool).await?;
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(migration_lock_id(&database))
+        .execute(&mut *tx)
+        .await?;
+    let unlocked = Migrator {
+        migrations: MIGRATOR.migrations.clone(),
+        ignore_missing: MIGRATOR.ignore_missing,
+        locking: false,
+        no_tx: MIGRATOR.no_tx,
+        table_name: MIGRATOR.table_name.clone(),
+        create_schemas: MIGRATOR.create_schemas.clone(),
+    };
+    unlocked.run(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
-/// Options for every connection of a node.
+/// Runs the migrations over the direct URL when there is one (a real
+/// session, as sqlx's migrator expects), else over `pool`.
+pub async fn migrate_for(
+    settings: &Settings,
+    pool: &PgPool,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let Some(direct) = &settings.direct_database_url else {
+        return migrate(pool).await;
+    };
+    let mut connection = direct_options(direct, &format!("pgrelay {} migrate", settings.node_id))?
+        .connect()
+        .await?;
+    let outcome = MIGRATOR.run(&mut connection).await;
+    let _ = connection.close().await;
+    outcome
+}
+
+/// sqlx's own key for its migration lock: a node migrating through a pooler
+/// and one migrating directly exclude each other.
+fn migration_lock_id(database: &str) -> i64 {
+    const CRC_IEEE: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    0x3d32_ad9e * i64::from(CRC_IEEE.checksum(database.as_bytes()))
+}
+
+/// Options for every connection of a node to `DATABASE_URL`.
 ///
 /// # Errors
 /// When the URL does not parse.
@@ -162,11 +281,44 @@ pub fn connect_options(
     database_url: &str,
     application_name: &str,
 ) -> Result<PgConnectOptions, sqlx::Error> {
+    if pooled() {
+        pooler_options(database_url, application_name)
+    } else {
+        direct_options(database_url, application_name)
+    }
+}
+
+/// Options for a connection that is a real session.
+///
+/// # Errors
+/// When the URL does not parse.
+pub fn direct_options(
+    database_url: &str,
+    application_name: &str,
+) -> Result<PgConnectOptions, sqlx::Error> {
     Ok(PgConnectOptions::from_str(database_url)?
         .application_name(application_name)
         // A statement that runs this long is stuck; fail it rather than hold a
         // connection and a request forever.
-        .options([("statement_timeout", "30s")])
+        .options([("statement_timeout", format!("{STATEMENT_TIMEOUT_MS}ms"))])
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+}
+
+/// Options for a connection through a transaction-mode pooler: no startup
+/// parameter a pooler would refuse (`options`, `extra_float_digits`), and
+/// no statement cache (a cached statement lives on one server connection,
+/// which the next transaction may not get).
+///
+/// # Errors
+/// When the URL does not parse.
+pub fn pooler_options(
+    database_url: &str,
+    application_name: &str,
+) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(database_url)?
+        .application_name(application_name)
+        .extra_float_digits(None)
+        .statement_cache_capacity(0)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 
@@ -184,15 +336,23 @@ pub async fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
+/// Connects a command-line tool's pool to `database_url`, direct or a
+/// transaction-mode pooler (found out as a node does at start).
+pub async fn connect_any(database_url: &str) -> Result<PgPool, sqlx::Error> {
+    let settings = Settings::new(database_url);
+    set_pooled(pooling::is_pooler(&settings).await?);
+    connect(&settings).await
+}
+
 /// A small pool for bookkeeping — claims, delivery records — whose commits
-/// nothing waits on: `synchronous_commit = off` there saves the flush and
-/// its round trips. Never for the writes behind a 2xx.
+/// nothing waits on: their transactions set `synchronous_commit = off`
+/// ([`Bounds::asynchronous_commit`]), which saves the flush and its round
+/// trips. Never for the writes behind a 2xx.
 pub async fn connect_bookkeeping(settings: &Settings) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(
         &settings.database_url,
         &format!("pgrelay {} bookkeeping", settings.node_id),
-    )?
-    .options([("synchronous_commit", "off")]);
+    )?;
     PgPoolOptions::new()
         .max_connections(settings.db_bookkeeping_pool_size)
         .min_connections(1)
@@ -204,6 +364,7 @@ pub async fn connect_bookkeeping(settings: &Settings) -> Result<PgPool, sqlx::Er
 /// Publishes the settings that SQL senders need (`relay.send_to_user` applies
 /// the same TTL default and size limit as the HTTP API).
 pub async fn publish_config(pool: &PgPool, settings: &Settings) -> Result<(), sqlx::Error> {
+    let mut scope = scope(pool).await?;
     sqlx::query!(
         r#"
         UPDATE relay.config
@@ -214,9 +375,9 @@ pub async fn publish_config(pool: &PgPool, settings: &Settings) -> Result<(), sq
         settings.retention.as_secs_f64(),
         settings.max_message_bytes as i32,
     )
-    .execute(pool)
+    .execute(&mut *scope)
     .await?;
-    Ok(())
+    scope.end().await
 }
 
 /// Whether a server error reports the end of the connection rather than

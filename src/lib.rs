@@ -68,6 +68,7 @@ macro_rules! reason_error {
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod cursor;
 pub mod db;
 pub mod http;
 pub mod liveness;

@@ -23,6 +23,7 @@ pub const OUTBOX_OLDEST: &str = "pgrelay_outbox_oldest_age_seconds";
 pub const PARKED_BACKLOG: &str = "pgrelay_parked_backlog";
 pub const CLAIM_BATCH: &str = "pgrelay_claim_batch_size";
 pub const WAKEUPS: &str = "pgrelay_outbox_wakeups_total";
+pub const POLL_ONLY: &str = "pgrelay_poll_only";
 pub const SWEEPER_RUNS: &str = "pgrelay_sweeper_runs_total";
 pub const SWEEPER_REAPED: &str = "pgrelay_sweeper_reaped_rows_total";
 pub const DB_POOL_CONNECTIONS: &str = "pgrelay_db_pool_connections";
@@ -203,6 +204,11 @@ fn describe() {
     describe_counter!(
         WAKEUPS,
         "Claimer wake-ups, by source: notify, poll or rescan (after the listener reconnects)."
+    );
+    describe_gauge!(
+        POLL_ONLY,
+        "1 when the node polls the outbox because LISTEN is unavailable (a transaction-mode \
+         pooler without PGRELAY_DIRECT_DATABASE_URL), else 0."
     );
     describe_counter!(
         SWEEPER_RUNS,

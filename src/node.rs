@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Auth, NodeId, Settings};
+use crate::db::pooling::{self, Plan, Wakeups};
 use crate::liveness::Liveness;
 use crate::rate::KeyedLimiter;
 use crate::read::delivery_log::{self, DeliveryLog, Record, Writer};
@@ -43,16 +44,20 @@ pub struct RunningNode {
 /// Database unreachable, migrations failing, or the address in use, each
 /// with context fit for a one-line message.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
+    let plan = pooling::plan(&settings)
+        .await
+        .context("cannot connect to the database (DATABASE_URL or PGRELAY_DIRECT_DATABASE_URL)")?;
+    db::set_pooled(plan.pooled);
     let pool = db::connect(&settings)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
-    db::migrate(&pool)
+    db::migrate_for(&settings, &pool)
         .await
         .context("database migrations failed")?;
     db::publish_config(&pool, &settings)
         .await
         .context("cannot write relay.config")?;
-    start_with_pool(settings, pool).await
+    Ok(prepare_with(settings, pool, plan).await?.start())
 }
 
 /// A node registered, with its state and its port, but neither serving nor
@@ -71,7 +76,34 @@ pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result
 
 /// Binds the port, connects the bookkeeping pool and registers the node.
 pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepared> {
+    let plan = pooling::plan(&settings)
+        .await
+        .context("cannot connect to the database (DATABASE_URL or PGRELAY_DIRECT_DATABASE_URL)")?;
+    prepare_with(settings, pool, plan).await
+}
+
+/// [`prepare`] with the plan already probed.
+async fn prepare_with(settings: Settings, pool: PgPool, plan: Plan) -> anyhow::Result<Prepared> {
     crate::metrics::install();
+    match &plan.wakeups {
+        Wakeups::Notify { .. } => tracing::info!(
+            pooler = plan.pooler_name(),
+            wakeups = plan.wakeups.name(),
+            "database reached"
+        ),
+        Wakeups::PollOnly { reason } => tracing::warn!(
+            pooler = plan.pooler_name(),
+            wakeups = plan.wakeups.name(),
+            poll_interval_ms = settings.poll_only_interval.as_millis() as u64,
+            %reason,
+            "poll-only: LISTEN is unavailable, so the node polls the outbox instead of waiting for NOTIFY"
+        ),
+    }
+    metrics::gauge!(crate::metrics::POLL_ONLY).set(if plan.wakeups.is_poll_only() {
+        1.0
+    } else {
+        0.0
+    });
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (PGRELAY_LISTEN)", settings.listen))?;
@@ -134,7 +166,7 @@ pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepare
             slow_submissions,
             api_limiter,
         },
-        lifecycle: Lifecycle::new(registration, liveness, addr, advertised_addr),
+        lifecycle: Lifecycle::new(registration, liveness, addr, advertised_addr, plan),
         prune_from: Mutex::new(String::new()),
     });
     Ok(Prepared {
@@ -179,10 +211,13 @@ impl Prepared {
         });
 
         let wake = Arc::new(listener::Wake::default());
-        spawn_loop(&ctx.lifecycle.tasks, &ctx.lifecycle.shutdown, "listener", {
-            let (ctx, wake) = (ctx.clone(), wake.clone());
-            move |token| listener::run(ctx.clone(), wake.clone(), token)
-        });
+        if let Wakeups::Notify { url } = &ctx.lifecycle.plan.wakeups {
+            let url = url.clone();
+            spawn_loop(&ctx.lifecycle.tasks, &ctx.lifecycle.shutdown, "listener", {
+                let (ctx, wake) = (ctx.clone(), wake.clone());
+                move |token| listener::run(ctx.clone(), url.clone(), wake.clone(), token)
+            });
+        }
         spawn_loop(&ctx.lifecycle.tasks, &ctx.lifecycle.shutdown, "claimer", {
             let (ctx, wake) = (ctx.clone(), wake.clone());
             move |token| claimer::run(ctx.clone(), wake.clone(), token)

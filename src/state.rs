@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::{NodeId, Settings};
+use crate::db::pooling::Plan;
 use crate::liveness::Liveness;
 use crate::metrics as m;
 use crate::rate::KeyedLimiter;
@@ -82,6 +83,8 @@ pub struct Lifecycle {
     pub tasks: TaskTracker,
     /// Whether the LISTEN connection is up (for `/readyz`).
     pub listener_up: AtomicBool,
+    /// Whether DATABASE_URL is a pooler, and whether NOTIFY wakes the node.
+    pub plan: Plan,
     /// The address this node serves on.
     pub listen_addr: SocketAddr,
     /// The address registered for it (`PGRELAY_ADVERTISE_ADDR`, or the above).
@@ -99,6 +102,7 @@ impl Lifecycle {
         liveness: Liveness,
         listen_addr: SocketAddr,
         advertised_addr: String,
+        plan: Plan,
     ) -> Self {
         Self {
             registration,
@@ -106,6 +110,7 @@ impl Lifecycle {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             listener_up: AtomicBool::new(false),
+            plan,
             listen_addr,
             advertised_addr,
             registry_dirty: AtomicBool::new(false),
@@ -152,10 +157,22 @@ impl NodeState {
         if let Some(reason) = self.lifecycle.liveness.not_ready(within) {
             return Some(reason);
         }
-        if !self.lifecycle.listener_up.load(Ordering::Acquire) {
+        if !self.lifecycle.plan.wakeups.is_poll_only()
+            && !self.lifecycle.listener_up.load(Ordering::Acquire)
+        {
             return Some("the LISTEN connection is down");
         }
         None
+    }
+
+    /// How long the claimer sleeps between rescans: short when it polls
+    /// instead of waiting for NOTIFY.
+    pub fn poll_interval(&self) -> std::time::Duration {
+        if self.lifecycle.plan.wakeups.is_poll_only() {
+            self.settings.poll_only_interval
+        } else {
+            self.settings.poll_interval
+        }
     }
 
     /// Stops the node from within, e.g. when another process took its id.

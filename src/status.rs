@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 /// The cluster as the registry and the outbox show it.
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -23,6 +24,25 @@ pub struct ClusterStatus {
     pub oldest_pending: Option<PendingWork>,
     /// The node that sweeps, and its last run.
     pub sweeper: Option<SweeperStatus>,
+    /// How the node that answered reaches the database (absent when the
+    /// status is read from the database itself, as `pgrelay status
+    /// --database-url` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_by: Option<AnsweringNode>,
+}
+
+/// The node that answered `/v1/status`, and how it reaches PostgreSQL.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AnsweringNode {
+    pub id: String,
+    /// `direct`, or `transaction` when DATABASE_URL is a transaction-mode pooler.
+    pub database_pooler: String,
+    /// `notify` (LISTEN/NOTIFY wakes it), or `poll` (LISTEN is unavailable:
+    /// it polls the outbox every `poll_interval_ms`).
+    pub wakeups: String,
+    pub poll_interval_ms: u64,
+    /// Why it polls, when it does.
+    pub poll_only_reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -65,6 +85,7 @@ pub struct SweeperStatus {
 /// Reads the status. Counts stop at a million rows: past that, the number
 /// matters less than that it is large.
 pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus, sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     let nodes = sqlx::query_as!(
         NodeStatus,
         r#"
@@ -80,7 +101,7 @@ pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus
         "#,
         node_timeout.as_secs_f64()
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *scope)
     .await?;
     let totals = sqlx::query!(
         r#"
@@ -89,7 +110,7 @@ pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus
                    AS "parked!"
         "#
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *scope)
     .await?;
     // The most behind node's first row, by the outbox's (node, message) index.
     let most_behind = nodes.iter().filter(|n| n.backlog > 0).max_by(|a, b| {
@@ -110,7 +131,7 @@ pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus
             "#,
             node.id
         )
-        .fetch_optional(pool)
+        .fetch_optional(&mut *scope)
         .await?
         .map(|row| PendingWork {
             message_id: row.message_id.to_string(),
@@ -124,9 +145,11 @@ pub async fn read(pool: &PgPool, node_timeout: Duration) -> Result<ClusterStatus
         r#"SELECT node_id AS "node_id!", since, lease_until, last_run_at, last_report
              FROM relay.sweeper WHERE node_id IS NOT NULL"#
     )
-    .fetch_optional(pool)
+    .fetch_optional(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(ClusterStatus {
+        answered_by: None,
         nodes,
         connections: totals.connections,
         parked: totals.parked,
@@ -200,36 +223,92 @@ pub struct DeliveryEvent {
     pub acked_at: Option<DateTime<Utc>>,
 }
 
-/// Deliveries recorded at or after `after`, oldest first, optionally for one
-/// user or one node; at most `limit`.
-pub async fn deliveries_since(
+/// Where a listing of deliveries is: its filters and the last row it
+/// returned. Opaque to clients (`next` of `/v1/deliveries`): base64url of
+/// this, as JSON.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    /// Deliveries at or after this time only.
+    pub since: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The last row returned, by (recording transaction, message id,
+    /// connection id); None before the first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<(i64, i64, Uuid)>,
+}
+
+impl DeliveryCursor {
+    pub fn encode(&self) -> String {
+        crate::cursor::encode(self)
+    }
+
+    pub fn decode(text: &str) -> Result<Self, crate::cursor::BadCursor> {
+        crate::cursor::decode(text)
+    }
+}
+
+/// The next page of deliveries after `cursor`, at most `limit`, and the
+/// cursor after it (the same one when nothing new was recorded yet).
+///
+/// No gaps and no duplicates: rows are listed in the order of the
+/// transactions that recorded them, and only once every older transaction
+/// has ended (a transaction still open holds the listing back, however long
+/// it stays open).
+pub async fn deliveries_page(
     pool: &PgPool,
-    after: DateTime<Utc>,
-    user: Option<&str>,
-    node: Option<&str>,
+    cursor: &DeliveryCursor,
     limit: i64,
-) -> Result<Vec<DeliveryEvent>, sqlx::Error> {
-    sqlx::query_as!(
-        DeliveryEvent,
+) -> Result<(Vec<DeliveryEvent>, DeliveryCursor), sqlx::Error> {
+    // Rows recorded before the cursor column existed (NULL) come first, as 0.
+    let (after_xid, after_message, after_connection) = cursor.after.unwrap_or((-1, 0, Uuid::nil()));
+    let mut scope = crate::db::scope(pool).await?;
+    let rows = sqlx::query!(
         r#"
-        SELECT d.message_id::text AS "message_id!", d.user_id, d.node_id,
-               d.connection_id::text AS "connection_id!", m.destination, m.created_at,
-               d.delivered_at, d.acked_at
+        SELECT d.message_id, d.user_id, d.node_id, d.connection_id, m.destination, m.created_at,
+               d.delivered_at, d.acked_at, COALESCE(d.recorded_xid, 0) AS "recorded_xid!"
           FROM relay.deliveries d
           JOIN relay.messages m ON m.id = d.message_id
-         WHERE d.delivered_at >= $1
-           AND ($2::text IS NULL OR d.user_id = $2)
-           AND ($3::text IS NULL OR d.node_id = $3)
-         ORDER BY d.delivered_at, d.message_id, d.connection_id
-         LIMIT $4
+         WHERE (COALESCE(d.recorded_xid, 0), d.message_id, d.connection_id) > ($1, $2, $3)
+           AND (d.recorded_xid IS NULL
+                OR d.recorded_xid < (pg_snapshot_xmin(pg_current_snapshot())::text)::bigint)
+           AND d.delivered_at >= $4
+           AND ($5::text IS NULL OR d.user_id = $5)
+           AND ($6::text IS NULL OR d.node_id = $6)
+         ORDER BY COALESCE(d.recorded_xid, 0), d.message_id, d.connection_id
+         LIMIT $7
         "#,
-        after,
-        user,
-        node,
+        after_xid,
+        after_message,
+        after_connection,
+        cursor.since,
+        cursor.user.as_deref(),
+        cursor.node.as_deref(),
         limit
     )
-    .fetch_all(pool)
-    .await
+    .fetch_all(&mut *scope)
+    .await?;
+    scope.end().await?;
+    let mut next = cursor.clone();
+    if let Some(last) = rows.last() {
+        next.after = Some((last.recorded_xid, last.message_id, last.connection_id));
+    }
+    let events = rows
+        .into_iter()
+        .map(|r| DeliveryEvent {
+            message_id: r.message_id.to_string(),
+            user_id: r.user_id,
+            node_id: r.node_id,
+            connection_id: r.connection_id.to_string(),
+            destination: r.destination,
+            created_at: r.created_at,
+            delivered_at: r.delivered_at,
+            acked_at: r.acked_at,
+        })
+        .collect();
+    Ok((events, next))
 }
 
 impl fmt::Display for DeliveryEvent {

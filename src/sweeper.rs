@@ -95,12 +95,16 @@ impl SweepReport {
 /// Messages parked for offline users, cluster-wide (counted up to a
 /// million: past that the number matters less than that it is large).
 async fn export_parked_backlog(pool: &PgPool) {
-    let parked = crate::db::bounded(
-        sqlx::query_scalar!(
+    let parked = crate::db::bounded(async {
+        let mut scope = crate::db::scope(pool).await?;
+        let parked = sqlx::query_scalar!(
             r#"SELECT count(*) AS "parked!" FROM (SELECT 1 FROM relay.outbox WHERE node_id IS NULL LIMIT 1000000) p"#
         )
-        .fetch_one(pool),
-    )
+        .fetch_one(&mut *scope)
+        .await?;
+        scope.end().await?;
+        Ok(parked)
+    })
     .await;
     match parked {
         Ok(parked) => metrics::gauge!(m::PARKED_BACKLOG).set(parked as f64),
@@ -162,6 +166,7 @@ pub async fn sweep_once(
     // oldest messages only, so a sweep with nothing to do costs one short
     // index scan.
     loop {
+        let mut scope = crate::db::scope(pool).await?;
         let removed = sqlx::query!(
             r#"
             WITH oldest AS (
@@ -184,8 +189,9 @@ pub async fn sweep_once(
             retention_secs,
             BATCH,
         )
-        .fetch_one(pool)
+        .fetch_one(&mut *scope)
         .await?;
+        scope.end().await?;
         report.messages_removed += removed.messages as u64;
         report.deliveries_removed += removed.deliveries as u64;
         if removed.messages < BATCH || started.elapsed() > TIME_BUDGET {
@@ -194,6 +200,7 @@ pub async fn sweep_once(
     }
 
     loop {
+        let mut scope = crate::db::scope(pool).await?;
         let expired = sqlx::query!(
             r#"
             DELETE FROM relay.outbox
@@ -204,15 +211,17 @@ pub async fn sweep_once(
             "#,
             BATCH
         )
-        .execute(pool)
+        .execute(&mut *scope)
         .await?
         .rows_affected();
+        scope.end().await?;
         report.parked_expired += expired;
         if expired < BATCH as u64 || started.elapsed() > TIME_BUDGET {
             break;
         }
     }
 
+    let mut scope = crate::db::scope(pool).await?;
     report.idempotency_keys_removed = sqlx::query!(
         r#"
         DELETE FROM relay.idempotency_keys
@@ -224,9 +233,10 @@ pub async fn sweep_once(
         retention_secs,
         BATCH
     )
-    .execute(pool)
+    .execute(&mut *scope)
     .await?
     .rows_affected();
+    scope.end().await?;
     report.streams_pruned = prune_streams(ctx).await?;
     report.outbox_vacuumed = vacuum_outbox_once(pool, OUTBOX_VACUUM_DEAD_ROWS).await?;
     Ok(Some(report))
@@ -240,6 +250,7 @@ pub async fn sweep_once(
 /// its order), so pruning one that comes back to life races with nothing.
 async fn prune_streams(ctx: &NodeState) -> Result<u64, sqlx::Error> {
     let from = ctx.prune_from.lock().expect("prune lock").clone();
+    let mut scope = crate::db::scope(&ctx.db.pool).await?;
     let pruned = sqlx::query!(
         r#"
         WITH candidates AS (
@@ -265,8 +276,9 @@ async fn prune_streams(ctx: &NodeState) -> Result<u64, sqlx::Error> {
         from,
         PRUNE_BATCH,
     )
-    .fetch_one(&ctx.db.pool)
+    .fetch_one(&mut *scope)
     .await?;
+    scope.end().await?;
     // A short page is the end of the table: start over next time.
     *ctx.prune_from.lock().expect("prune lock") = match pruned.last {
         Some(last) if pruned.seen >= PRUNE_BATCH => last,
@@ -280,17 +292,21 @@ async fn prune_streams(ctx: &NodeState) -> Result<u64, sqlx::Error> {
 /// not waited for. Without ownership of the table PostgreSQL skips it with a
 /// warning, which costs nothing but leaves the job to autovacuum.
 pub async fn vacuum_outbox_once(pool: &PgPool, dead_rows: i64) -> Result<bool, sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     let dead = sqlx::query_scalar!(
         r#"SELECT n_dead_tup AS "dead!" FROM pg_stat_user_tables WHERE relid = 'relay.outbox'::regclass"#
     )
-    .fetch_optional(pool)
+    .fetch_optional(&mut *scope)
     .await?
     .unwrap_or(0);
+    scope.end().await?;
     if dead < dead_rows {
         return Ok(false);
     }
-    // VACUUM cannot be checked at compile time (nor run in a transaction).
-    sqlx::query("VACUUM (SKIP_LOCKED) relay.outbox")
+    // VACUUM cannot be checked at compile time, nor run in a transaction:
+    // one simple-protocol statement (one message, so a pooler cannot split
+    // it across server connections).
+    sqlx::raw_sql("VACUUM (SKIP_LOCKED) relay.outbox")
         .execute(pool)
         .await?;
     Ok(true)
@@ -306,6 +322,7 @@ async fn reap(
     node_timeout: Duration,
     report: &mut SweepReport,
 ) -> Result<(), sqlx::Error> {
+    let mut scope = crate::db::scope(&ctx.db.pool).await?;
     let suspects = sqlx::query_scalar!(
         r#"
         WITH RECURSIVE connection_nodes AS (
@@ -339,8 +356,9 @@ async fn reap(
         "#,
         node_timeout.as_secs_f64()
     )
-    .fetch_all(&ctx.db.pool)
+    .fetch_all(&mut *scope)
     .await?;
+    scope.end().await?;
     let incarnation = ctx.lifecycle.registration.current();
     for node_id in suspects {
         if node_id == ctx.node_id.as_str() {
@@ -438,12 +456,17 @@ pub async fn run(ctx: std::sync::Arc<NodeState>, token: CancellationToken) {
                 }
                 report.export();
                 export_parked_backlog(&ctx.db.pool).await;
-                let recorded = sqlx::query!(
-                    "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE incarnation = $1",
-                    ctx.lifecycle.registration.current(),
-                    serde_json::to_value(report).expect("serializable"),
-                )
-                .execute(&ctx.db.pool)
+                let recorded = async {
+                    let mut scope = crate::db::scope(&ctx.db.pool).await?;
+                    sqlx::query!(
+                        "UPDATE relay.sweeper SET last_run_at = now(), last_report = $2 WHERE incarnation = $1",
+                        ctx.lifecycle.registration.current(),
+                        serde_json::to_value(report).expect("serializable"),
+                    )
+                    .execute(&mut *scope)
+                    .await?;
+                    scope.end().await
+                }
                 .await;
                 if let Err(error) = recorded {
                     tracing::warn!(%error, "could not record the sweep");

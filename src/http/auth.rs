@@ -69,10 +69,15 @@ pub async fn run_api_keys(ctx: Arc<NodeState>, keys: ApiKeys, token: Cancellatio
 
 /// Loads the live keys of `relay.api_keys` into `keys`.
 pub async fn api_keys_once(ctx: &NodeState, keys: &ApiKeys) -> Result<(), sqlx::Error> {
-    let digests = db::bounded(
-        sqlx::query_scalar!("SELECT key_digest FROM relay.api_keys WHERE revoked_at IS NULL")
-            .fetch_all(&ctx.db.pool),
-    )
+    let digests = db::bounded(async {
+        let mut scope = db::scope(&ctx.db.pool).await?;
+        let digests =
+            sqlx::query_scalar!("SELECT key_digest FROM relay.api_keys WHERE revoked_at IS NULL")
+                .fetch_all(&mut *scope)
+                .await?;
+        scope.end().await?;
+        Ok(digests)
+    })
     .await?;
     keys.set_stored(
         digests

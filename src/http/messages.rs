@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
+use crate::db;
 use crate::message::{NewMessage, Payload, Presentation, StoredMessage, Target};
 use crate::state::NodeState;
 use crate::write::enqueue::{self, Source};
@@ -400,6 +401,7 @@ pub async fn get_one(
     let Ok(id) = id.parse::<i64>() else {
         return Err(Problem::not_found(format!("{id:?} is not a message id")));
     };
+    let mut scope = db::scope(&ctx.db.pool).await.map_err(Problem::from_db)?;
     let message = sqlx::query!(
         r#"
         SELECT m.id, m.target, m.destination, m.data::text AS data, m.body, m.content_type,
@@ -410,7 +412,7 @@ pub async fn get_one(
         "#,
         id
     )
-    .fetch_optional(&ctx.db.pool)
+    .fetch_optional(&mut *scope)
     .await
     .map_err(Problem::from_db)?
     .ok_or_else(|| Problem::not_found(format!("no message {id} (it may be past retention)")))?;
@@ -424,9 +426,10 @@ pub async fn get_one(
         "#,
         id
     )
-    .fetch_all(&ctx.db.pool)
+    .fetch_all(&mut *scope)
     .await
     .map_err(Problem::from_db)?;
+    scope.end().await.map_err(Problem::from_db)?;
     let stored = StoredMessage::from_row(
         message.id,
         None,

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
+use crate::db;
 use crate::state::NodeState;
 use crate::write::disconnect;
 
@@ -53,6 +54,7 @@ pub async fn user_connections(
     _caller: ApiCaller,
     Path(user): Path<String>,
 ) -> Result<Json<ConnectionList>, Problem> {
+    let mut scope = db::scope(&ctx.db.pool).await.map_err(Problem::from_db)?;
     let connections = sqlx::query_as!(
         Connection,
         r#"
@@ -63,9 +65,10 @@ pub async fn user_connections(
         "#,
         user
     )
-    .fetch_all(&ctx.db.pool)
+    .fetch_all(&mut *scope)
     .await
     .map_err(Problem::from_db)?;
+    scope.end().await.map_err(Problem::from_db)?;
     Ok(Json(ConnectionList { connections }))
 }
 
@@ -75,8 +78,28 @@ pub async fn user_connections(
 pub struct ConnectionFilter {
     /// Only this node's connections.
     node: Option<String>,
-    /// At most this many, newest first (1 to 1000; default 100).
+    /// The `next` of an earlier answer: the page after it, with that
+    /// answer's filter (pass no `node` with it).
+    cursor: Option<String>,
+    /// At most this many per page, newest first (1 to 1000; default 100).
     limit: Option<i64>,
+}
+
+/// One page of live connections.
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionPage {
+    connections: Vec<Connection>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next: Option<String>,
+}
+
+/// Where a listing of connections is (opaque to clients).
+#[derive(Serialize, Deserialize)]
+struct ConnectionCursor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    /// The last connection returned, by (connected_at, id), both descending.
+    after: (DateTime<Utc>, Uuid),
 }
 
 /// Live connections
@@ -88,7 +111,7 @@ pub struct ConnectionFilter {
     tag = "presence",
     params(ConnectionFilter),
     responses(
-        (status = 200, description = "Connections, newest first", body = ConnectionList),
+        (status = 200, description = "Connections, newest first, a page at a time", body = ConnectionPage),
         (status = 400, description = "Bad filter", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "No or bad API key", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
@@ -99,24 +122,58 @@ pub async fn connections(
     State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
     filter: Result<Query<ConnectionFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<ConnectionList>, Problem> {
+) -> Result<Json<ConnectionPage>, Problem> {
     let (filter, limit) = listing(filter, |f| f.limit)?;
+    let (node, after) = match &filter.cursor {
+        Some(cursor) => {
+            if filter.node.is_some() {
+                return Err(Problem::bad_request(
+                    "bad_query",
+                    "`cursor` carries the filter of the answer it came from: pass it alone (with `limit`)",
+                ));
+            }
+            let cursor: ConnectionCursor = crate::cursor::decode(cursor)
+                .map_err(|e| Problem::bad_request("bad_cursor", e.to_string()))?;
+            (cursor.node, Some(cursor.after))
+        }
+        None => (filter.node, None),
+    };
+    // Keyset order: a connection live throughout the listing is on exactly
+    // one page, whatever connects or leaves meanwhile.
+    let mut scope = db::scope(&ctx.db.pool).await.map_err(Problem::from_db)?;
     let connections = sqlx::query_as!(
         Connection,
         r#"
         SELECT id, node_id, user_id, protocol, connected_at, last_seen_at
           FROM relay.connections
-         WHERE $1::text IS NULL OR node_id = $1
-         ORDER BY connected_at DESC, id
-         LIMIT $2
+         WHERE ($1::text IS NULL OR node_id = $1)
+           AND ($2::timestamptz IS NULL OR (connected_at, id) < ($2, $3))
+         ORDER BY connected_at DESC, id DESC
+         LIMIT $4
         "#,
-        filter.node,
-        limit
+        node.as_deref(),
+        after.map(|(at, _)| at),
+        after.map(|(_, id)| id),
+        limit + 1
     )
-    .fetch_all(&ctx.db.pool)
+    .fetch_all(&mut *scope)
     .await
     .map_err(Problem::from_db)?;
-    Ok(Json(ConnectionList { connections }))
+    scope.end().await.map_err(Problem::from_db)?;
+    let mut connections = connections;
+    // One more than the page says whether there is a next one.
+    let next = if connections.len() as i64 > limit {
+        connections.truncate(limit as usize);
+        connections.last().map(|last| {
+            crate::cursor::encode(&ConnectionCursor {
+                node: node.clone(),
+                after: (last.connected_at, last.id),
+            })
+        })
+    } else {
+        None
+    };
+    Ok(Json(ConnectionPage { connections, next }))
 }
 
 /// A live node.
@@ -155,6 +212,7 @@ pub async fn nodes(
     State(ctx): State<Arc<NodeState>>,
     _caller: ApiCaller,
 ) -> Result<Json<NodeList>, Problem> {
+    let mut scope = db::scope(&ctx.db.pool).await.map_err(Problem::from_db)?;
     let nodes = sqlx::query_as!(
         Node,
         r#"
@@ -166,9 +224,10 @@ pub async fn nodes(
         "#,
         ctx.settings.node_timeout.as_secs_f64()
     )
-    .fetch_all(&ctx.db.pool)
+    .fetch_all(&mut *scope)
     .await
     .map_err(Problem::from_db)?;
+    scope.end().await.map_err(Problem::from_db)?;
     Ok(Json(NodeList { nodes }))
 }
 

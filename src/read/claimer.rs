@@ -60,6 +60,7 @@ pub async fn claim_once(ctx: &NodeState) -> Result<Claimed, WorkError> {
         statement: db::OP_TIMEOUT * 3,
         idle: ctx.settings.idle_transaction_timeout(),
         lock: None,
+        asynchronous_commit: true,
     };
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
@@ -293,7 +294,7 @@ pub async fn run(ctx: Arc<NodeState>, wake: Arc<Wake>, token: CancellationToken)
         }
         tokio::select! {
             () = &mut notified => {}
-            () = tokio::time::sleep(ctx.settings.poll_interval) => {
+            () = tokio::time::sleep(ctx.poll_interval()) => {
                 metrics::counter!(m::WAKEUPS, "source" => "poll").increment(1);
             }
             () = token.cancelled() => return,
@@ -319,8 +320,9 @@ pub async fn run_backlog(ctx: Arc<NodeState>, token: CancellationToken) {
 /// This node's outbox backlog and the age of its oldest row: work that
 /// waits here is what an operator looks for first.
 pub async fn backlog_once(ctx: &NodeState) -> Result<(), sqlx::Error> {
-    let backlog = db::bounded(
-        sqlx::query!(
+    let backlog = db::bounded(async {
+        let mut scope = db::scope(&ctx.db.pool).await?;
+        let backlog = sqlx::query!(
             r#"
             SELECT count(*) AS "rows!",
                    COALESCE(EXTRACT(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest_secs!"
@@ -328,8 +330,11 @@ pub async fn backlog_once(ctx: &NodeState) -> Result<(), sqlx::Error> {
             "#,
             ctx.node_id.as_str()
         )
-        .fetch_one(&ctx.db.pool),
-    )
+        .fetch_one(&mut *scope)
+        .await?;
+        scope.end().await?;
+        Ok::<_, sqlx::Error>(backlog)
+    })
     .await?;
     let node = ctx.node_id.to_string();
     metrics::gauge!(m::OUTBOX_BACKLOG, "node" => node.clone()).set(backlog.rows as f64);

@@ -203,6 +203,7 @@ pub async fn write_batch(
         statement: Duration::from_secs(8),
         idle,
         lock: None,
+        asynchronous_commit: true,
     };
     let mut tx = db::begin_bounded(pool, bounds).await?;
     if !departed.is_empty() {

@@ -37,17 +37,17 @@ impl Wake {
 }
 
 /// The listener task: LISTENs on this node's channel on a dedicated
-/// connection and wakes the claimer. After every (re)connect it wakes the
+/// connection to `url` and wakes the claimer. After every (re)connect it wakes the
 /// claimer too, since notifications sent while it was away are lost.
-pub async fn run(ctx: Arc<NodeState>, wake: Arc<Wake>, token: CancellationToken) {
+pub async fn run(ctx: Arc<NodeState>, url: String, wake: Arc<Wake>, token: CancellationToken) {
     let channel = ctx.node_id.channel();
     let mut backoff = Duration::from_millis(100);
     loop {
         let connected = async {
-            let options = crate::db::connect_options(
-                &ctx.settings.database_url,
-                &format!("pgrelay {} listener", ctx.node_id),
-            )?;
+            // A real session (the direct URL, or DATABASE_URL when it is
+            // one): a LISTEN lives as long as its connection.
+            let options =
+                crate::db::direct_options(&url, &format!("pgrelay {} listener", ctx.node_id))?;
             // A pool of one, of its own: the listener must never wait for (or
             // starve) the request pool.
             let pool = sqlx::postgres::PgPoolOptions::new()

@@ -15,9 +15,11 @@ pub const PAGE: i64 = 256;
 
 /// The id of the newest message committed to `stream` (0 if none).
 pub async fn head(pool: &PgPool, stream: &str) -> Result<i64, sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     let head = sqlx::query_scalar!("SELECT head FROM relay.streams WHERE stream = $1", stream)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *scope)
         .await?;
+    scope.end().await?;
     Ok(head.unwrap_or(0))
 }
 
@@ -31,6 +33,7 @@ pub async fn page(
     head: i64,
     connection: Uuid,
 ) -> Result<Vec<Arc<StoredMessage>>, sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     let rows = sqlx::query!(
         r#"
         SELECT x.id AS "id!", x.destination, x.data, x.body, x.content_type, x.created_at AS "created_at!",
@@ -56,8 +59,9 @@ pub async fn page(
         connection,
         PAGE,
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -82,6 +86,7 @@ pub async fn parked_page(
     after: i64,
     head: i64,
 ) -> Result<Vec<Arc<StoredMessage>>, sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     let rows = sqlx::query!(
         r#"
         SELECT m.id, m.destination, m.data::text AS data, m.body, m.content_type, m.created_at,
@@ -103,8 +108,9 @@ pub async fn parked_page(
         head,
         PAGE,
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(rows
         .into_iter()
         .map(|r| {

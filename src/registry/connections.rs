@@ -69,6 +69,7 @@ pub async fn attach(
         statement: ATTACH_LOCK_TIMEOUT + Duration::from_secs(1),
         idle,
         lock: Some(ATTACH_LOCK_TIMEOUT),
+        asynchronous_commit: false,
     };
     let work = async {
         let mut tx = db::begin_bounded(pool, bounds).await?;
@@ -116,7 +117,8 @@ pub async fn attach(
 /// Every connection this node's rows name: its connection rows, and the
 /// connections its claimed outbox rows still list.
 pub async fn named(pool: &PgPool, node_id: &NodeId) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar!(
+    let mut scope = crate::db::scope(pool).await?;
+    let rows = sqlx::query_scalar!(
         r#"
         SELECT id AS "id!" FROM relay.connections WHERE node_id = $1
         UNION
@@ -124,18 +126,23 @@ pub async fn named(pool: &PgPool, node_id: &NodeId) -> Result<Vec<Uuid>, sqlx::E
         "#,
         node_id.as_str()
     )
-    .fetch_all(pool)
-    .await
+    .fetch_all(&mut *scope)
+    .await?;
+    scope.end().await?;
+    Ok(rows)
 }
 
 /// How many connection rows this node has.
 pub async fn count(pool: &PgPool, node_id: &NodeId) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar!(
+    let mut scope = crate::db::scope(pool).await?;
+    let rows = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM relay.connections WHERE node_id = $1"#,
         node_id.as_str()
     )
-    .fetch_one(pool)
-    .await
+    .fetch_one(&mut *scope)
+    .await?;
+    scope.end().await?;
+    Ok(rows)
 }
 
 /// Refreshes `last_seen_at` of the connections that showed signs of life.
@@ -149,6 +156,7 @@ pub async fn refresh(
     if seen.is_empty() {
         return Ok(());
     }
+    let mut scope = crate::db::scope(pool).await?;
     sqlx::query!(
         r#"
         WITH alive AS (
@@ -161,7 +169,8 @@ pub async fn refresh(
         node_id.as_str(),
         incarnation
     )
-    .execute(pool)
+    .execute(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(())
 }

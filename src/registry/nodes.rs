@@ -37,8 +37,7 @@ pub async fn register(
     incarnation: Uuid,
     listen_addr: &str,
 ) -> Result<(), sqlx::Error> {
-    use sqlx::Connection;
-    let mut tx = conn.begin().await?;
+    let mut tx = crate::db::begin_on(conn).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SET LOCAL lock_timeout = '{REGISTER_LOCK_TIMEOUT}'"
     )))
@@ -99,6 +98,7 @@ pub async fn adopt(
     node_id: &NodeId,
     incarnation: Uuid,
 ) -> Result<(u64, bool), sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     let adopted = sqlx::query!(
         r#"
         UPDATE relay.outbox SET claimed_at = NULL, claimed_by = NULL
@@ -112,9 +112,10 @@ pub async fn adopt(
         incarnation,
         ADOPT_BATCH,
     )
-    .execute(pool)
+    .execute(&mut *scope)
     .await?
     .rows_affected();
+    scope.end().await?;
     Ok((adopted, adopted >= ADOPT_BATCH as u64))
 }
 
@@ -136,6 +137,7 @@ pub async fn beat(
     incarnation: Uuid,
     lease: Option<Duration>,
 ) -> Result<Beat, sqlx::Error> {
+    let mut scope = crate::db::scope_on(conn).await?;
     let beat = sqlx::query!(
         r#"
         WITH beat AS (
@@ -153,8 +155,9 @@ pub async fn beat(
         incarnation,
         lease.map(|lease| lease.as_secs_f64()),
     )
-    .fetch_one(conn)
+    .fetch_one(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(Beat {
         alive: beat.alive,
         leading: beat.leading,
@@ -170,6 +173,7 @@ pub async fn lead(
     incarnation: Uuid,
     lease: Duration,
 ) -> Result<Option<bool>, sqlx::Error> {
+    let mut scope = crate::db::scope_on(conn).await?;
     let row = sqlx::query!(
         r#"
         UPDATE relay.sweeper s
@@ -186,19 +190,23 @@ pub async fn lead(
         incarnation,
         lease.as_secs_f64(),
     )
-    .fetch_optional(conn)
+    .fetch_optional(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(row.map(|r| r.taken))
 }
 
 /// The incarnation registered under `node_id`, if any.
 pub async fn owner(conn: &mut PgConnection, node_id: &NodeId) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar!(
+    let mut scope = crate::db::scope_on(conn).await?;
+    let owner = sqlx::query_scalar!(
         "SELECT incarnation FROM relay.nodes WHERE id = $1",
         node_id.as_str()
     )
-    .fetch_optional(conn)
-    .await
+    .fetch_optional(&mut *scope)
+    .await?;
+    scope.end().await?;
+    Ok(owner)
 }
 
 /// Removes this node from the registry on a clean stop: its unclaimed and
@@ -209,7 +217,7 @@ pub async fn deregister(
     node_id: &NodeId,
     incarnation: Uuid,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query!(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
         LOCK_CLASS,
@@ -271,6 +279,7 @@ pub async fn reap(
         statement: Duration::from_secs(10),
         idle: Duration::from_secs(5),
         lock: Some(lock_timeout),
+        asynchronous_commit: false,
     };
     let mut tx = crate::db::begin_bounded(pool, bounds).await?;
     sqlx::query!(

@@ -41,6 +41,7 @@ pub async fn attach(
         statement: SUBSCRIBE_LOCK_TIMEOUT + Duration::from_secs(1),
         idle,
         lock: Some(SUBSCRIBE_LOCK_TIMEOUT),
+        asynchronous_commit: false,
     };
     let work = async {
         let mut tx = db::begin_bounded(pool, bounds).await?;
@@ -71,12 +72,14 @@ pub async fn attach(
 }
 
 pub async fn detach(pool: &PgPool, connection: Uuid, topic: &str) -> Result<(), sqlx::Error> {
+    let mut scope = crate::db::scope(pool).await?;
     sqlx::query!(
         "DELETE FROM relay.subscriptions WHERE connection_id = $1 AND topic = $2",
         connection,
         topic
     )
-    .execute(pool)
+    .execute(&mut *scope)
     .await?;
+    scope.end().await?;
     Ok(())
 }

@@ -63,6 +63,10 @@ fn node(settings: Settings) -> (Arc<NodeState>, mpsc::Receiver<Record>) {
             liveness,
             "127.0.0.1:0".parse().expect("an address"),
             "test".into(),
+            crate::db::pooling::Plan {
+                pooled: false,
+                wakeups: crate::db::pooling::Wakeups::Notify { url: String::new() },
+            },
         ),
         prune_from: Default::default(),
         settings,

@@ -1,18 +1,17 @@
 //! Operator commands: `pgrelay send`, `pgrelay status` and `pgrelay tail`,
 //! against the database (`DATABASE_URL`) or a node's HTTP API (`--url`).
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use hyper::Method;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use super::http_client::HttpClient;
-use crate::config::{Settings, parse_duration};
+use crate::config::parse_duration;
 use crate::message::{Payload, Target};
 use crate::status::{self, ClusterStatus, DeliveryEvent};
 use crate::write::enqueue::{self, Source};
@@ -58,7 +57,7 @@ impl Endpoint {
             .database_url
             .filter(|u| !u.trim().is_empty())
             .context("set DATABASE_URL (or --database-url), or --url for a node's HTTP API")?;
-        let pool = crate::db::connect(&Settings::new(url))
+        let pool = crate::db::connect_any(&url)
             .await
             .context("cannot connect to the database (DATABASE_URL)")?;
         Ok(Backend::Database(pool))
@@ -243,55 +242,47 @@ pub struct TailArgs {
     endpoint: Endpoint,
 }
 
-/// Delivery records are written in batches shortly after the fact: each
-/// poll looks this far behind the newest one seen, and drops repeats.
-const TAIL_LOOKBACK: Duration = Duration::from_secs(5);
+/// How often a caught-up tail asks for more (the cursor makes each record
+/// come once, however late its batch commits).
 const TAIL_POLL: Duration = Duration::from_millis(250);
 const TAIL_PAGE: i64 = 1000;
 
 /// `pgrelay tail`: prints deliveries as they are recorded, until Ctrl-C.
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let backend = args.endpoint.open().await?;
-    let lookback = chrono::Duration::from_std(TAIL_LOOKBACK)?;
-    let start = Utc::now() - chrono::Duration::from_std(args.since.unwrap_or_default())?;
-    let mut from = start;
-    let mut seen: HashMap<(String, String), DateTime<Utc>> = HashMap::new();
+    let mut cursor = status::DeliveryCursor {
+        since: Utc::now() - chrono::Duration::from_std(args.since.unwrap_or_default())?,
+        user: args.user.clone(),
+        node: args.node.clone(),
+        after: None,
+    };
     let mut printed = 0usize;
     loop {
-        let page = match &backend {
-            Backend::Database(pool) => {
-                status::deliveries_since(
-                    pool,
-                    from,
-                    args.user.as_deref(),
-                    args.node.as_deref(),
-                    TAIL_PAGE,
-                )
-                .await?
-            }
+        let (page, next) = match &backend {
+            Backend::Database(pool) => status::deliveries_page(pool, &cursor, TAIL_PAGE).await?,
             api => {
-                let mut query =
-                    format!("since={}&limit={TAIL_PAGE}", url_escape(&from.to_rfc3339()));
-                for (name, value) in [("user", &args.user), ("node", &args.node)] {
-                    if let Some(value) = value {
-                        query.push_str(&format!("&{name}={}", url_escape(value)));
-                    }
-                }
                 let (_, answer) = api
-                    .call(Method::GET, &format!("/v1/deliveries?{query}"), None)
+                    .call(
+                        Method::GET,
+                        &format!(
+                            "/v1/deliveries?cursor={}&limit={TAIL_PAGE}",
+                            cursor.encode()
+                        ),
+                        None,
+                    )
                     .await?;
-                serde_json::from_value::<Vec<DeliveryEvent>>(answer["deliveries"].clone())
-                    .context("unexpected /v1/deliveries answer")?
+                let page =
+                    serde_json::from_value::<Vec<DeliveryEvent>>(answer["deliveries"].clone())
+                        .context("unexpected /v1/deliveries answer")?;
+                let next = answer["next"]
+                    .as_str()
+                    .and_then(|next| status::DeliveryCursor::decode(next).ok())
+                    .context("unexpected /v1/deliveries answer: no `next` cursor")?;
+                (page, next)
             }
         };
         let full = page.len() as i64 == TAIL_PAGE;
-        let mut newest = from;
         for event in page {
-            newest = newest.max(event.delivered_at);
-            let key = (event.message_id.clone(), event.connection_id.clone());
-            if seen.insert(key, event.delivered_at).is_some() {
-                continue;
-            }
             let line = if args.json {
                 serde_json::to_string(&event)?
             } else {
@@ -303,14 +294,8 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        // A full page: go on from its end at once. Otherwise look back a
-        // little for records that committed late.
-        from = if full {
-            newest
-        } else {
-            (newest - lookback).max(start)
-        };
-        seen.retain(|_, at| *at >= from);
+        cursor = next;
+        // A full page: go on at once. Otherwise wait for more.
         if !full {
             tokio::select! {
                 () = tokio::time::sleep(TAIL_POLL) => {}
@@ -318,19 +303,6 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
             }
         }
     }
-}
-
-/// Percent-encodes everything but unreserved characters (RFC 3986).
-fn url_escape(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -357,15 +329,6 @@ mod tests {
         );
         assert!(parse_recipient("user:").is_err());
         assert!(parse_recipient("alice").is_err());
-    }
-
-    #[test]
-    fn query_values_are_escaped() {
-        assert_eq!(
-            url_escape("2026-11-27T10:00:00+00:00"),
-            "2026-11-27T10%3A00%3A00%2B00%3A00"
-        );
-        assert_eq!(url_escape("a b&c"), "a%20b%26c");
     }
 }
 

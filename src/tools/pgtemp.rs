@@ -221,6 +221,8 @@ impl TempPostgres {
         if let Some((uid, gid)) = self.run_as {
             chown(&log_path, uid, gid)?;
         }
+        // What this start writes comes after what earlier ones wrote.
+        let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
         let mut command = self.command("postgres");
         command
             .arg("-D")
@@ -289,12 +291,20 @@ impl TempPostgres {
                 )
                 .into());
             }
-            let ready = self
-                .command("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-                .args(["-p", &self.port.to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
+            // pg_isready where there is one; the server's own word otherwise
+            // (the npm builds of other versions ship without it).
+            let ready = if self.bindir.join("pg_isready").is_file() {
+                self.command("pg_isready")
+                    .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+                    .args(["-p", &self.port.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            } else {
+                std::fs::read(&log_path).is_ok_and(|log| {
+                    String::from_utf8_lossy(log.get(log_start..).unwrap_or_default())
+                        .contains("database system is ready to accept connections")
+                })
+            };
             if ready {
                 self.postmaster = Some(postmaster);
                 return Ok(());
@@ -319,20 +329,16 @@ impl Drop for TempPostgres {
     }
 }
 
-/// Finds a directory with `initdb`, `postgres` and `pg_isready`.
+/// Finds a directory with `initdb` and `postgres`.
 pub fn find_bindir() -> Result<PathBuf, PgTempError> {
-    let has_tools = |dir: &Path| {
-        ["initdb", "postgres", "pg_isready"]
-            .iter()
-            .all(|t| dir.join(t).is_file())
-    };
+    let has_tools = |dir: &Path| ["initdb", "postgres"].iter().all(|t| dir.join(t).is_file());
     if let Ok(dir) = std::env::var("PGRELAY_PG_BINDIR") {
         let dir = PathBuf::from(dir);
         return if has_tools(&dir) {
             Ok(dir)
         } else {
             Err(format!(
-                "PGRELAY_PG_BINDIR={} has no initdb/postgres/pg_isready",
+                "PGRELAY_PG_BINDIR={} has no initdb and postgres",
                 dir.display()
             )
             .into())
@@ -392,7 +398,7 @@ fn version_of(bindir: &Path) -> u32 {
 
 /// `initdb` refuses to run as root: as root, run the server as `postgres`
 /// (or `nobody`).
-fn unprivileged_user() -> Result<Option<(libc::uid_t, libc::gid_t)>, PgTempError> {
+pub(crate) fn unprivileged_user() -> Result<Option<(libc::uid_t, libc::gid_t)>, PgTempError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
@@ -406,12 +412,12 @@ fn unprivileged_user() -> Result<Option<(libc::uid_t, libc::gid_t)>, PgTempError
     Err("running as root and there is no `postgres` or `nobody` user to run PostgreSQL as".into())
 }
 
-fn chown(path: &Path, uid: libc::uid_t, gid: libc::gid_t) -> Result<(), PgTempError> {
+pub(crate) fn chown(path: &Path, uid: libc::uid_t, gid: libc::gid_t) -> Result<(), PgTempError> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
         .map_err(|e| format!("cannot chown {}: {e}", path.display()).into())
 }
 
-fn free_port() -> Result<u16, PgTempError> {
+pub(crate) fn free_port() -> Result<u16, PgTempError> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
     listener
@@ -420,7 +426,7 @@ fn free_port() -> Result<u16, PgTempError> {
         .map_err(|e| e.to_string().into())
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let mut text = String::new();
     if let Ok(mut file) = std::fs::File::open(path) {
         let _ = file.read_to_string(&mut text);

@@ -11,7 +11,7 @@ use crate::config::NodeId;
 /// wakes that node, in one transaction. Returns that node's id; None when no
 /// such connection is registered.
 pub async fn request(pool: &PgPool, connection: Uuid) -> Result<Option<String>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let node = sqlx::query_scalar!(
         r#"
         INSERT INTO relay.outbox (node_id, kind, connection_ids)

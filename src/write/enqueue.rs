@@ -175,6 +175,7 @@ impl Submission {
             statement: budget,
             idle: budget,
             lock: lock.map(|lock| lock.min(budget)),
+            asynchronous_commit: false,
         };
         let tx = in_time(until, db::begin_bounded(pool, bounds)).await?;
         Ok(Self {
@@ -270,6 +271,11 @@ pub async fn store_at_once(
     source: Source,
     deadline: Instant,
 ) -> Result<Vec<i64>, EnqueueError> {
+    if db::pooled() {
+        // Through a pooler a statement runs in a transaction of its own
+        // (see `db::scope`): the transaction's honest commit is the way.
+        return store_once(pool, messages, source, deadline, true).await;
+    }
     // Not sent yet: a failure here stores nothing.
     let mut connection = match tokio::time::timeout_at(deadline, pool.acquire()).await {
         Ok(Ok(connection)) => connection,

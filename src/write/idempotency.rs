@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use super::enqueue::{
     EnqueueError, SUBMIT_TIMEOUT, Source, Submission, enqueue_with, in_time, slow_permit,
 };
+use crate::db;
 use crate::message::NewMessage;
 
 /// A submission under an `Idempotency-Key`.
@@ -120,12 +121,18 @@ impl Keyed<'_> {
             // now, that one's messages are stored.
             let earlier = in_time(
                 deadline,
-                sqlx::query!(
-                    "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
-                    self.scope,
-                    self.key
-                )
-                .fetch_optional(pool),
+                async {
+                    let mut scope = db::scope(pool).await?;
+                    let earlier = sqlx::query!(
+                        "SELECT request_hash, message_ids FROM relay.idempotency_keys WHERE scope = $1 AND key = $2",
+                        self.scope,
+                        self.key
+                    )
+                    .fetch_optional(&mut *scope)
+                    .await?;
+                    scope.end().await?;
+                    Ok::<_, sqlx::Error>(earlier)
+                },
             )
             .await
             .map_err(|error| {

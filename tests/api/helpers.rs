@@ -10,6 +10,9 @@ mod waiting;
 
 pub use clients::{Client, StompClient, id_of, response, token};
 pub use cluster::{API_KEY, AuthKind, Cluster, settings, sweep_now};
-pub use database::{TestDb, node_sessions_waiting_on_locks, with_database};
+pub use database::{
+    NodeRoute, TestDb, admin_url, node_route, node_sessions_waiting_on_locks, through_pgbouncer,
+    with_database,
+};
 pub use processes::{FAST, NodeProcess, node_scenario, node_scenario_acting, npm_installed};
 pub use waiting::{WAIT, eventually, eventually_within, within};

@@ -21,7 +21,9 @@ pub enum AuthKind {
 }
 
 pub fn settings(db: &TestDb, auth: AuthKind, index: usize) -> Settings {
-    let mut settings = Settings::new(&db.url);
+    let (database_url, direct_database_url) = super::database::node_urls(&db.url);
+    let mut settings = Settings::new(database_url);
+    settings.direct_database_url = direct_database_url;
     settings.node_id = NodeId::parse(&format!("node-{}", (b'a' + index as u8) as char)).unwrap();
     settings.db_pool_size = 6;
     settings.shutdown_grace = Duration::from_secs(5);

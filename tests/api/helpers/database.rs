@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use pgrelay::tools::pgbouncer::TempPgBouncer;
 use pgrelay::tools::pgtemp::{self, TempPostgres};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -30,10 +31,60 @@ fn server() -> &'static Server {
     })
 }
 
-fn admin_url() -> String {
+/// The test server's superuser URL (its `postgres` database).
+pub fn admin_url() -> String {
     match server() {
         Server::External(url) => url.clone(),
         Server::Temporary(pg) => pg.url("postgres"),
+    }
+}
+
+/// How this run's nodes reach the test server (`PGRELAY_TEST_POOLER`):
+/// directly (unset), through PgBouncer in transaction mode (`pgbouncer`), or
+/// through it with a direct URL for LISTEN and migrations
+/// (`pgbouncer+direct`). CI runs the core, guarantees and faults tests in
+/// each way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeRoute {
+    Direct,
+    Pooler,
+    PoolerWithDirectUrl,
+}
+
+pub fn node_route() -> NodeRoute {
+    match std::env::var("PGRELAY_TEST_POOLER").as_deref() {
+        Ok("pgbouncer") => NodeRoute::Pooler,
+        Ok("pgbouncer+direct") => NodeRoute::PoolerWithDirectUrl,
+        Ok("") | Err(_) => NodeRoute::Direct,
+        Ok(other) => panic!("PGRELAY_TEST_POOLER={other}: expected pgbouncer or pgbouncer+direct"),
+    }
+}
+
+/// A PgBouncer (transaction mode) in front of the test server, started on
+/// first use.
+pub fn pgbouncer() -> &'static TempPgBouncer {
+    static BOUNCER: OnceLock<TempPgBouncer> = OnceLock::new();
+    BOUNCER.get_or_init(|| TempPgBouncer::start(&admin_url()).expect("start PgBouncer"))
+}
+
+/// `url` (a database on the test server) through the test PgBouncer.
+pub fn through_pgbouncer(url: &str) -> String {
+    let parsed = url::Url::parse(url).expect("a URL");
+    pgbouncer().url(parsed.path().trim_start_matches('/'))
+}
+
+/// The `DATABASE_URL` and `PGRELAY_DIRECT_DATABASE_URL` a node is given for
+/// `url`, by [`node_route`]. URLs to anything but the test server itself (a
+/// fault proxy, a pooler a test started) are left alone.
+pub fn node_urls(url: &str) -> (String, Option<String>) {
+    let route = node_route();
+    let server_port = url::Url::parse(&admin_url()).ok().and_then(|u| u.port());
+    let to_server = url::Url::parse(url).ok().and_then(|u| u.port()) == server_port;
+    match route {
+        _ if !to_server => (url.to_owned(), None),
+        NodeRoute::Direct => (url.to_owned(), None),
+        NodeRoute::Pooler => (through_pgbouncer(url), None),
+        NodeRoute::PoolerWithDirectUrl => (through_pgbouncer(url), Some(url.to_owned())),
     }
 }
 

@@ -38,7 +38,12 @@ impl NodeProcess {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{node_id}-{:08x}.log", rand::random::<u32>()));
         let log_file = std::fs::File::create(&log).unwrap();
+        let (database_url, direct_database_url) = super::database::node_urls(database_url);
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        match &direct_database_url {
+            Some(url) => command.env("PGRELAY_DIRECT_DATABASE_URL", url),
+            None => command.env_remove("PGRELAY_DIRECT_DATABASE_URL"),
+        };
         command
             .args([
                 "serve",
@@ -50,7 +55,7 @@ impl NodeProcess {
                 listen,
             ])
             .args(extra)
-            .env("DATABASE_URL", database_url)
+            .env("DATABASE_URL", &database_url)
             .env("PGRELAY_LOG_FORMAT", "json")
             .env("RUST_LOG", "info,pgrelay=debug")
             .env_remove("PGRELAY_AUTH")

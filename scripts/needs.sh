@@ -1,0 +1,51 @@
+# Sourced by scripts/dev and scripts/test: finds what this machine lacks and
+# installs it (Debian or Ubuntu, as root), or prints the exact command to run
+# and exits 1.
+#
+#   needs <what> ...   with what one of: postgres, pgbouncer, node, chromium
+
+missing_packages=()
+missing_what=()
+
+have_postgres() {
+  [ -n "${PGRELAY_PG_BINDIR:-}" ] && [ -x "$PGRELAY_PG_BINDIR/initdb" ] && return 0
+  command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+have_pgbouncer() { command -v "${PGRELAY_PGBOUNCER:-pgbouncer}" >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }
+have_node() {
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || return 1
+  # Node.js 18 or later (Debian 12 ships 18, the tests were written on 20).
+  [ "$(node -p 'process.versions.node.split(".")[0]')" -ge 18 ]
+}
+have_chromium() {
+  [ -n "${CHROMIUM:-}" ] && [ -x "$CHROMIUM" ] && return 0
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
+}
+
+needs() {
+  local what
+  for what in "$@"; do
+    case $what in
+      postgres) have_postgres || { missing_what+=("PostgreSQL server binaries"); missing_packages+=(postgresql); } ;;
+      pgbouncer) have_pgbouncer || { missing_what+=("PgBouncer"); missing_packages+=(pgbouncer); } ;;
+      node) have_node || { missing_what+=("Node.js 18+ with npm"); missing_packages+=(nodejs npm); } ;;
+      chromium) have_chromium || { missing_what+=("Chromium"); missing_packages+=(chromium); } ;;
+      *) echo "needs: unknown requirement $what" >&2; exit 2 ;;
+    esac
+  done
+  [ ${#missing_packages[@]} -eq 0 ] && return 0
+  local command="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing_packages[*]}"
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "missing: ${missing_what[*]}" >&2
+    echo "install them (as root), then run this again:" >&2
+    echo "  sudo sh -c '$command'" >&2
+    exit 1
+  fi
+  echo "installing ${missing_packages[*]} (missing: ${missing_what[*]})" >&2
+  # postgresql's packages start a cluster where they can; the tests start
+  # their own and need none.
+  sh -c "$command" >&2
+  missing_packages=()
+  missing_what=()
+}

@@ -1,0 +1,212 @@
+//! How a node reaches PostgreSQL, decided once at start: whether
+//! `DATABASE_URL` is a transaction-mode pooler, and whether NOTIFY can wake
+//! the node (LISTEN needs a real session) or it must poll.
+//!
+//! A pooler is recognized by what it does: two client connections whose
+//! statements run on one server process (`pg_backend_pid()`), or one client
+//! connection whose statements move between server processes. Neither can
+//! happen on a real session. This asks nothing of the pooler and leaves
+//! nothing behind; a LISTEN sent through a transaction-mode pooler would
+//! stay on whichever server connection ran it, and a NOTIFY would then land
+//! in another client's query (seen with PgBouncer 1.18: "unexpected message:
+//! NotificationResponse").
+//!
+//! The URL LISTEN will use (the direct URL, or a `DATABASE_URL` that is a
+//! real session) is then checked with a NOTIFY round trip: LISTEN on a fresh
+//! channel, NOTIFY it from a second connection, wait for it.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+use uuid::Uuid;
+
+use crate::config::{PoolerMode, Settings};
+
+/// How long the probe waits for its own NOTIFY. A direct server answers in
+/// about a millisecond.
+pub const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// How new messages reach the claimer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wakeups {
+    /// NOTIFY, LISTENed for on this URL (with a rescan as the safety net).
+    Notify { url: String },
+    /// No LISTEN: the claimer polls every `PGRELAY_POLL_ONLY_INTERVAL`.
+    PollOnly { reason: String },
+}
+
+impl Wakeups {
+    pub fn is_poll_only(&self) -> bool {
+        matches!(self, Wakeups::PollOnly { .. })
+    }
+
+    /// `notify` or `poll`, as `/v1/status` and the log say it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Wakeups::Notify { .. } => "notify",
+            Wakeups::PollOnly { .. } => "poll",
+        }
+    }
+}
+
+/// What the probe decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `DATABASE_URL` is a transaction-mode pooler.
+    pub pooled: bool,
+    pub wakeups: Wakeups,
+}
+
+impl Plan {
+    /// `transaction` or `direct`.
+    pub fn pooler_name(&self) -> &'static str {
+        if self.pooled { "transaction" } else { "direct" }
+    }
+}
+
+/// Probes the URL LISTEN would use and decides the plan.
+///
+/// # Errors
+/// The database cannot be reached at all (that is no pooler's doing).
+pub async fn plan(settings: &Settings) -> Result<Plan, sqlx::Error> {
+    let (listen_url, which) = match &settings.direct_database_url {
+        Some(url) => (url.as_str(), "PGRELAY_DIRECT_DATABASE_URL"),
+        None => (settings.database_url.as_str(), "DATABASE_URL"),
+    };
+    let pooled = is_pooler(settings).await?;
+    if pooled && settings.direct_database_url.is_none() {
+        return Ok(Plan {
+            pooled: true,
+            wakeups: Wakeups::PollOnly {
+                reason: "DATABASE_URL is a transaction-mode pooler (PGRELAY_DATABASE_POOLER, or \
+                         its statements move between server processes) and \
+                         PGRELAY_DIRECT_DATABASE_URL is not set: LISTEN cannot work through it"
+                    .into(),
+            },
+        });
+    }
+    let name = format!("pgrelay {} probe", settings.node_id);
+    if notify_comes_back(listen_url, &name).await? {
+        return Ok(Plan {
+            pooled,
+            wakeups: Wakeups::Notify {
+                url: listen_url.to_owned(),
+            },
+        });
+    }
+    Ok(Plan {
+        pooled,
+        wakeups: Wakeups::PollOnly {
+            reason: format!(
+                "a NOTIFY sent through {which} did not come back within {} ms; set \
+                 PGRELAY_DIRECT_DATABASE_URL to a direct connection for NOTIFY wake-ups",
+                PROBE_WAIT.as_millis()
+            ),
+        },
+    })
+}
+
+/// Whether `url`'s client connections share server processes: a
+/// transaction-mode pooler. Each round asks two client connections for
+/// their server process, one after the other (a pooler hands the second the
+/// process the first just gave back), and watches whether either's moves.
+async fn shares_server_processes(url: &str, application_name: &str) -> Result<bool, sqlx::Error> {
+    let options = super::pooler_options(url, application_name)?;
+    let connect = || async {
+        tokio::time::timeout(super::OP_TIMEOUT, options.connect())
+            .await
+            .map_err(|_| timed_out())?
+    };
+    let (mut first, mut second) = (connect().await?, connect().await?);
+    let outcome = async {
+        let mut seen: [Option<i32>; 2] = [None, None];
+        for _ in 0..4 {
+            for (slot, connection) in [&mut first, &mut second].into_iter().enumerate() {
+                let pid = server_process(connection).await?;
+                if seen[slot].is_some_and(|before| before != pid) || seen[1 - slot] == Some(pid) {
+                    return Ok(true);
+                }
+                seen[slot] = Some(pid);
+            }
+        }
+        Ok(false)
+    }
+    .await;
+    let _ = first.close().await;
+    let _ = second.close().await;
+    outcome
+}
+
+/// The server process running this connection's statement (one
+/// simple-protocol message: nothing a pooler could split).
+async fn server_process(connection: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
+    use sqlx::Row;
+    let row = tokio::time::timeout(
+        super::OP_TIMEOUT,
+        sqlx::raw_sql("SELECT pg_backend_pid()").fetch_one(&mut *connection),
+    )
+    .await
+    .map_err(|_| timed_out())??;
+    row.try_get::<i32, _>(0)
+}
+
+/// Whether `settings.database_url` is a transaction-mode pooler, by
+/// `PGRELAY_DATABASE_POOLER` or, on `auto`, by asking it.
+///
+/// # Errors
+/// The database cannot be reached.
+pub async fn is_pooler(settings: &Settings) -> Result<bool, sqlx::Error> {
+    match settings.database_pooler {
+        PoolerMode::Direct => Ok(false),
+        PoolerMode::Transaction => Ok(true),
+        PoolerMode::Auto if settings.direct_database_url.is_some() => Ok(true),
+        PoolerMode::Auto => {
+            let name = format!("pgrelay {} probe", settings.node_id);
+            shares_server_processes(&settings.database_url, &name).await
+        }
+    }
+}
+
+/// Whether a NOTIFY sent on one connection reaches a LISTEN on another.
+/// Only simple-protocol statements, with pooler-safe options: this runs
+/// before anyone knows what the URL is.
+async fn notify_comes_back(url: &str, application_name: &str) -> Result<bool, sqlx::Error> {
+    let options = super::pooler_options(url, application_name)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(super::ACQUIRE_TIMEOUT)
+        .connect_with(options.clone())
+        .await?;
+    let channel = format!("pgrelay_probe_{}", Uuid::new_v4().simple());
+    let outcome = async {
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(&channel).await?;
+        let mut sender = tokio::time::timeout(super::OP_TIMEOUT, options.connect())
+            .await
+            .map_err(|_| timed_out())??;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("NOTIFY {channel}")))
+            .execute(&mut sender)
+            .await?;
+        let _ = sender.close().await;
+        Ok::<_, sqlx::Error>(
+            match tokio::time::timeout(PROBE_WAIT, listener.try_recv()).await {
+                Ok(Ok(Some(notification))) => notification.channel() == channel,
+                // The connection closed under it (a pooler may end the server
+                // connection that got an unexpected notification), or nothing came.
+                Ok(Ok(None)) | Err(_) => false,
+                Ok(Err(error)) => return Err(error),
+            },
+        )
+    }
+    .await;
+    pool.close().await;
+    outcome
+}
+
+fn timed_out() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the database did not answer the start-up probe in time",
+    ))
+}

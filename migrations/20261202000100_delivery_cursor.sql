@@ -11,6 +11,10 @@
 -- bigint (xid8 has no BRIN operator class); the column is added without a
 -- default so that no existing row is rewritten, and rows recorded before
 -- this migration (NULL) come first.
+-- Nodes of the previous version may be recording deliveries meanwhile: give
+-- up (the node's start fails, and is retried) rather than queue the table's
+-- every insert behind this ALTER.
+SET LOCAL lock_timeout = '5s';
 ALTER TABLE relay.deliveries ADD COLUMN recorded_xid bigint;
 ALTER TABLE relay.deliveries ALTER COLUMN recorded_xid SET DEFAULT (pg_current_xact_id()::text)::bigint;
 CREATE INDEX deliveries_recorded_xid_brin ON relay.deliveries USING brin (recorded_xid)

@@ -12,7 +12,11 @@ have_postgres() {
   command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }
-have_pgbouncer() { command -v "${PGRELAY_PGBOUNCER:-pgbouncer}" >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }
+have_pgbouncer() {
+  command -v "${PGRELAY_PGBOUNCER:-pgbouncer}" >/dev/null 2>&1 && return 0
+  # Debian puts it in /usr/sbin, off a user's PATH: name it for the tests.
+  [ -x /usr/sbin/pgbouncer ] && export PGRELAY_PGBOUNCER=/usr/sbin/pgbouncer
+}
 have_node() {
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || return 1
   # Node.js 18 or later (Debian 12 ships 18, the tests were written on 20).
@@ -46,6 +50,15 @@ needs() {
   # postgresql's packages start a cluster where they can; the tests start
   # their own and need none.
   sh -c "$command" >&2
+  # What the distribution installed must do (an old Node.js would not).
+  local wanted=("$@")
   missing_packages=()
   missing_what=()
+  for what in "${wanted[@]}"; do
+    "have_$what" || missing_what+=("$what")
+  done
+  if [ ${#missing_what[@]} -gt 0 ]; then
+    echo "still missing after installing: ${missing_what[*]} (see README \"Test it\")" >&2
+    exit 1
+  fi
 }

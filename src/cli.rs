@@ -162,6 +162,7 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             .with_context(|| {
                 format!("cannot create key {name:?} (does the name exist already?)")
             })?;
+            scope.end().await?;
             println!("{key}");
             eprintln!("key {name:?} created; this is the only time it is shown");
         }
@@ -174,6 +175,7 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             .await?
             .rows_affected();
             anyhow::ensure!(revoked == 1, "no live key named {name:?}");
+            scope.end().await?;
             println!("key {name:?} revoked");
         }
         KeysAction::List => {
@@ -182,6 +184,7 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             )
             .fetch_all(&mut *scope)
             .await?;
+            scope.end().await?;
             for key in keys {
                 let state = key
                     .revoked_at
@@ -190,6 +193,5 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             }
         }
     }
-    scope.end().await?;
     Ok(())
 }

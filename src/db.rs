@@ -13,14 +13,14 @@ mod scope;
 pub use scope::{Scope, ScopeOn, scope, scope_on};
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
-use crate::config::Settings;
+use crate::config::{PoolerMode, Settings};
 
 /// How long a request waits for a database connection before it is answered
 /// 503: well inside the contract's 5 s.
@@ -48,8 +48,15 @@ pub fn is_fenced(error: &sqlx::Error) -> bool {
 /// (set once at start from [`pooling::plan`]; one process, one way).
 static POOLED: AtomicBool = AtomicBool::new(false);
 
-/// Declares how this process reaches the database: before any pool connects.
-pub fn set_pooled(pooled: bool) {
+/// How long a transaction through the pooler may sit idle before the server
+/// ends it, in ms: a node paused or cut off between a statement and its
+/// COMMIT holds no lock for long (a pooler keeps the server connection).
+static POOLED_IDLE_MS: AtomicU64 = AtomicU64::new(5_000);
+
+/// Declares how this process reaches the database, and the idle bound of its
+/// pooled transactions: before any pool connects.
+pub fn set_pooled(pooled: bool, idle: Duration) {
+    POOLED_IDLE_MS.store(idle.as_millis().max(1) as u64, Ordering::Release);
     POOLED.store(pooled, Ordering::Release);
 }
 
@@ -160,7 +167,11 @@ pub async fn begin_on(
 }
 
 fn pooled_begin() -> String {
-    format!("{POOLED_BEGIN}; SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    format!(
+        "{POOLED_BEGIN}; SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}; \
+         SET LOCAL idle_in_transaction_session_timeout = {}",
+        POOLED_IDLE_MS.load(Ordering::Acquire)
+    )
 }
 
 /// Why a `COMMIT` did not succeed.
@@ -339,8 +350,16 @@ pub async fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
 /// Connects a command-line tool's pool to `database_url`, direct or a
 /// transaction-mode pooler (found out as a node does at start).
 pub async fn connect_any(database_url: &str) -> Result<PgPool, sqlx::Error> {
-    let settings = Settings::new(database_url);
-    set_pooled(pooling::is_pooler(&settings).await?);
+    let mut settings = Settings::new(database_url);
+    settings.database_pooler = match std::env::var("PGRELAY_DATABASE_POOLER").as_deref() {
+        Ok("transaction") => PoolerMode::Transaction,
+        Ok("direct") => PoolerMode::Direct,
+        _ => PoolerMode::Auto,
+    };
+    set_pooled(
+        pooling::is_pooler(&settings).await?,
+        settings.idle_transaction_timeout(),
+    );
     connect(&settings).await
 }
 

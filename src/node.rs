@@ -44,20 +44,7 @@ pub struct RunningNode {
 /// Database unreachable, migrations failing, or the address in use, each
 /// with context fit for a one-line message.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
-    let plan = pooling::plan(&settings)
-        .await
-        .context("cannot connect to the database (DATABASE_URL or PGRELAY_DIRECT_DATABASE_URL)")?;
-    db::set_pooled(plan.pooled);
-    let pool = db::connect(&settings)
-        .await
-        .context("cannot connect to the database (DATABASE_URL)")?;
-    db::migrate_for(&settings, &pool)
-        .await
-        .context("database migrations failed")?;
-    db::publish_config(&pool, &settings)
-        .await
-        .context("cannot write relay.config")?;
-    Ok(prepare_with(settings, pool, plan).await?.start())
+    Ok(prepare(settings).await?.start())
 }
 
 /// A node registered, with its state and its port, but neither serving nor
@@ -69,17 +56,59 @@ pub struct Prepared {
     records: tokio::sync::mpsc::Receiver<Record>,
 }
 
-/// [`start`] on an existing pool whose database is already migrated.
-pub async fn start_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<RunningNode> {
-    Ok(prepare(settings, pool).await?.start())
+/// Probes how the database is reached, connects, migrates, binds the port,
+/// connects the bookkeeping pool and registers the node.
+///
+/// # Errors
+/// Database unreachable, migrations failing, or the address in use, each
+/// with context fit for a one-line message.
+pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
+    let plan = match pooling::plan(&settings).await {
+        Ok(plan) => plan,
+        Err(pooling::PlanError::Database(error)) => {
+            return Err(anyhow::Error::from(error).context(
+                "cannot connect to the database (DATABASE_URL or PGRELAY_DIRECT_DATABASE_URL)",
+            ));
+        }
+        Err(refused) => return Err(refused.into()),
+    };
+    // Before any pool connects: how every connection of this process talks.
+    db::set_pooled(plan.pooled, settings.idle_transaction_timeout());
+    let pool = db::connect(&settings)
+        .await
+        .context("cannot connect to the database (DATABASE_URL)")?;
+    db::migrate_for(&settings, &pool)
+        .await
+        .context("database migrations failed")?;
+    may_run(&pool).await?;
+    db::publish_config(&pool, &settings)
+        .await
+        .context("cannot write relay.config")?;
+    prepare_with(settings, pool, plan).await
 }
 
-/// Binds the port, connects the bookkeeping pool and registers the node.
-pub async fn prepare(settings: Settings, pool: PgPool) -> anyhow::Result<Prepared> {
-    let plan = pooling::plan(&settings)
-        .await
-        .context("cannot connect to the database (DATABASE_URL or PGRELAY_DIRECT_DATABASE_URL)")?;
-    prepare_with(settings, pool, plan).await
+/// Whether the node's role may do a node's work. Since EXECUTE on relay's
+/// functions is revoked from PUBLIC, a role that is not the schema's owner
+/// (nor granted) fails at its first claim or fence: say so at start.
+async fn may_run(pool: &PgPool) -> anyhow::Result<()> {
+    let mut scope = db::scope(pool).await?;
+    let (role, allowed): (String, bool) = sqlx::query_as(
+        "SELECT current_user::text,
+                has_function_privilege('relay.fence(text, uuid)', 'EXECUTE')
+                AND has_function_privilege('relay.enqueue(jsonb[], text[], jsonb[], interval[], text, bytea[], text[], boolean)', 'EXECUTE')
+                AND has_table_privilege('relay.outbox', 'INSERT, UPDATE, DELETE')",
+    )
+    .fetch_one(&mut *scope)
+    .await
+    .context("cannot check the node's database privileges")?;
+    scope.end().await?;
+    anyhow::ensure!(
+        allowed,
+        "the database role {role:?} may not run pgrelay: run the nodes as the role that owns \
+         schema relay (EXECUTE on its functions is revoked from PUBLIC), or grant {role:?} \
+         EXECUTE ON ALL FUNCTIONS and ALL PRIVILEGES ON ALL TABLES IN SCHEMA relay"
+    );
+    Ok(())
 }
 
 /// [`prepare`] with the plan already probed.
@@ -116,13 +145,17 @@ async fn prepare_with(settings: Settings, pool: PgPool, plan: Plan) -> anyhow::R
         .advertise_addr
         .clone()
         .unwrap_or_else(|| addr.to_string());
-    let liveness = Liveness::new(
-        db::connect_options(
-            &settings.database_url,
-            &format!("pgrelay {} liveness", settings.node_id),
-        )?,
-        settings.liveness_timeout(),
-    );
+    // Heartbeats, the lease and registration never wait behind traffic: on
+    // a pooler, that needs the direct URL (through the pooler they would queue
+    // for its server connections with everything else). Pooler-safe options
+    // there too (no statement cache: its statements run in transactions that
+    // drop prepared statements, as every pooled one does).
+    let liveness_name = format!("pgrelay {} liveness", settings.node_id);
+    let liveness_options = match &settings.direct_database_url {
+        Some(direct) if plan.pooled => db::pooler_options(direct, &liveness_name)?,
+        _ => db::connect_options(&settings.database_url, &liveness_name)?,
+    };
+    let liveness = Liveness::new(liveness_options, settings.liveness_timeout());
     let registration = Arc::new(Registration::new(incarnation));
     {
         let mut held = liveness

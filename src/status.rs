@@ -272,6 +272,9 @@ pub async fn deliveries_page(
           FROM relay.deliveries d
           JOIN relay.messages m ON m.id = d.message_id
          WHERE (COALESCE(d.recorded_xid, 0), d.message_id, d.connection_id) > ($1, $2, $3)
+           -- The same bound in a form the BRIN index can use: a long tail
+           -- reads only what is past its cursor.
+           AND (d.recorded_xid >= $1 OR (d.recorded_xid IS NULL AND $1 <= 0))
            AND (d.recorded_xid IS NULL
                 OR d.recorded_xid < (pg_snapshot_xmin(pg_current_snapshot())::text)::bigint)
            AND d.delivered_at >= $4

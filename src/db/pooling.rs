@@ -12,8 +12,11 @@
 //! NotificationResponse").
 //!
 //! The URL LISTEN will use (the direct URL, or a `DATABASE_URL` that is a
-//! real session) is then checked with a NOTIFY round trip: LISTEN on a fresh
-//! channel, NOTIFY it from a second connection, wait for it.
+//! real session) is then checked with a NOTIFY round trip the way the node
+//! will use it: LISTEN on a fresh channel there, NOTIFY it in a transaction
+//! through `DATABASE_URL`, wait for it. A direct URL it fails on is refused
+//! (it does not reach the same database); on a direct `DATABASE_URL` a slow
+//! answer is only reported.
 
 use std::time::Duration;
 
@@ -65,46 +68,133 @@ impl Plan {
     }
 }
 
-/// Probes the URL LISTEN would use and decides the plan.
+/// Probes the database and decides the plan.
 ///
 /// # Errors
-/// The database cannot be reached at all (that is no pooler's doing).
-pub async fn plan(settings: &Settings) -> Result<Plan, sqlx::Error> {
-    let (listen_url, which) = match &settings.direct_database_url {
-        Some(url) => (url.as_str(), "PGRELAY_DIRECT_DATABASE_URL"),
-        None => (settings.database_url.as_str(), "DATABASE_URL"),
-    };
+/// The database cannot be reached at all (that is no pooler's doing), or
+/// `PGRELAY_DIRECT_DATABASE_URL` does not reach the database `DATABASE_URL`
+/// does (its NOTIFY never arrives there): migrating or listening there would
+/// be wrong.
+pub async fn plan(settings: &Settings) -> Result<Plan, PlanError> {
     let pooled = is_pooler(settings).await?;
-    if pooled && settings.direct_database_url.is_none() {
-        return Ok(Plan {
-            pooled: true,
+    let name = format!("pgrelay {} probe", settings.node_id);
+    match &settings.direct_database_url {
+        // Through the pooler, and no session to LISTEN on.
+        None if pooled => Ok(Plan {
+            pooled,
             wakeups: Wakeups::PollOnly {
                 reason: "DATABASE_URL is a transaction-mode pooler (PGRELAY_DATABASE_POOLER, or \
                          its statements move between server processes) and \
                          PGRELAY_DIRECT_DATABASE_URL is not set: LISTEN cannot work through it"
                     .into(),
             },
-        });
+        }),
+        None => {
+            // A real session: LISTEN there. A probe that fails on it (a slow
+            // server) is no reason to poll for the life of the process: the
+            // listener reconnects, `/readyz` reports it, and the rescan
+            // covers what it misses.
+            if !notify_comes_back(&settings.database_url, &settings.database_url, &name).await? {
+                tracing::warn!(
+                    wait_ms = PROBE_WAIT.as_millis() as u64,
+                    "a NOTIFY sent through DATABASE_URL did not come back in time; LISTENing anyway"
+                );
+            }
+            Ok(Plan {
+                pooled,
+                wakeups: Wakeups::Notify {
+                    url: settings.database_url.clone(),
+                },
+            })
+        }
+        // What the node will do: notify through DATABASE_URL (in a
+        // transaction, as `relay.enqueue` does), LISTEN on the direct URL.
+        Some(direct) => {
+            if notify_comes_back(&settings.database_url, direct, &name).await? {
+                Ok(Plan {
+                    pooled,
+                    wakeups: Wakeups::Notify {
+                        url: direct.clone(),
+                    },
+                })
+            } else {
+                Err(PlanError::DirectElsewhere(PROBE_WAIT.as_millis() as u64))
+            }
+        }
     }
-    let name = format!("pgrelay {} probe", settings.node_id);
-    if notify_comes_back(listen_url, &name).await? {
-        return Ok(Plan {
-            pooled,
-            wakeups: Wakeups::Notify {
-                url: listen_url.to_owned(),
+}
+
+/// Why the start-up probe refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(
+        "a NOTIFY sent through DATABASE_URL did not reach a LISTEN on PGRELAY_DIRECT_DATABASE_URL \
+         within {0} ms: do both name the same database (of the same server)?"
+    )]
+    DirectElsewhere(u64),
+}
+
+/// Whether `settings.database_url` is a transaction-mode pooler, by
+/// `PGRELAY_DATABASE_POOLER` or, on `auto`, by asking it.
+///
+/// # Errors
+/// The database cannot be reached.
+pub async fn is_pooler(settings: &Settings) -> Result<bool, sqlx::Error> {
+    match settings.database_pooler {
+        PoolerMode::Direct => Ok(false),
+        PoolerMode::Transaction => Ok(true),
+        PoolerMode::Auto if settings.direct_database_url.is_some() => Ok(true),
+        PoolerMode::Auto => {
+            let name = format!("pgrelay {} probe", settings.node_id);
+            shares_server_processes(&settings.database_url, &name).await
+        }
+    }
+}
+
+/// Whether a NOTIFY sent through `send_url`, in a transaction, reaches a
+/// LISTEN on `listen_url`. Only simple-protocol statements, with
+/// pooler-safe options (`send_url` may be a pooler); bounded throughout.
+async fn notify_comes_back(
+    send_url: &str,
+    listen_url: &str,
+    application_name: &str,
+) -> Result<bool, sqlx::Error> {
+    let listen_options = super::pooler_options(listen_url, application_name)?;
+    let send_options = super::pooler_options(send_url, application_name)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(super::ACQUIRE_TIMEOUT)
+        .connect_with(listen_options)
+        .await?;
+    let channel = format!("pgrelay_probe_{}", Uuid::new_v4().simple());
+    let probe = async {
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(&channel).await?;
+        let mut sender = send_options.connect().await?;
+        // One message: a pooler runs it on one server connection.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; NOTIFY {channel}; COMMIT"
+        )))
+        .execute(&mut sender)
+        .await?;
+        let _ = sender.close().await;
+        Ok::<_, sqlx::Error>(
+            match tokio::time::timeout(PROBE_WAIT, listener.try_recv()).await {
+                Ok(Ok(Some(notification))) => notification.channel() == channel,
+                // The connection closed under it, or nothing came.
+                Ok(Ok(None)) | Err(_) => false,
+                Ok(Err(error)) => return Err(error),
             },
-        });
-    }
-    Ok(Plan {
-        pooled,
-        wakeups: Wakeups::PollOnly {
-            reason: format!(
-                "a NOTIFY sent through {which} did not come back within {} ms; set \
-                 PGRELAY_DIRECT_DATABASE_URL to a direct connection for NOTIFY wake-ups",
-                PROBE_WAIT.as_millis()
-            ),
-        },
-    })
+        )
+    };
+    let outcome = tokio::time::timeout(super::OP_TIMEOUT + PROBE_WAIT, probe)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()));
+    // Closing waits for the listener's UNLISTEN: not for long.
+    let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
+    outcome
 }
 
 /// Whether `url`'s client connections share server processes: a
@@ -149,59 +239,6 @@ async fn server_process(connection: &mut sqlx::PgConnection) -> Result<i32, sqlx
     .await
     .map_err(|_| timed_out())??;
     row.try_get::<i32, _>(0)
-}
-
-/// Whether `settings.database_url` is a transaction-mode pooler, by
-/// `PGRELAY_DATABASE_POOLER` or, on `auto`, by asking it.
-///
-/// # Errors
-/// The database cannot be reached.
-pub async fn is_pooler(settings: &Settings) -> Result<bool, sqlx::Error> {
-    match settings.database_pooler {
-        PoolerMode::Direct => Ok(false),
-        PoolerMode::Transaction => Ok(true),
-        PoolerMode::Auto if settings.direct_database_url.is_some() => Ok(true),
-        PoolerMode::Auto => {
-            let name = format!("pgrelay {} probe", settings.node_id);
-            shares_server_processes(&settings.database_url, &name).await
-        }
-    }
-}
-
-/// Whether a NOTIFY sent on one connection reaches a LISTEN on another.
-/// Only simple-protocol statements, with pooler-safe options: this runs
-/// before anyone knows what the URL is.
-async fn notify_comes_back(url: &str, application_name: &str) -> Result<bool, sqlx::Error> {
-    let options = super::pooler_options(url, application_name)?;
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(super::ACQUIRE_TIMEOUT)
-        .connect_with(options.clone())
-        .await?;
-    let channel = format!("pgrelay_probe_{}", Uuid::new_v4().simple());
-    let outcome = async {
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(&channel).await?;
-        let mut sender = tokio::time::timeout(super::OP_TIMEOUT, options.connect())
-            .await
-            .map_err(|_| timed_out())??;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("NOTIFY {channel}")))
-            .execute(&mut sender)
-            .await?;
-        let _ = sender.close().await;
-        Ok::<_, sqlx::Error>(
-            match tokio::time::timeout(PROBE_WAIT, listener.try_recv()).await {
-                Ok(Ok(Some(notification))) => notification.channel() == channel,
-                // The connection closed under it (a pooler may end the server
-                // connection that got an unexpected notification), or nothing came.
-                Ok(Ok(None)) | Err(_) => false,
-                Ok(Err(error)) => return Err(error),
-            },
-        )
-    }
-    .await;
-    pool.close().await;
-    outcome
 }
 
 fn timed_out() -> sqlx::Error {

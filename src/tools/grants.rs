@@ -13,7 +13,6 @@
 //! owner. The statements are printed, or run with `--apply`.
 
 use anyhow::Context;
-use sqlx::Connection;
 
 /// What the auditor may read: the audit views and the tables they explain
 /// (never `relay.api_keys` or `relay.idempotency_keys`).
@@ -95,6 +94,12 @@ pub async fn run(args: GrantsArgs) -> anyhow::Result<()> {
             !role.is_empty() && role.len() <= 63,
             "role names are 1 to 63 bytes: {role:?}"
         );
+        // Quoted as an identifier and a literal everywhere, but also inside a
+        // dollar-quoted DO block, which a `$` could end.
+        anyhow::ensure!(
+            !role.contains('$') && !role.chars().any(char::is_control),
+            "role names may not contain `$` or control characters: {role:?}"
+        );
     }
     let statements = statements(&args.app_role, &args.auditor_role);
     if !args.apply {
@@ -109,10 +114,10 @@ pub async fn run(args: GrantsArgs) -> anyhow::Result<()> {
         .database_url
         .filter(|url| !url.trim().is_empty())
         .context("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?;
-    let mut connection = sqlx::PgConnection::connect(&url)
+    let pool = crate::db::connect_any(&url)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
-    let mut tx = connection.begin().await?;
+    let mut tx = crate::db::begin(&pool).await?;
     for statement in &statements {
         sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
             .execute(&mut *tx)
@@ -120,6 +125,7 @@ pub async fn run(args: GrantsArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{statement} failed"))?;
     }
     tx.commit().await?;
+    pool.close().await;
     println!(
         "granted: {} may call {}; {} may read {}",
         args.app_role,

@@ -56,7 +56,18 @@ impl TempPgBouncer {
             url.username().to_owned()
         };
         let password = url.password().map(str::to_owned);
-        let binary = std::env::var("PGRELAY_PGBOUNCER").unwrap_or_else(|_| "pgbouncer".into());
+        // On PATH, or where Debian puts it (/usr/sbin, off a user's PATH).
+        let binary = std::env::var("PGRELAY_PGBOUNCER").unwrap_or_else(|_| {
+            let on_path = std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|dir| dir.join("pgbouncer").is_file())
+            });
+            if on_path {
+                "pgbouncer"
+            } else {
+                "/usr/sbin/pgbouncer"
+            }
+            .to_owned()
+        });
         let root = std::env::temp_dir().join(format!(
             "pgrelay-pgbouncer-{}-{}",
             std::process::id(),

@@ -537,7 +537,7 @@ async fn taskless_node_with_a_connection(
     db: &TestDb,
     user: &str,
 ) -> std::sync::Arc<pgrelay::state::NodeState> {
-    let node = pgrelay::node::prepare(settings(db, AuthKind::None, 0), db.pool.clone())
+    let node = pgrelay::node::prepare(settings(db, AuthKind::None, 0))
         .await
         .unwrap();
     sqlx::query(

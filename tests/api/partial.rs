@@ -556,7 +556,7 @@ async fn one_stuck_transaction_does_not_stop_the_reaping_of_other_nodes() {
         .await
         .unwrap();
 
-    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
+    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0))
         .await
         .unwrap();
     let started = Instant::now();
@@ -962,7 +962,7 @@ async fn stream_rows_with_nothing_to_keep_are_pruned() {
 #[tokio::test]
 async fn a_reaped_node_can_commit_nothing_under_its_old_incarnation() {
     let db = TestDb::new().await;
-    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0), db.pool.clone())
+    let node = pgrelay::node::prepare(settings(&db, AuthKind::None, 0))
         .await
         .unwrap();
     let ctx = node.state.clone();
@@ -983,7 +983,7 @@ async fn a_reaped_node_can_commit_nothing_under_its_old_incarnation() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let sweeper = pgrelay::node::prepare(settings(&db, AuthKind::None, 1), db.pool.clone())
+    let sweeper = pgrelay::node::prepare(settings(&db, AuthKind::None, 1))
         .await
         .unwrap();
     pgrelay::sweeper::sweep_once(&sweeper.state, Some(Duration::from_secs(60)))

@@ -182,11 +182,13 @@ async fn through_pgbouncer_with_a_direct_url_nodes_listen_on_it() {
             "{metrics}"
         );
     }
-    // The LISTEN connections are direct sessions of their own (PgBouncer
-    // would show as its own application name, not the node's).
+    // The LISTEN connections are sessions of their own, whose last statement
+    // is their LISTEN (a server connection of PgBouncer's would have run
+    // other clients' statements since).
     eventually("both LISTEN connections", || async {
         let listeners: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgrelay direct-_ listener'",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                AND application_name LIKE 'pgrelay direct-_ listener' AND query LIKE 'LISTEN%'",
         )
         .fetch_one(&db.pool)
         .await
@@ -228,5 +230,33 @@ async fn the_operator_commands_work_through_pgbouncer() {
     let id = pgrelay(&["send", "--to", "user:nobody", "{\"n\":1}"]);
     assert!(id.trim().parse::<i64>().is_ok(), "{id}");
     assert!(pgrelay(&["status"]).contains("parked"));
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_direct_url_to_another_database_is_refused_at_start() {
+    let db = TestDb::new().await;
+    let elsewhere = TestDb::empty().await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--auth", "none", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", through_pgbouncer(&db.url))
+        .env("PGRELAY_DIRECT_DATABASE_URL", &elsewhere.url)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("do both name the same database"),
+        "{stderr}"
+    );
+    // Nothing was migrated there.
+    let schemas: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'relay'")
+            .fetch_one(&elsewhere.pool)
+            .await
+            .unwrap();
+    assert_eq!(schemas, 0);
+    elsewhere.drop_database().await;
     db.drop_database().await;
 }

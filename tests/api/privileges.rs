@@ -198,6 +198,29 @@ async fn the_relay_runs_without_superuser_and_each_role_can_do_only_its_part() {
         refused(&mut outsider, "a role granted nothing", sql).await;
     }
 
+    // A role with the tables but not the functions (EXECUTE is no longer
+    // PUBLIC's) is told at start, not at its first claim.
+    let worker = format!("lp_{tag}_worker");
+    exec(&db.pool, &format!(
+        "CREATE ROLE {worker} LOGIN PASSWORD '{password}'; GRANT CREATE ON DATABASE {name} TO {worker}",
+        name = db.name
+    )).await;
+    let owner_pool = sqlx::PgPool::connect(&owner_url).await.unwrap();
+    exec(&owner_pool, &format!(
+        "GRANT USAGE, CREATE ON SCHEMA relay TO {worker}; GRANT ALL ON ALL TABLES IN SCHEMA relay TO {worker};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA relay TO {worker}"
+    )).await;
+    owner_pool.close().await;
+    let refused_start = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--auth", "none", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", as_user(&db.url, &worker, password))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused_start.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused_start.stderr);
+    assert!(stderr.contains("may not run pgrelay"), "{stderr}");
+
     drop((application, audit, outsider));
     ann.close().await;
     assert_eq!(node.terminate().await, Some(0));
@@ -206,7 +229,7 @@ async fn the_relay_runs_without_superuser_and_each_role_can_do_only_its_part() {
     let cleanup = sqlx::PgPool::connect(&admin_url()).await;
     if let Ok(cleanup) = cleanup {
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP ROLE IF EXISTS {app_login}, {auditor_login}, {stranger}, {app}, {auditor}, {owner}"
+            "DROP ROLE IF EXISTS {app_login}, {auditor_login}, {stranger}, {worker}, {app}, {auditor}, {owner}"
         )))
         .execute(&cleanup)
         .await;

@@ -27,6 +27,8 @@ have_chromium() {
   command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
 }
 
+joined() { local IFS=,; echo "$*" | sed 's/,/, /g'; }
+
 needs() {
   local what
   for what in "$@"; do
@@ -41,12 +43,12 @@ needs() {
   [ ${#missing_packages[@]} -eq 0 ] && return 0
   local command="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing_packages[*]}"
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "missing: ${missing_what[*]}" >&2
+    echo "missing: $(joined "${missing_what[@]}")" >&2
     echo "install them (as root), then run this again:" >&2
     echo "  sudo sh -c '$command'" >&2
     exit 1
   fi
-  echo "installing ${missing_packages[*]} (missing: ${missing_what[*]})" >&2
+  echo "installing ${missing_packages[*]} (missing: $(joined "${missing_what[@]}"))" >&2
   # postgresql's packages start a cluster where they can; the tests start
   # their own and need none.
   sh -c "$command" >&2

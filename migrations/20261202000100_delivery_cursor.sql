@@ -15,6 +15,8 @@
 -- up (the node's start fails, and is retried) rather than queue the table's
 -- every insert behind this ALTER.
 SET LOCAL lock_timeout = '5s';
+-- Building the index may take longer than a node's usual statement limit.
+SET LOCAL statement_timeout = 0;
 ALTER TABLE relay.deliveries ADD COLUMN recorded_xid bigint;
 ALTER TABLE relay.deliveries ALTER COLUMN recorded_xid SET DEFAULT (pg_current_xact_id()::text)::bigint;
 CREATE INDEX deliveries_recorded_xid_brin ON relay.deliveries USING brin (recorded_xid)

@@ -13,7 +13,12 @@ have_postgres() {
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }
 have_pgbouncer() {
-  command -v "${PGRELAY_PGBOUNCER:-pgbouncer}" >/dev/null 2>&1 && return 0
+  if [ -n "${PGRELAY_PGBOUNCER:-}" ]; then
+    [ -x "$PGRELAY_PGBOUNCER" ] && return 0
+    echo "PGRELAY_PGBOUNCER=$PGRELAY_PGBOUNCER is not an executable" >&2
+    exit 1
+  fi
+  command -v pgbouncer >/dev/null 2>&1 && return 0
   # Debian puts it in /usr/sbin, off a user's PATH: name it for the tests.
   [ -x /usr/sbin/pgbouncer ] && export PGRELAY_PGBOUNCER=/usr/sbin/pgbouncer
 }

@@ -162,7 +162,12 @@ async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             .with_context(|| {
                 format!("cannot create key {name:?} (does the name exist already?)")
             })?;
-            scope.end().await?;
+            scope.end().await.with_context(|| {
+                format!(
+                    "key {name:?} may or may not have been created (its commit went unanswered): \
+                     revoke it and create another"
+                )
+            })?;
             println!("{key}");
             eprintln!("key {name:?} created; this is the only time it is shown");
         }

@@ -269,7 +269,7 @@ pub async fn migrate_for(
     let Some(direct) = &settings.direct_database_url else {
         return migrate(pool).await;
     };
-    let mut connection = direct_options(direct, &format!("pgrelay {} migrate", settings.node_id))?
+    let mut connection = session_options(direct, &format!("pgrelay {} migrate", settings.node_id))?
         .connect()
         .await?;
     let outcome = MIGRATOR.run(&mut connection).await;
@@ -312,6 +312,22 @@ pub fn direct_options(
         // A statement that runs this long is stuck; fail it rather than hold a
         // connection and a request forever.
         .options([("statement_timeout", format!("{STATEMENT_TIMEOUT_MS}ms"))])
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+}
+
+/// Options for a real session that runs no lone statement of ours (the
+/// LISTEN connection, sqlx's migrator on the direct URL): a statement cache,
+/// but no startup parameter, which a session-mode pooler might refuse.
+///
+/// # Errors
+/// When the URL does not parse.
+pub fn session_options(
+    database_url: &str,
+    application_name: &str,
+) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(database_url)?
+        .application_name(application_name)
+        .extra_float_digits(None)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 

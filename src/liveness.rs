@@ -30,6 +30,10 @@ pub struct Liveness {
     /// Since when this node's sweeps have failed (it holds the lease, but
     /// its pool or its database work is broken).
     sweeps_failing_since: Mutex<Option<Instant>>,
+    /// Since when `DATABASE_URL` has not answered, when the liveness
+    /// connection is not on it (a pooler, with liveness on the direct URL):
+    /// heartbeats alone would not show that the node cannot work.
+    pool_failing_since: Mutex<Option<Instant>>,
 }
 
 impl Liveness {
@@ -43,6 +47,7 @@ impl Liveness {
             leading: AtomicBool::new(false),
             healing: AtomicBool::new(false),
             sweeps_failing_since: Mutex::new(None),
+            pool_failing_since: Mutex::new(None),
         }
     }
 
@@ -96,6 +101,25 @@ impl Liveness {
             .lock()
             .expect("liveness lock")
             .get_or_insert_with(Instant::now);
+    }
+
+    pub fn pool_answered(&self) {
+        *self.pool_failing_since.lock().expect("liveness lock") = None;
+    }
+
+    pub fn pool_failed(&self) {
+        self.pool_failing_since
+            .lock()
+            .expect("liveness lock")
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// How long `DATABASE_URL` has not answered (zero while it does).
+    pub fn pool_failing_for(&self) -> std::time::Duration {
+        self.pool_failing_since
+            .lock()
+            .expect("liveness lock")
+            .map_or(std::time::Duration::ZERO, |since| since.elapsed())
     }
 
     /// Whether this node may keep (renew, or take) the sweeper's lease: not

@@ -96,7 +96,9 @@ async fn may_run(pool: &PgPool) -> anyhow::Result<()> {
         "SELECT current_user::text,
                 has_function_privilege('relay.fence(text, uuid)', 'EXECUTE')
                 AND has_function_privilege('relay.enqueue(jsonb[], text[], jsonb[], interval[], text, bytea[], text[], boolean)', 'EXECUTE')
-                AND has_table_privilege('relay.outbox', 'INSERT, UPDATE, DELETE')",
+                AND has_table_privilege('relay.outbox', 'INSERT')
+                AND has_table_privilege('relay.outbox', 'UPDATE')
+                AND has_table_privilege('relay.outbox', 'DELETE')",
     )
     .fetch_one(&mut *scope)
     .await
@@ -105,8 +107,9 @@ async fn may_run(pool: &PgPool) -> anyhow::Result<()> {
     anyhow::ensure!(
         allowed,
         "the database role {role:?} may not run pgrelay: run the nodes as the role that owns \
-         schema relay (EXECUTE on its functions is revoked from PUBLIC), or grant {role:?} \
-         EXECUTE ON ALL FUNCTIONS and ALL PRIVILEGES ON ALL TABLES IN SCHEMA relay"
+         relay's tables and functions (the one that ran the migrations; EXECUTE on them is \
+         revoked from PUBLIC), or grant {role:?} EXECUTE ON ALL FUNCTIONS, ALL PRIVILEGES ON ALL \
+         TABLES and USAGE ON ALL SEQUENCES IN SCHEMA relay"
     );
     Ok(())
 }
@@ -277,6 +280,17 @@ impl Prepared {
                 move |token| heartbeat::run(ctx.clone(), token)
             },
         );
+        if heartbeat::liveness_bypasses_the_pool(&ctx) {
+            spawn_loop(
+                &ctx.lifecycle.tasks,
+                &ctx.lifecycle.shutdown,
+                "pooler-check",
+                {
+                    let ctx = ctx.clone();
+                    move |token| heartbeat::run_pooler_check(ctx.clone(), token)
+                },
+            );
+        }
         spawn_loop(&ctx.lifecycle.tasks, &ctx.lifecycle.shutdown, "presence", {
             let ctx = ctx.clone();
             move |token| heartbeat::run_presence(ctx.clone(), token)

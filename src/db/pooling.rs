@@ -110,6 +110,9 @@ pub async fn plan(settings: &Settings) -> Result<Plan, PlanError> {
         // What the node will do: notify through DATABASE_URL (in a
         // transaction, as `relay.enqueue` does), LISTEN on the direct URL.
         Some(direct) => {
+            if shares_server_processes(direct, &name).await? {
+                return Err(PlanError::DirectIsPooled);
+            }
             if notify_comes_back(&settings.database_url, direct, &name).await? {
                 Ok(Plan {
                     pooled,
@@ -134,6 +137,11 @@ pub enum PlanError {
          within {0} ms: do both name the same database (of the same server)?"
     )]
     DirectElsewhere(u64),
+    #[error(
+        "PGRELAY_DIRECT_DATABASE_URL is a transaction-mode pooler too (its statements move \
+         between server processes): it must reach PostgreSQL itself, or a session-mode pooler"
+    )]
+    DirectIsPooled,
 }
 
 /// Whether `settings.database_url` is a transaction-mode pooler, by
@@ -211,8 +219,13 @@ async fn shares_server_processes(url: &str, application_name: &str) -> Result<bo
     let (mut first, mut second) = (connect().await?, connect().await?);
     let outcome = async {
         let mut seen: [Option<i32>; 2] = [None, None];
-        for _ in 0..4 {
-            for (slot, connection) in [&mut first, &mut second].into_iter().enumerate() {
+        for round in 0..4 {
+            // Both orders: a pooler that hands out its server connections in
+            // turn (server_round_robin) would otherwise give each client the
+            // same one every round.
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for slot in order {
+                let connection = if slot == 0 { &mut first } else { &mut second };
                 let pid = server_process(connection).await?;
                 if seen[slot].is_some_and(|before| before != pid) || seen[1 - slot] == Some(pid) {
                     return Ok(true);

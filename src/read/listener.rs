@@ -47,7 +47,7 @@ pub async fn run(ctx: Arc<NodeState>, url: String, wake: Arc<Wake>, token: Cance
             // A real session (the direct URL, or DATABASE_URL when it is
             // one): a LISTEN lives as long as its connection.
             let options =
-                crate::db::direct_options(&url, &format!("pgrelay {} listener", ctx.node_id))?;
+                crate::db::session_options(&url, &format!("pgrelay {} listener", ctx.node_id))?;
             // A pool of one, of its own: the listener must never wait for (or
             // starve) the request pool.
             let pool = sqlx::postgres::PgPoolOptions::new()

@@ -34,6 +34,18 @@ pub enum Heartbeat {
 /// it) on the liveness connection. A node that finds it was declared dead
 /// heals: see [`heal`].
 pub async fn heartbeat_once(ctx: &NodeState) -> Result<Heartbeat, sqlx::Error> {
+    // Liveness on the direct URL says nothing of the pooler the node's work
+    // goes through: a node that has not reached it for a node timeout
+    // stops heartbeating, so that it is reaped and its users served
+    // elsewhere, until the pooler answers again (then it heals).
+    let unreachable = ctx.lifecycle.liveness.pool_failing_for();
+    if unreachable >= ctx.settings.node_timeout {
+        ctx.lifecycle.liveness.beat_failed();
+        return Err(sqlx::Error::Io(std::io::Error::other(format!(
+            "DATABASE_URL has not answered for {} ms: the node cannot work, so it stops heartbeating",
+            unreachable.as_millis()
+        ))));
+    }
     let incarnation = ctx.lifecycle.registration.current();
     let lease = ctx
         .lifecycle
@@ -156,6 +168,70 @@ pub async fn run(ctx: Arc<NodeState>, token: CancellationToken) {
                 metrics::counter!(m::DB_ERRORS, "operation" => "heartbeat").increment(1);
                 tracing::warn!(%error, "heartbeat failed");
             }
+        }
+    }
+}
+
+/// Whether the liveness connection is on another URL than the node's work
+/// (a pooler, and liveness on the direct URL): then [`run_pooler_check`]
+/// watches the pooler.
+pub fn liveness_bypasses_the_pool(ctx: &NodeState) -> bool {
+    ctx.lifecycle.plan.pooled && ctx.settings.direct_database_url.is_some()
+}
+
+/// Asks `DATABASE_URL` a trivial question on a connection of its own (not
+/// behind this node's traffic), within the liveness timeout, and records
+/// whether it answered.
+pub async fn pooler_check_once(
+    ctx: &NodeState,
+    connection: &mut Option<sqlx::PgConnection>,
+) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    let limit = ctx.settings.liveness_timeout();
+    let asked = tokio::time::timeout(limit, async {
+        if connection.is_none() {
+            let options = db::connect_options(
+                &ctx.settings.database_url,
+                &format!("pgrelay {} pooler check", ctx.node_id),
+            )?;
+            *connection = Some(options.connect().await?);
+        }
+        let held = connection.as_mut().expect("connected above");
+        let mut scope = db::scope_on(held).await?;
+        sqlx::raw_sql("SELECT 1").execute(&mut *scope).await?;
+        scope.end().await
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "DATABASE_URL did not answer in time",
+        )))
+    });
+    match asked {
+        Ok(()) => ctx.lifecycle.liveness.pool_answered(),
+        Err(_) => {
+            // A connection that failed may be stuck: open another next time.
+            *connection = None;
+            ctx.lifecycle.liveness.pool_failed();
+        }
+    }
+    asked
+}
+
+/// Every heartbeat interval, [`pooler_check_once`].
+pub async fn run_pooler_check(ctx: Arc<NodeState>, token: CancellationToken) {
+    let mut interval = tokio::time::interval(ctx.settings.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connection = None;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = token.cancelled() => return,
+        }
+        if let Err(error) = pooler_check_once(&ctx, &mut connection).await {
+            metrics::counter!(m::DB_ERRORS, "operation" => "pooler_check").increment(1);
+            tracing::warn!(%error, "DATABASE_URL (the pooler) did not answer");
         }
     }
 }

@@ -4,7 +4,7 @@
 
 mod clients;
 mod closed;
-mod cluster;
+pub mod cluster;
 mod floor;
 mod scenarios;
 mod stages;
@@ -88,6 +88,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub node_binary: Option<std::path::PathBuf>,
 
+    /// Run the nodes through a PgBouncer in transaction mode (`pgbouncer`:
+    /// poll-only; `pgbouncer-direct`: with a direct URL for LISTEN).
+    #[arg(long, value_enum, default_value = "none")]
+    pub pooler: cluster::BenchPooler,
+
     /// Extra flags for the nodes' `pgrelay serve`.
     #[arg(long, allow_hyphen_values = true, num_args = 1..)]
     pub node_args: Vec<String>,
@@ -96,6 +101,8 @@ pub struct BenchArgs {
 #[derive(Debug, Default, Serialize)]
 struct Report {
     machine: String,
+    /// How the nodes reached PostgreSQL (`--pooler`).
+    pooler: String,
     floor: Option<floor::Floor>,
     throughput: Option<scenarios::Throughput>,
     latency: Vec<scenarios::Latency>,
@@ -153,11 +160,13 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         args.node_binary.clone(),
         &args.node_args,
         &args.postgres_setting,
+        args.pooler,
     )
     .await?;
     let pool = sqlx::PgPool::connect(&cluster.database_url).await?;
     let mut report = Report {
         machine: machine(),
+        pooler: format!("{:?}", args.pooler).to_lowercase(),
         ..Report::default()
     };
     if wanted("latency") || wanted("closed") {

@@ -209,6 +209,11 @@ impl TempPgBouncer {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// Its process (to pause it: a pooler that stops answering).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
 }
 
 impl Drop for TempPgBouncer {

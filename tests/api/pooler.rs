@@ -260,3 +260,71 @@ async fn a_direct_url_to_another_database_is_refused_at_start() {
     elsewhere.drop_database().await;
     db.drop_database().await;
 }
+
+/// With liveness on the direct URL, heartbeats alone would keep a node
+/// whose pooler is gone alive forever, its work stuck. It stops
+/// heartbeating after a node timeout without an answer from the pooler, is
+/// reaped, and heals once the pooler answers again.
+#[tokio::test]
+async fn a_node_whose_pooler_stops_answering_is_reaped_and_heals_after() {
+    use pgrelay::tools::pgbouncer::TempPgBouncer;
+    let db = TestDb::new().await;
+    let upstream = db.url.clone();
+    let bouncer = tokio::task::spawn_blocking(move || TempPgBouncer::start(&upstream))
+        .await
+        .unwrap()
+        .expect("a PgBouncer of this test's own");
+    let mut args: Vec<&str> = FAST.to_vec();
+    args.extend(["--direct-database-url", db.url.as_str()]);
+    let cut = NodeProcess::start(&bouncer.url(&db.name), "cut-a", &args).await;
+    let sweeper = NodeProcess::start(&db.url, "cut-b", &FAST).await;
+    let registered = |node: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<uuid::Uuid>>(
+                "SELECT incarnation FROM relay.nodes WHERE id = $1",
+            )
+            .bind(node)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .flatten()
+        }
+    };
+    let before = registered("cut-a").await.expect("cut-a registered");
+    let ready = |node: &NodeProcess| {
+        let url = node.url("/readyz");
+        async move {
+            reqwest::get(url)
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(ready(&cut).await, 200);
+
+    unsafe { libc::kill(bouncer.pid(), libc::SIGSTOP) };
+    let paused = std::time::Instant::now();
+    eventually("cut-a unready and reaped", || async {
+        (ready(&cut).await == 503 && registered("cut-a").await.is_none()).then_some(())
+    })
+    .await;
+    eprintln!("pooler paused → node reaped: {:?}", paused.elapsed());
+    assert_eq!(ready(&sweeper).await, 200, "the other node is not affected");
+
+    unsafe { libc::kill(bouncer.pid(), libc::SIGCONT) };
+    let resumed = std::time::Instant::now();
+    let after = eventually("cut-a registered again and ready", || async {
+        let now = registered("cut-a").await?;
+        (ready(&cut).await == 200).then_some(now)
+    })
+    .await;
+    eprintln!("pooler resumed → node healed: {:?}", resumed.elapsed());
+    assert_ne!(after, before, "a new incarnation");
+    let log = std::fs::read_to_string(&cut.log).unwrap();
+    assert!(log.contains("DATABASE_URL has not answered"), "{log}");
+    assert_eq!(cut.terminate().await, Some(0));
+    assert_eq!(sweeper.terminate().await, Some(0));
+    drop(bouncer);
+    db.drop_database().await;
+}

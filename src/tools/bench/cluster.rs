@@ -8,7 +8,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
+use crate::tools::pgbouncer::TempPgBouncer;
 use crate::tools::pgtemp::{self, TempPostgres};
+
+/// How the benchmark's nodes reach PostgreSQL.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BenchPooler {
+    /// Directly.
+    #[default]
+    None,
+    /// Through a PgBouncer in transaction mode (poll-only nodes).
+    Pgbouncer,
+    /// Through PgBouncer, with PGRELAY_DIRECT_DATABASE_URL for LISTEN.
+    PgbouncerDirect,
+}
 
 /// A running benchmark cluster; dropping it stops everything.
 pub struct BenchCluster {
@@ -17,6 +30,7 @@ pub struct BenchCluster {
     /// The postmaster's pid, when this benchmark started the server.
     pub postgres_pid: Option<i32>,
     _postgres: Option<TempPostgres>,
+    _pgbouncer: Option<TempPgBouncer>,
 }
 
 pub struct NodeProc {
@@ -37,6 +51,7 @@ impl BenchCluster {
         node_binary: Option<std::path::PathBuf>,
         node_args: &[String],
         postgres_settings: &[String],
+        pooler: BenchPooler,
     ) -> anyhow::Result<Self> {
         let (database_url, postgres) = match database_url {
             Some(url) => (url, None),
@@ -53,6 +68,24 @@ impl BenchCluster {
             }
         };
         let postgres_pid = postgres.as_ref().and_then(postmaster_pid);
+        let pgbouncer = match pooler {
+            BenchPooler::None => None,
+            BenchPooler::Pgbouncer | BenchPooler::PgbouncerDirect => {
+                let upstream = database_url.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || TempPgBouncer::start(&upstream))
+                        .await?
+                        .map_err(anyhow::Error::msg)?,
+                )
+            }
+        };
+        let node_database_url = match &pgbouncer {
+            Some(bouncer) => {
+                let parsed = url::Url::parse(&database_url)?;
+                bouncer.url(parsed.path().trim_start_matches('/'))
+            }
+            None => database_url.clone(),
+        };
         let exe = match node_binary {
             Some(path) => path,
             None => std::env::current_exe().context("cannot find this binary")?,
@@ -61,7 +94,15 @@ impl BenchCluster {
         for name in ["bench-a", "bench-b"] {
             let port = free_port()?;
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            let child = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            // What the benchmark says, not what its environment happens to.
+            command.env_remove("PGRELAY_DATABASE_POOLER");
+            if pooler == BenchPooler::PgbouncerDirect {
+                command.env("PGRELAY_DIRECT_DATABASE_URL", &database_url);
+            } else {
+                command.env_remove("PGRELAY_DIRECT_DATABASE_URL");
+            }
+            let child = command
                 .args([
                     "serve",
                     "--auth",
@@ -72,7 +113,7 @@ impl BenchCluster {
                     &addr.to_string(),
                 ])
                 .args(node_args)
-                .env("DATABASE_URL", &database_url)
+                .env("DATABASE_URL", &node_database_url)
                 .env("RUST_LOG", "warn")
                 .env_remove("PGRELAY_AUTH")
                 .stdin(Stdio::null())
@@ -101,6 +142,7 @@ impl BenchCluster {
             database_url,
             postgres_pid,
             _postgres: postgres,
+            _pgbouncer: pgbouncer,
         })
     }
 

@@ -307,12 +307,10 @@ pub fn direct_options(
     database_url: &str,
     application_name: &str,
 ) -> Result<PgConnectOptions, sqlx::Error> {
-    Ok(PgConnectOptions::from_str(database_url)?
-        .application_name(application_name)
+    Ok(base_options(database_url, application_name)?
         // A statement that runs this long is stuck; fail it rather than hold a
         // connection and a request forever.
-        .options([("statement_timeout", format!("{STATEMENT_TIMEOUT_MS}ms"))])
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+        .options([("statement_timeout", format!("{STATEMENT_TIMEOUT_MS}ms"))]))
 }
 
 /// Options for a real session that runs no lone statement of ours (the
@@ -325,10 +323,7 @@ pub fn session_options(
     database_url: &str,
     application_name: &str,
 ) -> Result<PgConnectOptions, sqlx::Error> {
-    Ok(PgConnectOptions::from_str(database_url)?
-        .application_name(application_name)
-        .extra_float_digits(None)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+    Ok(base_options(database_url, application_name)?.extra_float_digits(None))
 }
 
 /// Options for a connection through a transaction-mode pooler: no startup
@@ -342,10 +337,18 @@ pub fn pooler_options(
     database_url: &str,
     application_name: &str,
 ) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(base_options(database_url, application_name)?
+        .extra_float_digits(None)
+        .statement_cache_capacity(0))
+}
+
+/// What every connection of a node has: its name, and slow statements logged.
+fn base_options(
+    database_url: &str,
+    application_name: &str,
+) -> Result<PgConnectOptions, sqlx::Error> {
     Ok(PgConnectOptions::from_str(database_url)?
         .application_name(application_name)
-        .extra_float_digits(None)
-        .statement_cache_capacity(0)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 

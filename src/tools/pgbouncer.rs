@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::pgtemp::{chown, free_port, tail, unprivileged_user};
+use super::pgtemp::{chown, free_port, spawn_tied, tail, unprivileged_user};
 
 reason_error!(
     /// Why a throwaway PgBouncer could not be started.
@@ -126,33 +126,9 @@ impl TempPgBouncer {
         if let Some((uid, gid)) = run_as {
             command.uid(uid).gid(gid);
         }
-        unsafe {
-            command.pre_exec(|| {
-                // Dies with the thread that spawned it, which lives exactly
-                // as long as it (below), so: with this process.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let (started_tx, started_rx) = mpsc::channel::<Result<i32, PgBouncerError>>();
-        let (exited_tx, exited) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("pgrelay-pgbouncer".into())
-            .spawn(move || match command.spawn() {
-                Ok(mut child) => {
-                    let _ = started_tx.send(Ok(child.id() as i32));
-                    let _ = child.wait();
-                    let _ = exited_tx.send(());
-                }
-                Err(e) => {
-                    let _ = started_tx.send(Err(format!(
-                        "cannot run {binary}: {e} (install PgBouncer: apt install pgbouncer)"
-                    )
-                    .into()));
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        let pid = started_rx.recv().map_err(|e| e.to_string())??;
+        let (pid, exited) = spawn_tied(command, libc::SIGTERM, "pgbouncer").map_err(|e| {
+            format!("cannot run {binary}: {e} (install PgBouncer: apt install pgbouncer)")
+        })?;
         let bouncer = Self {
             root,
             port,

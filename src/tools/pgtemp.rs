@@ -252,31 +252,8 @@ impl TempPostgres {
             // Its own process group: a Ctrl-C in the terminal reaches us, and
             // we stop the server after our nodes have deregistered.
             .process_group(0);
-        unsafe {
-            command.pre_exec(|| {
-                // After the uid change (which clears it): die with our process.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
-                Ok(())
-            });
-        }
-        // The parent-death signal follows the *thread* that forked the child,
-        // so the child is spawned from a thread that lives exactly as long as it.
-        let (started_tx, started_rx) = mpsc::channel::<Result<i32, PgTempError>>();
-        let (exited_tx, exited) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("pgrelay-postgres".into())
-            .spawn(move || match command.spawn() {
-                Ok(mut child) => {
-                    let _ = started_tx.send(Ok(child.id() as i32));
-                    let _ = child.wait();
-                    let _ = exited_tx.send(());
-                }
-                Err(e) => {
-                    let _ = started_tx.send(Err(format!("cannot start postgres: {e}").into()));
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        let pid = started_rx.recv().map_err(|e| e.to_string())??;
+        let (pid, exited) = spawn_tied(command, libc::SIGQUIT, "postgres")
+            .map_err(|e| format!("cannot start postgres: {e}"))?;
         let postmaster = Postmaster {
             pid,
             exited: std::sync::Mutex::new(exited),
@@ -327,6 +304,41 @@ impl Drop for TempPostgres {
         let _ = self.stop();
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// Spawns `command` so that it gets `signal` when this process ends (after
+/// its uid change, which clears a parent-death signal set before). The
+/// parent-death signal follows the *thread* that forked the child, so the
+/// child is spawned from a thread that lives exactly as long as it. Answers
+/// its pid, and a receiver that receives when it has exited.
+pub(crate) fn spawn_tied(
+    mut command: Command,
+    signal: libc::c_int,
+    name: &str,
+) -> Result<(i32, mpsc::Receiver<()>), String> {
+    unsafe {
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+            Ok(())
+        });
+    }
+    let (started_tx, started_rx) = mpsc::channel::<Result<i32, String>>();
+    let (exited_tx, exited) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("pgrelay-{name}"))
+        .spawn(move || match command.spawn() {
+            Ok(mut child) => {
+                let _ = started_tx.send(Ok(child.id() as i32));
+                let _ = child.wait();
+                let _ = exited_tx.send(());
+            }
+            Err(e) => {
+                let _ = started_tx.send(Err(e.to_string()));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let pid = started_rx.recv().map_err(|e| e.to_string())??;
+    Ok((pid, exited))
 }
 
 /// Finds a directory with `initdb` and `postgres`.

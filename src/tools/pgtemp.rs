@@ -315,14 +315,14 @@ pub(crate) fn spawn_tied(
     mut command: Command,
     signal: libc::c_int,
     name: &str,
-) -> Result<(i32, mpsc::Receiver<()>), String> {
+) -> Result<(i32, mpsc::Receiver<()>), PgTempError> {
     unsafe {
         command.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, signal);
             Ok(())
         });
     }
-    let (started_tx, started_rx) = mpsc::channel::<Result<i32, String>>();
+    let (started_tx, started_rx) = mpsc::channel::<Result<i32, PgTempError>>();
     let (exited_tx, exited) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("pgrelay-{name}"))
@@ -333,7 +333,7 @@ pub(crate) fn spawn_tied(
                 let _ = exited_tx.send(());
             }
             Err(e) => {
-                let _ = started_tx.send(Err(e.to_string()));
+                let _ = started_tx.send(Err(e.to_string().into()));
             }
         })
         .map_err(|e| e.to_string())?;

@@ -97,6 +97,17 @@ async fn deliver_under_load(db: &TestDb, a: &NodeProcess, b: &NodeProcess) {
     .await;
 }
 
+/// [`deliver_under_load`], then no pooler error in either log, and a clean stop.
+async fn deliver_under_load_and_stop(db: TestDb, a: NodeProcess, b: NodeProcess) {
+    deliver_under_load(&db, &a, &b).await;
+    for node in [&a, &b] {
+        assert_no_pooler_errors(node);
+    }
+    assert_eq!(a.terminate().await, Some(0));
+    assert_eq!(b.terminate().await, Some(0));
+    db.drop_database().await;
+}
+
 #[tokio::test]
 async fn through_pgbouncer_without_a_direct_url_nodes_poll_and_deliver_everything() {
     let db = TestDb::empty().await;
@@ -145,13 +156,7 @@ async fn through_pgbouncer_without_a_direct_url_nodes_poll_and_deliver_everythin
     .await
     .unwrap();
     assert_eq!(listeners, 0);
-    deliver_under_load(&db, &a, &b).await;
-    for node in [&a, &b] {
-        assert_no_pooler_errors(node);
-    }
-    assert_eq!(a.terminate().await, Some(0));
-    assert_eq!(b.terminate().await, Some(0));
-    db.drop_database().await;
+    deliver_under_load_and_stop(db, a, b).await;
 }
 
 #[tokio::test]
@@ -196,13 +201,7 @@ async fn through_pgbouncer_with_a_direct_url_nodes_listen_on_it() {
         (listeners == 2).then_some(())
     })
     .await;
-    deliver_under_load(&db, &a, &b).await;
-    for node in [&a, &b] {
-        assert_no_pooler_errors(node);
-    }
-    assert_eq!(a.terminate().await, Some(0));
-    assert_eq!(b.terminate().await, Some(0));
-    db.drop_database().await;
+    deliver_under_load_and_stop(db, a, b).await;
 }
 
 #[tokio::test]

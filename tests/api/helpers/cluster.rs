@@ -63,6 +63,14 @@ impl Cluster {
             adjust(index, &mut s);
             running.push(Some(node::start(s).await.expect("start a node")));
         }
+        // Started is not yet ready: the LISTEN connection comes up after.
+        // Tests begin from a ready cluster.
+        for node in running.iter().flatten() {
+            eventually("the node ready", || async {
+                node.state.not_ready().is_none().then_some(())
+            })
+            .await;
+        }
         Self {
             db,
             nodes: running,

@@ -69,9 +69,9 @@ pub fn pooled() -> bool {
 const STATEMENT_TIMEOUT_MS: u64 = 30_000;
 
 /// The start of every transaction through a pooler: the server connection
-/// may hold the unnamed-cache statements of whichever client used it last
-/// (sqlx names them per client connection, so another client's `sqlx_s_1`
-/// would collide with ours).
+/// may hold prepared statements left by whichever client used it last
+/// (sqlx names them per client connection and, with its cache off, never
+/// closes them, so another client's `sqlx_s_1` would collide with ours).
 const POOLED_BEGIN: &str = "BEGIN; DEALLOCATE ALL";
 
 /// Limits the server itself enforces on a transaction, set with `SET LOCAL`

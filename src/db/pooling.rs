@@ -94,7 +94,16 @@ pub async fn plan(settings: &Settings) -> Result<Plan, PlanError> {
             // server) is no reason to poll for the life of the process: the
             // listener reconnects, `/readyz` reports it, and the rescan
             // covers what it misses.
-            if !notify_comes_back(&settings.database_url, &settings.database_url, &name).await? {
+            let came_back =
+                notify_comes_back(&settings.database_url, &settings.database_url, &name)
+                    .await
+                    .map_err(|error| match error {
+                        // A notification in the middle of another statement's
+                        // answer: the LISTEN went through a transaction-mode pooler.
+                        sqlx::Error::Protocol(_) => PlanError::LooksPooled(error.to_string()),
+                        other => PlanError::Database(other),
+                    })?;
+            if !came_back {
                 tracing::warn!(
                     wait_ms = PROBE_WAIT.as_millis() as u64,
                     "a NOTIFY sent through DATABASE_URL did not come back in time; LISTENing anyway"
@@ -137,6 +146,11 @@ pub enum PlanError {
          within {0} ms: do both name the same database (of the same server)?"
     )]
     DirectElsewhere(u64),
+    #[error(
+        "DATABASE_URL behaves like a transaction-mode pooler ({0}): unset \
+         PGRELAY_DATABASE_POOLER=direct, or set it to transaction"
+    )]
+    LooksPooled(String),
     #[error(
         "PGRELAY_DIRECT_DATABASE_URL is a transaction-mode pooler too (its statements move \
          between server processes): it must reach PostgreSQL itself, or a session-mode pooler"

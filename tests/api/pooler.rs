@@ -30,6 +30,21 @@ fn logged(node: &NodeProcess, message: &str) -> Option<Value> {
         .find(|line| line["message"].as_str().unwrap_or("").starts_with(message))
 }
 
+/// The node's `pgrelay_poll_only` gauge, as exported.
+async fn poll_only_gauge(node: &NodeProcess) -> String {
+    let metrics = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgrelay_poll_only "))
+        .unwrap_or_else(|| panic!("no pgrelay_poll_only in {metrics}"))
+        .to_owned()
+}
+
 /// No line of the node's log names a prepared-statement or startup
 /// parameter failure (what sqlx's defaults meet behind PgBouncer).
 fn assert_no_pooler_errors(node: &NodeProcess) {
@@ -136,16 +151,7 @@ async fn through_pgbouncer_without_a_direct_url_nodes_poll_and_deliver_everythin
                 .contains("pooler"),
             "{body}"
         );
-        let metrics = reqwest::get(node.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(
-            metrics.lines().any(|l| l == "pgrelay_poll_only 1"),
-            "{metrics}"
-        );
+        assert_eq!(poll_only_gauge(node).await, "1");
         let (status, _) = response(reqwest::get(node.url("/readyz")).await.unwrap()).await;
         assert_eq!(status, 200, "ready without a LISTEN connection");
     }
@@ -178,16 +184,7 @@ async fn through_pgbouncer_with_a_direct_url_nodes_listen_on_it() {
         let (_, body) = response(reqwest::get(node.url("/v1/status")).await.unwrap()).await;
         assert_eq!(body["answered_by"]["wakeups"], "notify", "{body}");
         assert_eq!(body["answered_by"]["poll_interval_ms"], 1000, "{body}");
-        let metrics = reqwest::get(node.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(
-            metrics.lines().any(|l| l == "pgrelay_poll_only 0"),
-            "{metrics}"
-        );
+        assert_eq!(poll_only_gauge(node).await, "0");
     }
     // The LISTEN connections are sessions of their own, whose last statement
     // is their LISTEN (a server connection of PgBouncer's would have run

@@ -34,6 +34,11 @@ pub struct Identity {
     pub topics: Vec<String>,
     /// Topic patterns the user may publish to (JWT claim `publish`).
     pub publish: Vec<String>,
+    /// A trusted backend (a STOMP session that presented an API key, such
+    /// as a Spring instance's broker relay): it may subscribe and send to
+    /// any destination, queues included, and is not held to the per-user
+    /// connection limit.
+    pub backend: bool,
 }
 
 impl Identity {
@@ -44,6 +49,18 @@ impl Identity {
             user_id: user_id.into(),
             topics: vec![">".into()],
             publish: vec![">".into()],
+            backend: false,
+        })
+    }
+
+    /// A trusted backend session named `name` (its STOMP `login`).
+    pub fn backend(name: &str) -> Result<Self, InvalidUserId> {
+        validate_user_id(name)?;
+        Ok(Self {
+            user_id: name.into(),
+            topics: vec![">".into()],
+            publish: vec![">".into()],
+            backend: true,
         })
     }
 }
@@ -227,6 +244,7 @@ impl JwtVerifier {
                         user_id: data.claims.sub.into(),
                         topics: data.claims.topics,
                         publish: data.claims.publish,
+                        backend: false,
                     });
                 }
                 Err(e) => refusal = format!("invalid token: {e}"),

@@ -143,6 +143,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address for STOMP over plain TCP (off unless set; STOMP's usual port
+    /// is 61613): the broker Spring's `enableStompBrokerRelay` connects to.
+    /// An API key as CONNECT `passcode` makes a trusted backend session.
+    #[arg(long, env = "PGRELAY_STOMP_LISTEN")]
+    pub stomp_listen: Option<SocketAddr>,
+
     /// The address clients reach this node at, as registered in
     /// relay.nodes (and used by the demo page) [default: the listen address].
     #[arg(long, env = "PGRELAY_ADVERTISE_ADDR")]
@@ -333,6 +339,8 @@ pub struct Settings {
     pub direct_database_url: Option<String>,
     pub database_pooler: PoolerMode,
     pub listen: SocketAddr,
+    /// STOMP over TCP, when set.
+    pub stomp_listen: Option<SocketAddr>,
     /// Registered instead of the listen address when set.
     pub advertise_addr: Option<String>,
     pub node_id: NodeId,
@@ -401,6 +409,7 @@ impl Settings {
             direct_database_url: None,
             database_pooler: PoolerMode::Auto,
             listen: "127.0.0.1:0".parse().expect("valid address"),
+            stomp_listen: None,
             advertise_addr: None,
             node_id: NodeId::generate(),
             auth: Auth::None,
@@ -549,6 +558,7 @@ impl Settings {
                 .filter(|url| !url.trim().is_empty()),
             database_pooler: args.database_pooler,
             listen: args.listen,
+            stomp_listen: args.stomp_listen,
             advertise_addr: args.advertise_addr.filter(|a| !a.trim().is_empty()),
             node_id: args.node_id.unwrap_or_else(NodeId::generate),
             auth,

@@ -23,6 +23,7 @@
 //!   back for resume, and the delivery log;
 //! - [`session`] and [`protocol`]: one client socket and the frames it
 //!   speaks; [`http`]: the HTTP API and the WebSocket upgrade;
+//!   [`stomp_tcp`]: STOMP over plain TCP (Spring's broker relay);
 //! - [`registry`]: nodes, connections and subscriptions, and the node's
 //!   heartbeat; [`sweeper`]: retention and reaping, on one node at a time.
 //!
@@ -84,6 +85,7 @@ pub mod registry;
 pub mod session;
 pub mod state;
 pub mod status;
+pub mod stomp_tcp;
 pub mod supervisor;
 pub mod sweeper;
 pub mod telemetry;

@@ -30,6 +30,9 @@ pub enum Target {
     Users(Vec<String>),
     Connection(Uuid),
     Topic(String),
+    /// A queue: the message goes to one of its consumers (trusted STOMP
+    /// sessions only).
+    Queue(String),
     Broadcast,
 }
 
@@ -42,7 +45,8 @@ impl Target {
         };
         if object.len() != 1 {
             return Err(
-                "`to` must have exactly one of user, users, connection, topic, broadcast".into(),
+                "`to` must have exactly one of user, users, connection, topic, queue, broadcast"
+                    .into(),
             );
         }
         let (key, value) = object.iter().next().expect("one entry");
@@ -86,12 +90,17 @@ impl Target {
                 crate::topic::validate(topic).map_err(|e| format!("`to.topic`: {e}"))?;
                 Ok(Target::Topic(topic.to_owned()))
             }
+            "queue" => {
+                let queue = value.as_str().ok_or("`to.queue` must be a string")?;
+                crate::topic::validate(queue).map_err(|e| format!("`to.queue`: {e}"))?;
+                Ok(Target::Queue(queue.to_owned()))
+            }
             "broadcast" => match value {
                 Value::Bool(true) => Ok(Target::Broadcast),
                 _ => Err("`to.broadcast` must be true".into()),
             },
             other => Err(format!(
-                "unknown target {other:?}: use one of user, users, connection, topic, broadcast"
+                "unknown target {other:?}: use one of user, users, connection, topic, queue, broadcast"
             )
             .into()),
         }
@@ -103,6 +112,7 @@ impl Target {
             Target::Users(users) => json!({ "users": users }),
             Target::Connection(id) => json!({ "connection": id.to_string() }),
             Target::Topic(topic) => json!({ "topic": topic }),
+            Target::Queue(queue) => json!({ "queue": queue }),
             Target::Broadcast => json!({ "broadcast": true }),
         }
     }
@@ -240,6 +250,31 @@ pub struct NewMessage {
     pub payload: Payload,
     /// None: the configured default TTL.
     pub ttl_secs: Option<u64>,
+    /// Application headers (a STOMP SEND's, but for the STOMP-defined
+    /// ones), delivered on every MESSAGE frame.
+    pub headers: Headers,
+}
+
+/// Application headers, in order (a name may repeat).
+pub type Headers = Vec<(String, String)>;
+
+/// Headers as `relay.messages.headers` keeps them: a JSON array of
+/// `[name, value]` pairs, or NULL for none.
+pub fn headers_to_json(headers: &[(String, String)]) -> Option<String> {
+    if headers.is_empty() {
+        return None;
+    }
+    let pairs: Vec<[&str; 2]> = headers
+        .iter()
+        .map(|(n, v)| [n.as_str(), v.as_str()])
+        .collect();
+    Some(serde_json::to_string(&pairs).expect("strings serialize"))
+}
+
+/// The reverse of [`headers_to_json`]; anything else reads as no headers.
+pub fn headers_from_json(text: Option<&str>) -> Headers {
+    text.and_then(|t| serde_json::from_str::<Vec<(String, String)>>(t).ok())
+        .unwrap_or_default()
 }
 
 /// The stream a delivered message came through, as a session tracks it.
@@ -247,6 +282,8 @@ pub struct NewMessage {
 pub enum StreamKey {
     User(Arc<str>),
     Topic(Arc<str>),
+    /// A queue's message, handed to one consumer.
+    Queue(Arc<str>),
     Broadcast,
 }
 
@@ -256,6 +293,7 @@ impl StreamKey {
         match self {
             StreamKey::User(user) => format!("user:{user}"),
             StreamKey::Topic(topic) => format!("topic:{topic}"),
+            StreamKey::Queue(queue) => format!("queue:{queue}"),
             StreamKey::Broadcast => "broadcast".to_owned(),
         }
     }
@@ -266,6 +304,8 @@ impl StreamKey {
             Some(StreamKey::Broadcast)
         } else if let Some(topic) = key.strip_prefix("topic:") {
             Some(StreamKey::Topic(topic.into()))
+        } else if let Some(queue) = key.strip_prefix("queue:") {
+            Some(StreamKey::Queue(queue.into()))
         } else {
             key.strip_prefix("user:")
                 .map(|user| StreamKey::User(user.into()))
@@ -282,21 +322,27 @@ pub struct StoredMessage {
     pub created_at: DateTime<Utc>,
     /// Set when the message is for one connection only.
     pub target_connection: Option<Uuid>,
+    pub headers: Headers,
+}
+
+/// A message's columns as queries read them, where `data` is the jsonb
+/// column as text (NULL for a raw body) and `headers` the headers column
+/// as text.
+pub struct MessageRow {
+    pub id: i64,
+    pub destination: Option<String>,
+    pub data: Option<String>,
+    pub body: Option<Vec<u8>>,
+    pub content_type: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub target_connection: Option<Uuid>,
+    pub headers: Option<String>,
 }
 
 impl StoredMessage {
-    /// Builds a message from a row, where `data` is the jsonb column as text
-    /// (or NULL for a raw body).
-    pub fn from_row(
-        id: i64,
-        destination: Option<String>,
-        data: Option<String>,
-        body: Option<Vec<u8>>,
-        content_type: Option<String>,
-        created_at: DateTime<Utc>,
-        target_connection: Option<Uuid>,
-    ) -> Arc<Self> {
-        let payload = match (data, body) {
+    /// Builds a message from a row.
+    pub fn from_row(row: MessageRow) -> Arc<Self> {
+        let payload = match (row.data, row.body) {
             // PostgreSQL wrote this text from a jsonb value: it is JSON.
             (Some(data), _) => Payload::Json(
                 RawValue::from_string(data)
@@ -307,15 +353,16 @@ impl StoredMessage {
             ),
             (None, body) => Payload::Raw {
                 bytes: Bytes::from(body.unwrap_or_default()),
-                content_type,
+                content_type: row.content_type,
             },
         };
         Arc::new(Self {
-            id,
-            destination,
+            id: row.id,
+            destination: row.destination,
             payload,
-            created_at,
-            target_connection,
+            created_at: row.created_at,
+            target_connection: row.target_connection,
+            headers: headers_from_json(row.headers.as_deref()),
         })
     }
 }
@@ -417,6 +464,7 @@ mod payload_tests {
         for key in [
             StreamKey::User("a:b".into()),
             StreamKey::Topic("chat.x".into()),
+            StreamKey::Queue("jobs".into()),
             StreamKey::Broadcast,
         ] {
             assert_eq!(StreamKey::parse(&key.key()), Some(key));

@@ -25,7 +25,7 @@ use crate::registry::heartbeat;
 use crate::state::{Database, Lifecycle, LocalDelivery, NodeState, WriteSide};
 use crate::supervisor::{self, spawn_loop, spawn_worker};
 use crate::write::group_commit::GroupCommit;
-use crate::{db, http, registry, sweeper};
+use crate::{db, http, registry, stomp_tcp, sweeper};
 
 /// A started node. Dropping it does not stop it: call [`RunningNode::stop`].
 pub struct RunningNode {
@@ -33,7 +33,10 @@ pub struct RunningNode {
     /// The address HTTP and WebSocket are served on (the real port when the
     /// configured one was 0).
     pub addr: SocketAddr,
+    /// The address STOMP over TCP is served on, when it is.
+    pub stomp_addr: Option<SocketAddr>,
     server: JoinHandle<()>,
+    stomp_server: Option<JoinHandle<()>>,
     delivery_log: JoinHandle<()>,
     delivery_log_stop: CancellationToken,
 }
@@ -53,6 +56,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningNode> {
 pub struct Prepared {
     pub state: Arc<NodeState>,
     listener: TcpListener,
+    stomp_listener: Option<TcpListener>,
     records: tokio::sync::mpsc::Receiver<Record>,
 }
 
@@ -95,7 +99,7 @@ async fn may_run(pool: &PgPool) -> anyhow::Result<()> {
     let (role, allowed): (String, bool) = sqlx::query_as(
         "SELECT current_user::text,
                 has_function_privilege('relay.fence(text, uuid)', 'EXECUTE')
-                AND has_function_privilege('relay.enqueue(jsonb[], text[], jsonb[], interval[], text, bytea[], text[], boolean)', 'EXECUTE')
+                AND has_function_privilege('relay.enqueue(jsonb[], text[], jsonb[], interval[], text, bytea[], text[], boolean, jsonb[])', 'EXECUTE')
                 AND has_table_privilege('relay.outbox', 'INSERT')
                 AND has_table_privilege('relay.outbox', 'UPDATE')
                 AND has_table_privilege('relay.outbox', 'DELETE')",
@@ -140,6 +144,14 @@ async fn prepare_with(settings: Settings, pool: PgPool, plan: Plan) -> anyhow::R
         .await
         .with_context(|| format!("cannot listen on {} (PGRELAY_LISTEN)", settings.listen))?;
     let addr = listener.local_addr()?;
+    let stomp_listener = match settings.stomp_listen {
+        Some(stomp) => Some(
+            TcpListener::bind(stomp)
+                .await
+                .with_context(|| format!("cannot listen on {stomp} (PGRELAY_STOMP_LISTEN)"))?,
+        ),
+        None => None,
+    };
     let incarnation = Uuid::new_v4();
     let bookkeeping = db::connect_bookkeeping(&settings)
         .await
@@ -208,6 +220,7 @@ async fn prepare_with(settings: Settings, pool: PgPool, plan: Plan) -> anyhow::R
     Ok(Prepared {
         state,
         listener,
+        stomp_listener,
         records,
     })
 }
@@ -218,6 +231,7 @@ impl Prepared {
         let Prepared {
             state: ctx,
             listener,
+            stomp_listener,
             records,
         } = self;
         let addr = ctx.lifecycle.listen_addr;
@@ -305,7 +319,19 @@ impl Prepared {
 
         let listener = Arc::new(listener);
         let router = http::router(ctx.clone());
+        // One cap for every client connection, whichever port it came in by.
         let slots = Arc::new(Semaphore::new(ctx.settings.limits.max_connections));
+        let stomp_addr = stomp_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
+        let stomp_server = stomp_listener.map(|stomp_listener| {
+            tracing::info!(addr = ?stomp_addr, "serving STOMP over TCP");
+            let stomp_listener = Arc::new(stomp_listener);
+            spawn_worker("stomp server", {
+                let (ctx, slots) = (ctx.clone(), slots.clone());
+                move || stomp_tcp::serve(ctx.clone(), stomp_listener.clone(), slots.clone())
+            })
+        });
         let server = spawn_worker("http server", {
             let ctx = ctx.clone();
             move || {
@@ -323,7 +349,9 @@ impl Prepared {
         RunningNode {
             state: ctx,
             addr,
+            stomp_addr,
             server,
+            stomp_server,
             delivery_log,
             delivery_log_stop,
         }
@@ -352,6 +380,9 @@ impl RunningNode {
             tracing::warn!("sessions and tasks did not finish within the shutdown grace");
         }
         let _ = tokio::time::timeout(grace, self.server).await;
+        if let Some(stomp_server) = self.stomp_server {
+            let _ = tokio::time::timeout(grace, stomp_server).await;
+        }
         // Departures still waiting for room in the log's queue go in first.
         ctx.delivery.log.overflow_drained(grace).await;
         self.delivery_log_stop.cancel();

@@ -47,7 +47,35 @@ use crate::protocol::Protocol;
 use crate::rate::TokenBucket;
 use crate::read::hub::{Controls, Envelope};
 use crate::state::NodeState;
-use crate::write::enqueue::EnqueueError;
+use crate::write::enqueue::{EnqueueError, Source};
+
+/// How a client reached this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /v1/ws`: JSON or STOMP over WebSocket.
+    WebSocket,
+    /// STOMP over plain TCP (`PGRELAY_STOMP_LISTEN`): backends such as
+    /// Spring's broker relay. No pings: only STOMP heart-beats tell that a
+    /// client is alive.
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Tcp => "tcp",
+        }
+    }
+
+    /// Where its messages are recorded to have come from.
+    fn source(self) -> Source {
+        match self {
+            Transport::WebSocket => Source::WebSocket,
+            Transport::Tcp => Source::Tcp,
+        }
+    }
+}
 
 /// What a session writes to: a WebSocket's sending half (or, in tests, a
 /// channel).
@@ -205,6 +233,7 @@ pub(crate) struct Session<P: Half, S: WsSink> {
     last_marked: Instant,
     /// Set once the session's finish has run.
     finished: bool,
+    transport: Transport,
 }
 
 impl<P: Half, S: WsSink> Session<P, S> {
@@ -239,6 +268,7 @@ impl<P: Half, S: WsSink> Session<P, S> {
             last_inbound: now,
             last_marked: now,
             finished: false,
+            transport: Transport::WebSocket,
         }
     }
 

@@ -65,6 +65,10 @@ pub struct SweepReport {
     pub idempotency_keys_removed: u64,
     /// `relay.streams` rows that kept nothing, removed.
     pub streams_pruned: u64,
+    /// Queue entries whose message expired before any consumer took it.
+    pub queue_entries_expired: u64,
+    /// Queue entries held for consumers that no longer exist, put back.
+    pub queue_entries_released: u64,
     /// Dead nodes whose reap waited for a transaction of theirs: put off.
     pub reaps_deferred: u64,
     /// Whether the outbox was vacuumed (it had many dead rows).
@@ -84,10 +88,13 @@ impl SweepReport {
             ("parked_expired", self.parked_expired),
             ("idempotency_keys", self.idempotency_keys_removed),
             ("streams", self.streams_pruned),
+            ("queue_entries_expired", self.queue_entries_expired),
+            ("queue_entries_released", self.queue_entries_released),
         ] {
             metrics::counter!(m::SWEEPER_REAPED, "kind" => kind).increment(rows);
         }
-        metrics::counter!(m::MESSAGES_EXPIRED).increment(self.parked_expired);
+        metrics::counter!(m::MESSAGES_EXPIRED)
+            .increment(self.parked_expired + self.queue_entries_expired);
         metrics::counter!(m::REAPS_DEFERRED).increment(self.reaps_deferred);
     }
 }
@@ -179,12 +186,15 @@ pub async fn sweep_once(
                 DELETE FROM relay.message_streams WHERE message_id IN (SELECT id FROM oldest) RETURNING 1
             ), gone_work AS (
                 DELETE FROM relay.outbox WHERE message_id IN (SELECT id FROM oldest) RETURNING 1
+            ), gone_entries AS (
+                DELETE FROM relay.queue_entries WHERE message_id IN (SELECT id FROM oldest) RETURNING 1
             ), gone AS (
                 DELETE FROM relay.messages WHERE id IN (SELECT id FROM oldest) RETURNING 1
             )
             SELECT (SELECT count(*) FROM gone) AS "messages!",
                    (SELECT count(*) FROM gone_deliveries) AS "deliveries!",
-                   (SELECT count(*) FROM gone_streams) + (SELECT count(*) FROM gone_work) AS "other!"
+                   (SELECT count(*) FROM gone_streams) + (SELECT count(*) FROM gone_work)
+                   + (SELECT count(*) FROM gone_entries) AS "other!"
             "#,
             retention_secs,
             BATCH,
@@ -220,6 +230,40 @@ pub async fn sweep_once(
             break;
         }
     }
+
+    // Queues: what expired before a consumer took it goes (with it, a
+    // queue nobody reads is gone); what a consumer that no longer exists
+    // held waits again.
+    loop {
+        let mut scope = crate::db::scope(pool).await?;
+        let expired = sqlx::query!(
+            r#"
+            DELETE FROM relay.queue_entries
+             WHERE ctid = ANY (ARRAY(SELECT ctid FROM relay.queue_entries
+                                      WHERE expires_at <= now()
+                                      ORDER BY expires_at
+                                      LIMIT $1
+                                        FOR UPDATE SKIP LOCKED))
+            "#,
+            BATCH
+        )
+        .execute(&mut *scope)
+        .await?
+        .rows_affected();
+        scope.end().await?;
+        report.queue_entries_expired += expired;
+        if expired < BATCH as u64 || started.elapsed() > TIME_BUDGET {
+            break;
+        }
+    }
+    let mut scope = crate::db::scope(pool).await?;
+    report.queue_entries_released = sqlx::query_scalar!(
+        r#"SELECT relay.release_orphaned_queue_entries($1::integer) AS "released!""#,
+        BATCH as i32
+    )
+    .fetch_one(&mut *scope)
+    .await? as u64;
+    scope.end().await?;
 
     let mut scope = crate::db::scope(pool).await?;
     report.idempotency_keys_removed = sqlx::query!(

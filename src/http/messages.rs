@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::problem::ProblemDetails;
 use super::{ApiCaller, Problem};
 use crate::db;
-use crate::message::{NewMessage, Payload, Presentation, StoredMessage, Target};
+use crate::message::{MessageRow, NewMessage, Payload, Presentation, StoredMessage, Target};
 use crate::state::NodeState;
 use crate::write::enqueue::{self, Source};
 use crate::write::idempotency::{self, Keyed, KeyedOutcome};
@@ -87,6 +87,7 @@ fn parse_message(body: SubmitBody, ctx: &NodeState) -> Result<NewMessage, Proble
         destination: body.destination,
         payload: Payload::Json(Arc::from(data)),
         ttl_secs: body.ttl_s,
+        headers: Vec::new(),
     };
     parse::check(draft, &Rules::of(&ctx.settings)).map_err(|refusal| {
         let code = match refusal {
@@ -94,6 +95,7 @@ fn parse_message(body: SubmitBody, ctx: &NodeState) -> Result<NewMessage, Proble
             Refusal::TooDeep => "bad_data",
             Refusal::BadDestination => "bad_destination",
             Refusal::BadTtl { .. } => "bad_ttl",
+            Refusal::HeadersTooLarge { .. } => "bad_headers",
         };
         Problem::bad_request(code, refusal.to_string())
     })
@@ -430,15 +432,16 @@ pub async fn get_one(
     .await
     .map_err(Problem::from_db)?;
     scope.end().await.map_err(Problem::from_db)?;
-    let stored = StoredMessage::from_row(
-        message.id,
-        None,
-        message.data,
-        message.body,
-        message.content_type,
-        message.created_at,
-        None,
-    );
+    let stored = StoredMessage::from_row(MessageRow {
+        id: message.id,
+        destination: None,
+        data: message.data,
+        body: message.body,
+        content_type: message.content_type,
+        created_at: message.created_at,
+        target_connection: None,
+        headers: None,
+    });
     let (data, body_base64) = match stored.payload.presentation() {
         Presentation::Data(raw) => (serde_json::from_str(raw.get()).unwrap_or(Value::Null), None),
         Presentation::Text(text) => (Value::String(text.to_owned()), None),

@@ -136,6 +136,7 @@ pub async fn upgrade(
         since,
         accepted,
         protocol,
+        transport: session::Transport::WebSocket,
         remote_addr: remote.to_string(),
         user_agent: headers
             .get(header::USER_AGENT)
@@ -156,7 +157,8 @@ pub async fn upgrade(
             tasks.track_future(async move {
                 // The connection's place under the node's cap, for as long as the socket lives.
                 let _slot = slot;
-                session::run(ctx, socket, params).await;
+                let (sink, incoming) = socket.split();
+                session::run(ctx, sink, incoming, params).await;
             })
         })
 }

@@ -138,6 +138,7 @@ impl ClientFrame {
 pub enum To<'a> {
     User(&'a str),
     Topic(&'a str),
+    Queue(&'a str),
     Broadcast(bool),
 }
 
@@ -146,6 +147,7 @@ impl<'a> To<'a> {
         match stream {
             StreamKey::User(user) => To::User(user),
             StreamKey::Topic(topic) => To::Topic(topic),
+            StreamKey::Queue(queue) => To::Queue(queue),
             StreamKey::Broadcast => To::Broadcast(true),
         }
     }
@@ -276,6 +278,7 @@ pub fn error(code: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::MessageRow;
     use serde_json::{Value, json};
 
     #[test]
@@ -326,17 +329,18 @@ mod tests {
 
     #[test]
     fn server_frames_follow_the_contract() {
-        let msg = StoredMessage::from_row(
-            456,
-            Some("/queue/x".into()),
-            Some(r#"{"hi": 1}"#.into()),
-            None,
-            None,
-            chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+        let msg = StoredMessage::from_row(MessageRow {
+            id: 456,
+            destination: Some("/queue/x".into()),
+            data: Some(r#"{"hi": 1}"#.into()),
+            body: None,
+            content_type: None,
+            created_at: chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
                 .unwrap()
                 .into(),
-            None,
-        );
+            target_connection: None,
+            headers: None,
+        });
         let frame: Value = serde_json::from_str(&message(&msg, To::User("alice"))).unwrap();
         assert_eq!(
             frame,
@@ -347,15 +351,16 @@ mod tests {
         assert_eq!(topic["to"], json!({"topic": "chat.a"}));
         let broadcast: Value = serde_json::from_str(&message(&msg, To::Broadcast(true))).unwrap();
         assert_eq!(broadcast["to"], json!({"broadcast": true}));
-        let binary = StoredMessage::from_row(
-            7,
-            None,
-            None,
-            Some(vec![0, 255]),
-            Some("application/octet-stream".into()),
-            chrono::Utc::now(),
-            None,
-        );
+        let binary = StoredMessage::from_row(MessageRow {
+            id: 7,
+            destination: None,
+            data: None,
+            body: Some(vec![0, 255]),
+            content_type: Some("application/octet-stream".into()),
+            created_at: chrono::Utc::now(),
+            target_connection: None,
+            headers: None,
+        });
         let frame: Value = serde_json::from_str(&message(&binary, To::User("a"))).unwrap();
         assert_eq!(frame["data"], Value::Null);
         assert_eq!(frame["body_base64"], "AP8=");

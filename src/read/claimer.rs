@@ -15,8 +15,9 @@ use uuid::Uuid;
 use super::delivery_log::Outcome;
 use super::hub::{Control, Envelope, Offer};
 use super::listener::Wake;
+use super::queues;
 use crate::db::{self, Bounds, WorkError};
-use crate::message::{StoredMessage, StreamKey};
+use crate::message::{MessageRow, StoredMessage, StreamKey};
 use crate::metrics as m;
 use crate::state::NodeState;
 
@@ -98,6 +99,7 @@ pub async fn claim_once(ctx: &NodeState) -> Result<Claimed, WorkError> {
                r.user_id AS "user_id?", r.connection_ids AS "connection_ids?: Vec<uuid::Uuid>",
                m.id AS "id?", m.stream AS "stream?", m.destination AS "destination?",
                m.data::text AS "data?", m.body AS "body?", m.content_type AS "content_type?",
+               m.headers::text AS "headers?",
                m.created_at AS "created_at?", m.target_connection AS "target_connection?",
                (m.expires_at <= now()) AS "expired?",
                extract(epoch FROM clock_timestamp() - m.created_at)::float8 AS "age?"
@@ -173,15 +175,16 @@ pub async fn claim_once(ctx: &NodeState) -> Result<Claimed, WorkError> {
                 continue;
             }
         };
-        let message = StoredMessage::from_row(
+        let message = StoredMessage::from_row(MessageRow {
             id,
-            row.destination,
-            row.data,
-            row.body,
-            row.content_type,
+            destination: row.destination,
+            data: row.data,
+            body: row.body,
+            content_type: row.content_type,
             created_at,
-            row.target_connection,
-        );
+            target_connection: row.target_connection,
+            headers: row.headers,
+        });
         let envelope = Arc::new(Envelope {
             offered_at,
             ..Envelope::new(message, stream)
@@ -226,6 +229,8 @@ pub async fn claim_once(ctx: &NodeState) -> Result<Claimed, WorkError> {
                     claimed.handed_over += 1;
                 }
             }
+            // Never in the outbox: queue messages wait in their queue.
+            StreamKey::Queue(_) => settle.finished.push(outbox_id),
         }
     }
     if claimed.rows > 0 {
@@ -254,15 +259,23 @@ pub async fn run(ctx: Arc<NodeState>, wake: Arc<Wake>, token: CancellationToken)
 
         let outcome = match tokio::time::timeout(db::OP_TIMEOUT, claim_once(&ctx)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(WorkError::Database(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the claim took too long and was abandoned",
-            )))),
+            Err(_) => Err(abandoned("the claim")),
+        };
+        // Then the queues this node's consumers read.
+        let outcome = match outcome {
+            Ok(claimed) => {
+                match tokio::time::timeout(db::OP_TIMEOUT, queues::dispatch_once(&ctx)).await {
+                    Ok(Ok(dispatched)) => Ok((claimed, dispatched)),
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(abandoned("the queue claim")),
+                }
+            }
+            Err(error) => Err(error),
         };
         match outcome {
-            Ok(claimed) => {
+            Ok((claimed, dispatched)) => {
                 backoff = Duration::from_millis(100);
-                if claimed.rows as i64 == CLAIM_BATCH {
+                if claimed.rows as i64 == CLAIM_BATCH || dispatched.more {
                     // More is waiting.
                     if token.is_cancelled() {
                         return;
@@ -294,12 +307,21 @@ pub async fn run(ctx: Arc<NodeState>, wake: Arc<Wake>, token: CancellationToken)
         }
         tokio::select! {
             () = &mut notified => {}
+            () = ctx.delivery.hub.queue_credit() => {}
             () = tokio::time::sleep(ctx.poll_interval()) => {
                 metrics::counter!(m::WAKEUPS, "source" => "poll").increment(1);
             }
             () = token.cancelled() => return,
         }
     }
+}
+
+/// A claim abandoned after [`db::OP_TIMEOUT`] (it rolls back).
+fn abandoned(what: &str) -> WorkError {
+    WorkError::Database(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} took too long and was abandoned"),
+    )))
 }
 
 /// The backlog gauge's task: every heartbeat interval.

@@ -25,9 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+mod queue_changes;
+
 use crate::config::NodeId;
 use crate::db::{self, Bounds};
 use crate::registration::Registration;
+use queue_changes::QueueChanges;
 
 /// Records taken per transaction.
 const BATCH: usize = 4096;
@@ -44,11 +47,28 @@ pub enum Record {
         /// Through the user's stream (not a topic or the broadcast): the
         /// outbox row that routed it, and any parked copy, are finished.
         user_stream: bool,
+        /// A queue's message written with ack `auto`: its entry is done.
+        settles: Option<Arc<str>>,
     },
     Acked {
         message_id: i64,
         connection_id: Uuid,
         at: DateTime<Utc>,
+        /// A queue's message: its entry is done.
+        queue: Option<Arc<str>>,
+    },
+    /// A queue message NACKed: it waits in its queue again, for another
+    /// consumer if there is one.
+    Nacked {
+        message_id: i64,
+        connection_id: Uuid,
+        queue: Arc<str>,
+    },
+    /// A queue consumer unsubscribed: what it held and never acked waits in
+    /// the queue again.
+    LeftQueue {
+        connection_id: Uuid,
+        subscription: Arc<str>,
     },
     /// A connection that has closed (or whose row has no session): its row
     /// and subscriptions go, and what was routed to it and never written is
@@ -169,6 +189,7 @@ pub async fn write_batch(
     let mut acked_connections = Vec::new();
     let mut acked_at = Vec::new();
     let mut departed = Vec::new();
+    let mut queues = QueueChanges::default();
     for record in batch {
         match record {
             Record::Delivered {
@@ -177,20 +198,40 @@ pub async fn write_batch(
                 user_id,
                 at,
                 user_stream,
+                settles,
             } => {
                 delivered.push(*message_id, *connection_id, user_id, *at);
                 if *user_stream {
                     user_delivered.push(*message_id, *connection_id, user_id, *at);
+                }
+                if let Some(queue) = settles {
+                    queues.settle(queue, *message_id, *connection_id);
                 }
             }
             Record::Acked {
                 message_id,
                 connection_id,
                 at,
+                queue,
             } => {
                 acked_messages.push(*message_id);
                 acked_connections.push(*connection_id);
                 acked_at.push(*at);
+                if let Some(queue) = queue {
+                    queues.settle(queue, *message_id, *connection_id);
+                }
+            }
+            Record::Nacked {
+                message_id,
+                connection_id,
+                queue,
+            } => queues.nack(queue, *message_id, *connection_id),
+            Record::LeftQueue {
+                connection_id,
+                subscription,
+            } => {
+                queues.left_connections.push(*connection_id);
+                queues.left_subscriptions.push(subscription.to_string());
             }
             Record::Departed { connection_id, .. } => departed.push(*connection_id),
         }
@@ -215,7 +256,7 @@ pub async fn write_batch(
     // Departures are fenced (a reaped node's were done by whoever reaped it).
     // Finishing rows for what was written is not: it is true whoever records
     // it, and a batch of deliveries alone then takes no lock on the node row.
-    let alive = departed.is_empty()
+    let alive = (departed.is_empty() && !queues.releases())
         || sqlx::query_scalar!(
             r#"SELECT relay.node_alive($1, $2) AS "alive!""#,
             node_id.as_str(),
@@ -299,6 +340,7 @@ pub async fn write_batch(
     }
     let outcome = Outcome::of(&rows, &user_delivered, &departed);
     outcome.apply(&mut tx, node_id, alive, &departed).await?;
+    queues.apply(&mut tx, alive, &departed).await?;
     tx.commit().await?;
     Ok(Written { fenced: !alive })
 }

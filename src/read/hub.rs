@@ -5,7 +5,7 @@
 //! never slows the others and loses nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -27,6 +27,69 @@ pub struct Envelope {
     /// topic message's, for a thousand subscribers). The hub does not encode
     /// it: the JSON half of a session does (`session::json`).
     pub json_frame: OnceLock<Utf8Bytes>,
+    /// Set for a queue's message: the one consumer it was claimed for.
+    pub queue: Option<QueueClaim>,
+}
+
+/// A queue message's consumer, as the claim chose it.
+#[derive(Debug, Clone)]
+pub struct QueueClaim {
+    /// The STOMP subscription id it goes to.
+    pub subscription: Arc<str>,
+    /// Settled once written (ack `auto`), rather than by an ACK.
+    pub auto: bool,
+    /// It was handed to a consumer before (a NACK, a consumer that left).
+    pub redelivered: bool,
+}
+
+/// How many of a queue consumer's messages may be outstanding (claimed,
+/// and not yet written for `auto`, or not yet acked), and how many are.
+#[derive(Debug)]
+pub struct Credit {
+    prefetch: usize,
+    outstanding: AtomicUsize,
+    /// The hub's: wakes the claimer when room is given back.
+    room: Arc<Notify>,
+}
+
+impl Credit {
+    /// Messages it may take now.
+    pub fn free(&self) -> usize {
+        self.prefetch
+            .saturating_sub(self.outstanding.load(Ordering::Acquire))
+    }
+
+    fn take(&self, n: usize) {
+        self.outstanding.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` of its messages were settled: the claimer may claim for it.
+    pub fn give_back(&self, n: usize) {
+        let _ = self
+            .outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                Some(o.saturating_sub(n))
+            });
+        self.room.notify_one();
+    }
+}
+
+/// One local consumer of a queue.
+#[derive(Clone)]
+struct QueueConsumer {
+    connection: Uuid,
+    subscription: Arc<str>,
+    auto: bool,
+    credit: Arc<Credit>,
+}
+
+/// A consumer that can take messages now, and how many.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub connection: Uuid,
+    pub subscription: Arc<str>,
+    pub auto: bool,
+    pub free: usize,
 }
 
 impl Envelope {
@@ -36,6 +99,7 @@ impl Envelope {
             stream,
             offered_at: std::time::Instant::now(),
             json_frame: OnceLock::new(),
+            queue: None,
         }
     }
 }
@@ -125,6 +189,11 @@ pub struct Hub {
     topics: Mutex<HashMap<Arc<str>, HashMap<Uuid, SessionHandle>>>,
     /// Sessions that showed signs of life since the last heartbeat write.
     seen: Mutex<HashSet<Uuid>>,
+    /// Queue → its consumers here, in subscription order.
+    queues: Mutex<HashMap<Arc<str>, Vec<QueueConsumer>>>,
+    /// Woken when a queue consumer may take more (it subscribed, or settled
+    /// messages): the claimer then claims for it.
+    queue_credit: Arc<Notify>,
 }
 
 impl Hub {
@@ -142,13 +211,124 @@ impl Hub {
         Inbox { messages, shared }
     }
 
-    /// Removes a session, and its subscriptions to `topics`.
+    /// Removes a session, its subscriptions to `topics` and its queue
+    /// consumers.
     pub fn remove(&self, id: Uuid, topics: &[Arc<str>]) {
         self.lock().remove(&id);
         for topic in topics {
             self.unsubscribe(id, topic);
         }
+        self.remove_consumers(id, None);
         self.seen.lock().expect("hub lock").remove(&id);
+    }
+
+    /// Adds a consumer of `queue` (subscription `subscription` of session
+    /// `id`) that may hold `prefetch` messages at once; None if the session
+    /// is not here.
+    pub fn add_consumer(
+        &self,
+        id: Uuid,
+        queue: &Arc<str>,
+        subscription: &Arc<str>,
+        auto: bool,
+        prefetch: usize,
+    ) -> Option<Arc<Credit>> {
+        if !self.lock().contains_key(&id) {
+            return None;
+        }
+        let credit = Arc::new(Credit {
+            prefetch: prefetch.max(1),
+            outstanding: AtomicUsize::new(0),
+            room: self.queue_credit.clone(),
+        });
+        self.queues
+            .lock()
+            .expect("hub lock")
+            .entry(queue.clone())
+            .or_default()
+            .push(QueueConsumer {
+                connection: id,
+                subscription: subscription.clone(),
+                auto,
+                credit: credit.clone(),
+            });
+        Some(credit)
+    }
+
+    /// Removes session `id`'s consumers (of subscription `only`, or all).
+    pub fn remove_consumers(&self, id: Uuid, only: Option<&str>) {
+        let mut queues = self.queues.lock().expect("hub lock");
+        queues.retain(|_, consumers| {
+            consumers.retain(|c| c.connection != id || only.is_some_and(|s| *c.subscription != *s));
+            !consumers.is_empty()
+        });
+    }
+
+    /// Each queue with a local consumer that can take messages now, with
+    /// those consumers.
+    pub fn queue_demand(&self) -> Vec<(Arc<str>, Vec<Demand>)> {
+        let queues = self.queues.lock().expect("hub lock");
+        queues
+            .iter()
+            .filter_map(|(queue, consumers)| {
+                let wanting: Vec<Demand> = consumers
+                    .iter()
+                    .filter(|c| c.credit.free() > 0)
+                    .map(|c| Demand {
+                        connection: c.connection,
+                        subscription: c.subscription.clone(),
+                        auto: c.auto,
+                        free: c.credit.free(),
+                    })
+                    .collect();
+                (!wanting.is_empty()).then(|| (queue.clone(), wanting))
+            })
+            .collect()
+    }
+
+    /// Hands a queue message to the consumer it was claimed for. Never
+    /// turns the session lagging (a queue message is not read back from a
+    /// stream): a full mailbox refuses it, and it stays in its queue.
+    pub fn offer_queue(&self, id: Uuid, envelope: &Arc<Envelope>) -> Offer {
+        let Some(handle) = self.lock().get(&id).cloned() else {
+            return Offer::Gone;
+        };
+        let Some(claim) = &envelope.queue else {
+            return Offer::Gone;
+        };
+        let credit = {
+            let queues = self.queues.lock().expect("hub lock");
+            let StreamKey::Queue(queue) = &envelope.stream else {
+                return Offer::Gone;
+            };
+            queues.get(queue).and_then(|consumers| {
+                consumers
+                    .iter()
+                    .find(|c| c.connection == id && c.subscription == claim.subscription)
+                    .map(|c| c.credit.clone())
+            })
+        };
+        let Some(credit) = credit else {
+            return Offer::Gone;
+        };
+        match handle.mailbox.try_send(envelope.clone()) {
+            Ok(()) => {
+                credit.take(1);
+                Offer::Queued
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Lagging,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        }
+    }
+
+    /// A queue consumer may take more: the claimer claims for it.
+    pub fn queue_credit_freed(&self) {
+        self.queue_credit.notify_one();
+    }
+
+    /// Resolves once a queue consumer may take more.
+    pub async fn queue_credit(&self) {
+        self.queue_credit.notified().await;
     }
 
     /// Removes a session whose topics are not known (it ended by a panic):
@@ -161,6 +341,7 @@ impl Hub {
             !subscribers.is_empty()
         });
         drop(topics);
+        self.remove_consumers(id, None);
         self.seen.lock().expect("hub lock").remove(&id);
     }
 
@@ -288,18 +469,20 @@ fn offer_to(handle: &SessionHandle, envelope: &Arc<Envelope>) -> Offer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::MessageRow;
 
     fn envelope(id: i64) -> Arc<Envelope> {
         Arc::new(Envelope::new(
-            StoredMessage::from_row(
+            StoredMessage::from_row(MessageRow {
                 id,
-                None,
-                Some("1".into()),
-                None,
-                None,
-                chrono::Utc::now(),
-                None,
-            ),
+                destination: None,
+                data: Some("1".into()),
+                body: None,
+                content_type: None,
+                created_at: chrono::Utc::now(),
+                target_connection: None,
+                headers: None,
+            }),
             StreamKey::Broadcast,
         ))
     }

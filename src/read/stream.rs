@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::message::StoredMessage;
+use crate::message::{MessageRow, StoredMessage};
 
 /// Messages read per page.
 pub const PAGE: i64 = 256;
@@ -37,15 +37,15 @@ pub async fn page(
     let rows = sqlx::query!(
         r#"
         SELECT x.id AS "id!", x.destination, x.data, x.body, x.content_type, x.created_at AS "created_at!",
-               x.target_connection
+               x.target_connection, x.headers
           FROM (SELECT m.id, m.destination, m.data::text AS data, m.body, m.content_type, m.created_at,
-                       m.target_connection
+                       m.target_connection, m.headers::text AS headers
                   FROM relay.messages m
                  WHERE m.stream = $1 AND m.id > $2 AND m.id <= $3 AND m.expires_at > now()
                    AND (m.target_connection IS NULL OR m.target_connection = $4)
                 UNION ALL
                 SELECT m.id, m.destination, m.data::text, m.body, m.content_type, m.created_at,
-                       m.target_connection
+                       m.target_connection, m.headers::text
                   FROM relay.message_streams s
                   JOIN relay.messages m ON m.id = s.message_id
                  WHERE s.stream = $1 AND s.message_id > $2 AND s.message_id <= $3
@@ -65,15 +65,16 @@ pub async fn page(
     Ok(rows
         .into_iter()
         .map(|r| {
-            StoredMessage::from_row(
-                r.id,
-                r.destination,
-                r.data,
-                r.body,
-                r.content_type,
-                r.created_at,
-                r.target_connection,
-            )
+            StoredMessage::from_row(MessageRow {
+                id: r.id,
+                destination: r.destination,
+                data: r.data,
+                body: r.body,
+                content_type: r.content_type,
+                created_at: r.created_at,
+                target_connection: r.target_connection,
+                headers: r.headers,
+            })
         })
         .collect())
 }
@@ -90,7 +91,7 @@ pub async fn parked_page(
     let rows = sqlx::query!(
         r#"
         SELECT m.id, m.destination, m.data::text AS data, m.body, m.content_type, m.created_at,
-               m.target_connection
+               m.target_connection, m.headers::text AS headers
           FROM relay.outbox o
           JOIN relay.messages m ON m.id = o.message_id
          WHERE o.node_id IS NULL AND o.user_id = $1 AND o.message_id > $2 AND o.message_id <= $3
@@ -114,15 +115,16 @@ pub async fn parked_page(
     Ok(rows
         .into_iter()
         .map(|r| {
-            StoredMessage::from_row(
-                r.id,
-                r.destination,
-                r.data,
-                r.body,
-                r.content_type,
-                r.created_at,
-                r.target_connection,
-            )
+            StoredMessage::from_row(MessageRow {
+                id: r.id,
+                destination: r.destination,
+                data: r.data,
+                body: r.body,
+                content_type: r.content_type,
+                created_at: r.created_at,
+                target_connection: r.target_connection,
+                headers: r.headers,
+            })
         })
         .collect())
 }

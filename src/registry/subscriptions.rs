@@ -1,6 +1,7 @@
-//! Subscription rows: a topic subscription is registered (under the topic's
-//! stream lock, fenced by the node's incarnation) before it is confirmed,
-//! and removed with it, or with its connection.
+//! Subscription rows: a topic subscription (or a queue consumer) is
+//! registered (a topic's under its stream lock; both fenced by the node's
+//! incarnation) before it is confirmed, and removed with it, or with its
+//! connection.
 
 use std::time::Duration;
 
@@ -82,4 +83,60 @@ pub async fn detach(pool: &PgPool, connection: Uuid, topic: &str) -> Result<(), 
     .await?;
     scope.end().await?;
     Ok(())
+}
+
+/// Registers subscription `subscription` of `connection` as a consumer of
+/// `queue` (fenced by the node's incarnation): from its commit, the queue's
+/// messages may be claimed for it, and whoever reaps the node puts back
+/// what it held.
+pub async fn attach_consumer(
+    pool: &PgPool,
+    consumer: &QueueConsumer<'_>,
+    node_id: &NodeId,
+    incarnation: Uuid,
+    idle: Duration,
+) -> Result<(), SubscribeFailure> {
+    let bounds = Bounds {
+        statement: db::OP_TIMEOUT,
+        idle,
+        lock: Some(SUBSCRIBE_LOCK_TIMEOUT),
+        asynchronous_commit: false,
+    };
+    let work = async {
+        let mut tx = db::begin_bounded(pool, bounds).await?;
+        sqlx::query!(
+            "SELECT relay.attach_queue_consumer($1, $2, $3, $4, $5, $6)",
+            consumer.connection,
+            node_id.as_str(),
+            incarnation,
+            consumer.subscription,
+            consumer.queue,
+            consumer.ack_mode,
+        )
+        .execute(&mut *tx)
+        .await?;
+        Ok::<_, sqlx::Error>(tx)
+    };
+    let tx = match tokio::time::timeout(bounds.statement * 2, work).await {
+        Err(_) => return Err(SubscribeFailure::NotRegistered("timed out".into())),
+        Ok(Err(error)) if db::is_fenced(&error) => return Err(SubscribeFailure::Fenced),
+        Ok(Err(error)) => return Err(SubscribeFailure::NotRegistered(error.to_string())),
+        Ok(Ok(tx)) => tx,
+    };
+    match db::commit_within(tx, db::OP_TIMEOUT).await {
+        Ok(()) => Ok(()),
+        Err(CommitError::RolledBack(error)) => {
+            Err(SubscribeFailure::NotRegistered(error.to_string()))
+        }
+        Err(CommitError::Unknown(why)) => Err(SubscribeFailure::Unknown(why)),
+    }
+}
+
+/// A queue consumer to register.
+pub struct QueueConsumer<'a> {
+    pub connection: Uuid,
+    pub subscription: &'a str,
+    pub queue: &'a str,
+    /// `auto`, `client` or `client-individual`.
+    pub ack_mode: &'a str,
 }

@@ -4,14 +4,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::WebSocket;
-use futures_util::StreamExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::json::Json;
 use super::serve::close_and_drain;
-use super::{Backfill, Half, Origin, Session, Start, WsSink, WsStream, stomp};
+use super::{Backfill, Half, Origin, Session, Start, Transport, WsSink, WsStream, stomp};
 use crate::auth::Identity;
 use crate::metrics as m;
 use crate::protocol::Protocol;
@@ -27,6 +25,7 @@ pub struct SessionParams {
     /// When its TCP connection was accepted.
     pub accepted: tokio::time::Instant,
     pub protocol: Protocol,
+    pub transport: Transport,
     pub remote_addr: String,
     pub user_agent: Option<String>,
 }
@@ -38,7 +37,12 @@ pub struct SessionParams {
 /// burst of input) is boxed, and the idle state stays small; each protocol's
 /// session is boxed too, so that a JSON session does not carry the room a
 /// STOMP one needs.
-pub async fn run(ctx: Arc<NodeState>, socket: WebSocket, params: SessionParams) {
+pub async fn run<S: WsSink, I: WsStream>(
+    ctx: Arc<NodeState>,
+    mut sink: S,
+    mut incoming: I,
+    params: SessionParams,
+) {
     let id = Uuid::now_v7();
     let span = tracing::info_span!(
         "session",
@@ -46,8 +50,8 @@ pub async fn run(ctx: Arc<NodeState>, socket: WebSocket, params: SessionParams) 
         connection_id = %id,
         user_id = tracing::field::Empty,
         protocol = params.protocol.as_str(),
+        transport = params.transport.as_str(),
     );
-    let (mut sink, mut incoming) = socket.split();
     async move {
         match params.protocol {
             Protocol::Json => {
@@ -70,10 +74,15 @@ pub async fn run(ctx: Arc<NodeState>, socket: WebSocket, params: SessionParams) 
                     &mut sink,
                     &mut incoming,
                     params.identity.clone(),
+                    params.transport,
                     deadline,
                 ))
                 .await;
-                if let Some((identity, state)) = accepted {
+                if let Some((identity, state, since)) = accepted {
+                    let params = SessionParams {
+                        since: params.since.or(since),
+                        ..params
+                    };
                     Box::pin(start(ctx, sink, incoming, params, id, identity, state)).await;
                 }
             }
@@ -105,7 +114,13 @@ async fn start<P: Half, S: WsSink, I: WsStream>(
         protocol: P::PROTOCOL.as_str(),
         remote_addr: &params.remote_addr,
         user_agent: params.user_agent.as_deref(),
-        max_per_user: ctx.settings.limits.max_connections_per_user,
+        // A backend's sessions (one per browser, for Spring) all carry
+        // its login: the per-user limit is for end users.
+        max_per_user: if identity.backend {
+            i32::MAX as u32
+        } else {
+            ctx.settings.limits.max_connections_per_user
+        },
     };
     let attached = Box::pin(connections::attach(
         &ctx.db.pool,
@@ -168,6 +183,7 @@ async fn start<P: Half, S: WsSink, I: WsStream>(
     };
     let controls = inbox.controls();
     let mut session = Session::new(ctx, id, identity, sink, proto, controls, start);
+    session.transport = params.transport;
     let Err(exit) = session.serve(&mut inbox, &mut incoming).await;
     Box::pin(session.finish(inbox, &mut incoming, exit)).await;
 }

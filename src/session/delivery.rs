@@ -114,6 +114,7 @@ impl<P: Half, S: WsSink> Session<P, S> {
             StreamKey::User(_) => Some(&mut self.user_cursor),
             StreamKey::Broadcast => Some(&mut self.broadcast_cursor),
             StreamKey::Topic(topic) => self.topics.get_mut(topic),
+            StreamKey::Queue(_) => None,
         }
     }
 
@@ -127,6 +128,15 @@ impl<P: Half, S: WsSink> Session<P, S> {
                 now.saturating_duration_since(envelope.offered_at),
                 1,
             );
+            if envelope.queue.is_some() {
+                // Claimed for this connection alone: no stream to dedupe by
+                // (a redelivery comes with an older id).
+                items.push(Item {
+                    envelope,
+                    origin: Origin::Live,
+                });
+                continue;
+            }
             let Some(cursor) = self.cursor(&envelope.stream) else {
                 continue; // a topic unsubscribed since
             };
@@ -209,6 +219,10 @@ impl<P: Half, S: WsSink> Session<P, S> {
                     user_id: self.user.clone(),
                     at,
                     user_stream: matches!(envelope.stream, StreamKey::User(_)),
+                    settles: match (&envelope.stream, &envelope.queue) {
+                        (StreamKey::Queue(queue), Some(claim)) if claim.auto => Some(queue.clone()),
+                        _ => None,
+                    },
                 })
                 .await;
         }

@@ -135,6 +135,7 @@ impl<S: WsSink> Session<Json, S> {
                         message_id: id.0,
                         connection_id: self.id,
                         at: chrono::Utc::now(),
+                        queue: None,
                     };
                     self.ctx.delivery.log.record(record).await;
                     Ok(())
@@ -197,6 +198,7 @@ impl<S: WsSink> Session<Json, S> {
                     destination: None,
                     payload: Payload::Json(Arc::from(data)),
                     ttl_secs: None,
+                    headers: Vec::new(),
                 };
                 let message = match parse::check(draft, &Rules::of(&self.ctx.settings)) {
                     Ok(message) => message,

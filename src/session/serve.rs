@@ -12,7 +12,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{SinkExt, StreamExt};
 
 use super::submit::{IN_FLIGHT, next_answer};
-use super::{Exit, Half, Input, Session, WsSink, WsStream};
+use super::{Exit, Half, Input, Session, Transport, WsSink, WsStream};
 use crate::metrics as m;
 use crate::read::hub::{Control, Inbox};
 
@@ -81,10 +81,16 @@ impl<P: Half, S: WsSink> Session<P, S> {
                     Box::pin(self.deliver_live(batch)).await?;
                 }
                 _ = ping.tick() => {
-                    if self.last_inbound.elapsed() > self.silence_limit() {
+                    // Over TCP only STOMP heart-beats tell: a client that
+                    // promised none is left to TCP's own keepalive.
+                    let pings = self.transport == Transport::WebSocket;
+                    let watched = pings || self.proto.heartbeat_in().is_some();
+                    if watched && self.last_inbound.elapsed() > self.silence_limit() {
                         return Err(Exit::close(1001, "heartbeat timeout"));
                     }
-                    self.send(Message::Ping(Default::default())).await?;
+                    if pings {
+                        self.send(Message::Ping(Default::default())).await?;
+                    }
                 }
                 _ = beat.tick(), if heartbeat_out.is_some() => {
                     self.send(Message::Text(Utf8Bytes::from_static("\n"))).await?;

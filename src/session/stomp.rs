@@ -18,6 +18,7 @@
 
 mod destinations;
 mod handshake;
+mod queues;
 mod subscriptions;
 
 use std::collections::VecDeque;
@@ -112,9 +113,7 @@ impl Half for Stomp {
     /// this connection in the outbox: parked for the user when it closes.
     fn frames(&mut self, item: Item, hold_at_most: usize) -> Option<Ready> {
         let envelope = &item.envelope;
-        let frames =
-            self.subscriptions
-                .frames_for(&envelope.message, &envelope.stream, self.version);
+        let frames = self.subscriptions.frames_for(envelope, self.version);
         if !frames.is_empty() {
             return Some(Ready { item, frames });
         }
@@ -140,6 +139,30 @@ impl Half for Stomp {
     fn heartbeat_out(&self) -> Option<Duration> {
         self.heartbeat_out
     }
+}
+
+/// Headers STOMP defines for SEND and MESSAGE: everything else a SEND
+/// carries is the application's, and travels with the message.
+const STOMP_HEADERS: [&str; 9] = [
+    "destination",
+    "content-length",
+    "content-type",
+    "receipt",
+    "transaction",
+    "message-id",
+    "subscription",
+    "ack",
+    "redelivered",
+];
+
+/// A SEND's application headers, in order.
+fn application_headers(frame: &Frame) -> Vec<(String, String)> {
+    frame
+        .headers
+        .iter()
+        .filter(|(name, _)| !STOMP_HEADERS.contains(&name.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// A frame as a WebSocket message: text when it is UTF-8 without NUL in the
@@ -332,32 +355,48 @@ impl<S: WsSink> Session<Stomp, S> {
                     .ok_or_else(|| StompError::protocol("UNSUBSCRIBE needs an id header"))?
                     .to_owned();
                 let subscriptions = &mut self.proto.subscriptions.by_id;
-                if let Some(Subscription {
-                    listens: Listens::Topic(topic),
-                    ..
-                }) = subscriptions.remove(&id)
-                {
-                    let still_used = subscriptions
-                        .values()
-                        .any(|s| matches!(&s.listens, Listens::Topic(t) if *t == topic));
-                    if !still_used {
-                        self.unsubscribe_topic(&topic).await;
+                match subscriptions.remove(&id) {
+                    Some(Subscription {
+                        listens: Listens::Topic(topic),
+                        ..
+                    }) => {
+                        let still_used = subscriptions
+                            .values()
+                            .any(|s| matches!(&s.listens, Listens::Topic(t) if *t == topic));
+                        if !still_used {
+                            self.unsubscribe_topic(&topic).await;
+                        }
                     }
+                    Some(Subscription {
+                        listens: Listens::Queue(_),
+                        ..
+                    }) => self.leave_queue(&id).await,
+                    _ => {}
                 }
                 Ok(Continue::Yes)
             }
             "ACK" | "NACK" => {
                 let settled = self.proto.subscriptions.settle(frame, self.proto.version);
-                if frame.command == "ACK" {
-                    let at = chrono::Utc::now();
-                    for message_id in settled {
-                        let record = Record::Acked {
-                            message_id,
+                let at = chrono::Utc::now();
+                for settled in settled {
+                    let record = match (frame.command.as_str(), settled.queue) {
+                        ("ACK", queue) => Record::Acked {
+                            message_id: settled.message_id,
                             connection_id: self.id,
                             at,
-                        };
-                        self.ctx.delivery.log.record(record).await;
-                    }
+                            queue,
+                        },
+                        // A queue's message waits for another consumer.
+                        (_, Some(queue)) => Record::Nacked {
+                            message_id: settled.message_id,
+                            connection_id: self.id,
+                            queue,
+                        },
+                        // Another message's NACK settles it: it was
+                        // delivered, and is not sent again.
+                        (_, None) => continue,
+                    };
+                    self.ctx.delivery.log.record(record).await;
                 }
                 Ok(Continue::Yes)
             }
@@ -391,31 +430,76 @@ impl<S: WsSink> Session<Stomp, S> {
             "client-individual" => AckMode::ClientIndividual,
             other => return Err(StompError::protocol(format!("unknown ack mode {other:?}")).into()),
         };
-        let listens = parse_subscription(&destination)?;
+        let since = match frame.header("since").map(str::parse::<i64>) {
+            None => None,
+            Some(Ok(since)) if since >= 0 => Some(since),
+            Some(_) => {
+                return Err(StompError::protocol(
+                    "the since header must be a message id (a decimal number)",
+                )
+                .into());
+            }
+        };
+        let listens = parse_subscription(&destination, self.identity.backend)?;
+        let mut credit = None;
+        if let Listens::Queue(queue) = &listens {
+            credit = Some(self.consume_queue(queue, &id, ack, frame).await?);
+        }
         if let Listens::Topic(topic) = &listens {
-            if !topic::allowed(&self.identity.topics, topic) {
+            if !self.identity.backend && !topic::allowed(&self.identity.topics, topic) {
                 return Err(StompError::forbidden(format!(
                     "your token does not allow subscribing to {topic:?}"
                 ))
                 .into());
             }
-            if let Err(error) = self.subscribe_topic(topic).await {
-                return Err(match error {
-                    SubscribeError::TooMany(_) => StompError::forbidden(error.describe()),
-                    SubscribeError::Unavailable => StompError::unavailable(error.describe()),
+            let head = match self.subscribe_topic(topic).await {
+                Ok(head) => head,
+                Err(error) => {
+                    return Err(match error {
+                        SubscribeError::TooMany(_) => StompError::forbidden(error.describe()),
+                        SubscribeError::Unavailable => StompError::unavailable(error.describe()),
+                    }
+                    .into());
                 }
-                .into());
+            };
+            if let Some(since) = since.filter(|since| *since < head) {
+                // A resume: the subscription is in place first (so that
+                // the backfill reaches its frames), then the topic's
+                // stream after `since` goes before anything live.
+                self.proto.subscriptions.by_id.insert(
+                    id.clone(),
+                    Subscription {
+                        destination: destination.clone(),
+                        listens: listens.clone(),
+                        ack,
+                        credit: None,
+                    },
+                );
+                let backfill = super::Backfill {
+                    origin: super::Origin::Stream,
+                    from: since,
+                    head,
+                };
+                self.backfill(StreamKey::Topic(topic.clone()), backfill)
+                    .await?;
+                return Ok(());
             }
         }
         let user_messages = matches!(listens, Listens::User(_));
+        let consumes = credit.is_some();
         self.proto.subscriptions.by_id.insert(
             id,
             Subscription {
                 destination,
                 listens,
                 ack,
+                credit,
             },
         );
+        if consumes {
+            // Room for a queue consumer: the claimer claims for it now.
+            self.ctx.delivery.hub.queue_credit_freed();
+        }
         if user_messages {
             // The first place user messages can go: the backfill runs now,
             // then what was held for a subscription like this one.
@@ -433,15 +517,17 @@ impl<S: WsSink> Session<Stomp, S> {
         let destination = frame
             .header("destination")
             .ok_or_else(|| StompError::protocol("SEND needs a destination header"))?;
-        let (target, message_destination) = parse_send(destination, &self.user)?;
-        let allowed = match &target {
-            Target::Topic(topic) => topic::allowed(&self.identity.publish, topic),
-            Target::User(user) => {
-                *user == *self.user
-                    || topic::allowed(&self.identity.publish, &format!("users.{user}"))
-            }
-            _ => false,
-        };
+        let (target, message_destination) =
+            parse_send(destination, &self.user, self.identity.backend)?;
+        let allowed = self.identity.backend
+            || match &target {
+                Target::Topic(topic) => topic::allowed(&self.identity.publish, topic),
+                Target::User(user) => {
+                    *user == *self.user
+                        || topic::allowed(&self.identity.publish, &format!("users.{user}"))
+                }
+                _ => false,
+            };
         if !allowed {
             return Err(StompError::forbidden(format!(
                 "your token does not allow sending to {destination:?}"
@@ -456,10 +542,12 @@ impl<S: WsSink> Session<Stomp, S> {
                 content_type: frame.header("content-type").map(str::to_owned),
             },
             ttl_secs: None,
+            headers: application_headers(frame),
         };
         let message =
             parse::check(draft, &Rules::of(&self.ctx.settings)).map_err(
                 |refusal| match refusal {
+                    Refusal::HeadersTooLarge { .. } => StompError::protocol(refusal.to_string()),
                     Refusal::TooLarge { size, limit } => StompError::protocol(format!(
                         "the body is {size} bytes; the limit is {limit} (PGRELAY_MAX_MESSAGE_BYTES)"
                     )),

@@ -8,7 +8,7 @@ use super::{Exit, Half, Session, WsSink};
 use crate::message::NewMessage;
 use crate::metrics as m;
 use crate::read::hub::Control;
-use crate::write::enqueue::{self, EnqueueError, Source};
+use crate::write::enqueue::{self, EnqueueError};
 use crate::write::group_commit::Pending;
 
 /// Submissions a connection may have in flight: enough to fill the group
@@ -49,8 +49,8 @@ impl<P: Half, S: WsSink> Session<P, S> {
             .group_commit
             .enqueue(
                 vec![message],
-                Source::WebSocket,
-                enqueue::deadline(Source::WebSocket),
+                self.transport.source(),
+                enqueue::deadline(self.transport.source()),
             )
             .await;
         match queued {

@@ -19,7 +19,7 @@ use super::{Exit, Half, Session, Start, WsSink, WsStream};
 use crate::auth::Identity;
 use crate::config::Settings;
 use crate::liveness::Liveness;
-use crate::message::{StoredMessage, StreamKey};
+use crate::message::{MessageRow, StoredMessage, StreamKey};
 use crate::protocol::stomp::{FrameLimits, Version};
 use crate::rate::KeyedLimiter;
 use crate::read::delivery_log::{DeliveryLog, Record};
@@ -166,15 +166,16 @@ fn serve<P: Half, S: WsSink + 'static, I: WsStream + 'static>(
 }
 
 fn user_message(id: i64) -> Arc<Envelope> {
-    let message = StoredMessage::from_row(
+    let message = StoredMessage::from_row(MessageRow {
         id,
-        None,
-        Some(id.to_string()),
-        None,
-        None,
-        chrono::Utc::now(),
-        None,
-    );
+        destination: None,
+        data: Some(id.to_string()),
+        body: None,
+        content_type: None,
+        created_at: chrono::Utc::now(),
+        target_connection: None,
+        headers: None,
+    });
     Arc::new(Envelope::new(message, StreamKey::User("ann".into())))
 }
 
@@ -295,15 +296,16 @@ async fn live_messages_are_written_once_in_order_and_recorded() {
     // A duplicate (a retried claim) and an older id are dropped; a topic
     // message for a topic this session never subscribed to is too.
     let topic = Arc::new(Envelope::new(
-        StoredMessage::from_row(
-            9,
-            None,
-            Some("9".into()),
-            None,
-            None,
-            chrono::Utc::now(),
-            None,
-        ),
+        StoredMessage::from_row(MessageRow {
+            id: 9,
+            destination: None,
+            data: Some("9".into()),
+            body: None,
+            content_type: None,
+            created_at: chrono::Utc::now(),
+            target_connection: None,
+            headers: None,
+        }),
         StreamKey::Topic("elsewhere".into()),
     ));
     for envelope in [

@@ -16,7 +16,7 @@ use anyhow::Context;
 
 /// What the auditor may read: the audit views and the tables they explain
 /// (never `relay.api_keys` or `relay.idempotency_keys`).
-pub const AUDITED: [&str; 12] = [
+pub const AUDITED: [&str; 15] = [
     "relay.messages",
     "relay.message_states",
     "relay.deliveries",
@@ -29,6 +29,9 @@ pub const AUDITED: [&str; 12] = [
     "relay.stream_messages",
     "relay.sweeper",
     "relay.config",
+    "relay.queues",
+    "relay.queue_entries",
+    "relay.queue_consumers",
 ];
 
 /// The functions the application role may call.

@@ -132,6 +132,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
                 destination: args.destination,
                 payload: Payload::Json(data.into()),
                 ttl_secs,
+                headers: Vec::new(),
             };
             // The same rules and the same way in as a node's (here a batch
             // of one); the database applies its size and TTL limits.

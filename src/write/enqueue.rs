@@ -33,6 +33,8 @@ use crate::message::{NewMessage, Payload};
 pub enum Source {
     Http,
     WebSocket,
+    /// STOMP over TCP (a backend such as Spring's broker relay).
+    Tcp,
     /// `pgrelay send`, straight into the database.
     Cli,
 }
@@ -42,6 +44,7 @@ impl Source {
         match self {
             Source::Http => "http",
             Source::WebSocket => "ws",
+            Source::Tcp => "tcp",
             Source::Cli => "cli",
         }
     }
@@ -60,7 +63,7 @@ pub const CLI_SUBMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// one timeout policy for every way in.
 pub fn deadline(source: Source) -> Instant {
     let limit = match source {
-        Source::Http | Source::WebSocket => SUBMIT_TIMEOUT,
+        Source::Http | Source::WebSocket | Source::Tcp => SUBMIT_TIMEOUT,
         Source::Cli => CLI_SUBMIT_TIMEOUT,
     };
     Instant::now() + limit
@@ -350,7 +353,9 @@ async fn enqueue_raw<'e>(
     let mut bodies = Vec::with_capacity(messages.len());
     let mut content_types = Vec::with_capacity(messages.len());
     let mut ttls = Vec::with_capacity(messages.len());
+    let mut headers = Vec::with_capacity(messages.len());
     for message in messages {
+        headers.push(crate::message::headers_to_json(&message.headers));
         targets.push(message.target.to_json().to_string());
         destinations.push(message.destination.clone());
         match &message.payload {
@@ -383,7 +388,8 @@ async fn enqueue_raw<'e>(
             $5,
             $6::bytea[],
             $7::text[],
-            $8) AS "ids!"
+            $8,
+            $9::text[]::jsonb[]) AS "ids!"
         "#,
         &targets,
         &destinations as &[Option<String>],
@@ -393,6 +399,7 @@ async fn enqueue_raw<'e>(
         &bodies as &[Option<Vec<u8>>],
         &content_types as &[Option<String>],
         nowait,
+        &headers as &[Option<String>],
     )
     .fetch_one(executor)
     .await?;

@@ -223,7 +223,7 @@ fn stream_hash(target: &Target) -> u64 {
     match target {
         Target::User(user) => user.hash(&mut hasher),
         Target::Users(users) => users.iter().min().hash(&mut hasher),
-        Target::Topic(topic) => topic.hash(&mut hasher),
+        Target::Topic(topic) | Target::Queue(topic) => topic.hash(&mut hasher),
         Target::Connection(id) => id.hash(&mut hasher),
         Target::Broadcast => 0.hash(&mut hasher),
     }

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use crate::config::Settings;
-use crate::message::{self, MAX_DESTINATION_BYTES, NewMessage, Payload, Target};
+use crate::message::{self, Headers, MAX_DESTINATION_BYTES, NewMessage, Payload, Target};
 
 /// The limits a message is checked against.
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +48,13 @@ pub struct Draft {
     pub destination: Option<String>,
     pub payload: Payload,
     pub ttl_secs: Option<u64>,
+    /// Application headers (STOMP SEND), kept with the message.
+    pub headers: Headers,
 }
+
+/// The most bytes of application headers one message may carry (names and
+/// values): they are stored with it and written on every MESSAGE frame.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Why a message was refused. Nothing was stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +67,8 @@ pub enum Refusal {
     BadDestination,
     #[error("`ttl_s` must be between 1 and the retention ({retention_secs} s)")]
     BadTtl { retention_secs: u64 },
+    #[error("the headers are {size} bytes; the limit is {MAX_HEADER_BYTES}")]
+    HeadersTooLarge { size: usize },
 }
 
 /// Checks a draft against `rules`, in the order a client would fix them:
@@ -88,11 +96,16 @@ pub fn check(draft: Draft, rules: &Rules) -> Result<NewMessage, Refusal> {
             return Err(Refusal::BadTtl { retention_secs });
         }
     }
+    let header_bytes: usize = draft.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(Refusal::HeadersTooLarge { size: header_bytes });
+    }
     Ok(NewMessage {
         target: draft.target,
         destination: draft.destination,
         payload: draft.payload,
         ttl_secs: draft.ttl_secs,
+        headers: draft.headers,
     })
 }
 
@@ -114,6 +127,7 @@ mod tests {
             destination: None,
             payload,
             ttl_secs: None,
+            headers: Vec::new(),
         }
     }
 

@@ -23,5 +23,6 @@ mod privileges;
 mod random;
 mod security;
 mod stomp;
+mod stomp_tcp;
 mod stompjs;
 mod topics;

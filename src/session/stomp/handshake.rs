@@ -1,5 +1,7 @@
 //! STOMP's CONNECT: read within the handshake deadline, version and
-//! heart-beats agreed, the client authenticated (if the upgrade did not).
+//! heart-beats agreed, the client authenticated (if the upgrade did not):
+//! an API key as `passcode` names a trusted backend session (its `login`
+//! names it), a JWT an end user.
 
 use std::time::Duration;
 
@@ -11,23 +13,29 @@ use crate::auth::{Identity, bearer};
 use crate::config::Auth;
 use crate::protocol::stomp::{self, Frame, FrameLimits, Version};
 use crate::session::serve::close_and_drain;
-use crate::session::{WsSink, WsStream};
+use crate::session::{Transport, WsSink, WsStream};
 use crate::state::NodeState;
+
+/// What a backend session is called when its CONNECT has no `login`.
+const DEFAULT_BACKEND_NAME: &str = "backend";
 
 reason_error!(
     /// Why a CONNECT was refused, for the client's ERROR frame.
     ConnectRefused
 );
 
-/// Reads CONNECT (or STOMP) and authenticates. None when the client is
-/// refused (it has been sent an ERROR and closed).
+/// Reads CONNECT (or STOMP) and authenticates; answers the identity, the
+/// session's state and the `since` the CONNECT names (a resume of the
+/// user's stream, as `?since=` is). None when the client is refused (it
+/// has been sent an ERROR and closed).
 pub(in crate::session) async fn handshake<S: WsSink, I: WsStream>(
     ctx: &NodeState,
     sink: &mut S,
     incoming: &mut I,
     identity: Option<Identity>,
+    transport: Transport,
     deadline: tokio::time::Instant,
-) -> Option<(Identity, Stomp)> {
+) -> Option<(Identity, Stomp, Option<i64>)> {
     let limits = FrameLimits::new(ctx.settings.max_message_bytes);
     let outcome = async {
         let frame = loop {
@@ -59,9 +67,18 @@ pub(in crate::session) async fn handshake<S: WsSink, I: WsStream>(
             .ok_or_else(|| Some("supported versions are 1.0, 1.1 and 1.2".into()))?;
         let (client_sends, client_wants) = stomp::heart_beat(frame.header("heart-beat"))
             .ok_or_else(|| Some("the heart-beat header must be two numbers: cx,cy".into()))?;
+        let since = match frame.header("since").map(str::parse::<i64>) {
+            None => None,
+            Some(Ok(since)) if since >= 0 => Some(since),
+            Some(_) => {
+                return Err(Some(
+                    "the since header must be a message id (a decimal number)".into(),
+                ));
+            }
+        };
         let identity = match identity {
             Some(identity) => identity,
-            None => connect_identity(ctx, &frame).map_err(Some)?,
+            None => connect_identity(ctx, &frame, transport).map_err(Some)?,
         };
         let ours = ctx.settings.heartbeat_interval.as_millis() as u64;
         let state = Stomp::new(
@@ -70,7 +87,7 @@ pub(in crate::session) async fn handshake<S: WsSink, I: WsStream>(
             (client_wants > 0).then(|| Duration::from_millis(client_wants.max(ours))),
             (client_sends > 0).then(|| Duration::from_millis(client_sends.max(ours))),
         );
-        Ok((identity, state))
+        Ok((identity, state, since))
     }
     .await;
     match outcome {
@@ -86,10 +103,28 @@ pub(in crate::session) async fn handshake<S: WsSink, I: WsStream>(
     }
 }
 
-/// The identity in a CONNECT frame: a JWT as `passcode` or in an
-/// `Authorization` header, or with auth `none` the `login` header.
-fn connect_identity(ctx: &NodeState, frame: &Frame) -> Result<Identity, ConnectRefused> {
+/// The identity in a CONNECT frame: an API key as `passcode` (a trusted
+/// backend, named by `login`), a JWT as `passcode` or in an
+/// `Authorization` header, or with auth `none` the `login` header (over
+/// TCP, a backend: with no credentials anywhere, nothing sets it apart).
+fn connect_identity(
+    ctx: &NodeState,
+    frame: &Frame,
+    transport: Transport,
+) -> Result<Identity, ConnectRefused> {
+    let backend = |frame: &Frame| {
+        let name = frame.header("login").filter(|l| !l.is_empty());
+        Identity::backend(name.unwrap_or(DEFAULT_BACKEND_NAME)).map_err(|e| ConnectRefused(e.0))
+    };
     match &ctx.settings.auth {
+        Auth::None if transport == Transport::Tcp => backend(frame),
+        Auth::Jwt { api_keys, .. }
+            if frame
+                .header("passcode")
+                .is_some_and(|passcode| api_keys.accepts(passcode)) =>
+        {
+            backend(frame)
+        }
         Auth::None => {
             let user = frame
                 .header("login")
@@ -102,7 +137,7 @@ fn connect_identity(ctx: &NodeState, frame: &Frame) -> Result<Identity, ConnectR
                 .or_else(|| frame.header("Authorization").and_then(bearer))
                 .or_else(|| frame.header("authorization").and_then(bearer))
                 .ok_or(
-                    "a token is required: as the passcode header, or `Authorization: Bearer <jwt>`",
+                    "a token is required: as the passcode header (a JWT, or a backend's API key), or `Authorization: Bearer <jwt>`",
                 )?;
             verifier.verify(token).map_err(|e| ConnectRefused(e.0))
         }

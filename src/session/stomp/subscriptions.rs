@@ -2,13 +2,15 @@
 //! MESSAGE frames a message becomes, and what an ACK or NACK settles.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use axum::extract::ws::Message;
 
 use super::destinations::Listens;
 use super::to_message;
-use crate::message::{StoredMessage, StreamKey};
+use crate::message::StreamKey;
 use crate::protocol::stomp::{self, Frame, Version};
+use crate::read::hub::{Credit, Envelope};
 
 /// Outstanding acks remembered per connection; the oldest are forgotten.
 const MAX_PENDING_ACKS: usize = 10_000;
@@ -23,15 +25,36 @@ pub(super) enum AckMode {
     ClientIndividual,
 }
 
+impl AckMode {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            AckMode::Auto => "auto",
+            AckMode::Client => "client",
+            AckMode::ClientIndividual => "client-individual",
+        }
+    }
+}
+
 pub(super) struct Subscription {
     pub destination: String,
     pub listens: Listens,
     pub ack: AckMode,
+    /// A queue consumer's room for messages.
+    pub credit: Option<Arc<Credit>>,
 }
 
 struct PendingAck {
     subscription: String,
     message_id: i64,
+    /// A queue's message, and its consumer's credit.
+    queue: Option<(Arc<str>, Arc<Credit>)>,
+}
+
+/// A message an ACK or NACK settled.
+pub(super) struct Settled {
+    pub message_id: i64,
+    /// The queue it came from, if it did.
+    pub queue: Option<Arc<str>>,
 }
 
 /// The subscriptions by id, and the acks they wait for.
@@ -45,17 +68,21 @@ pub(super) struct Subscriptions {
 }
 
 impl Subscriptions {
-    /// The MESSAGE frames for a message, one per matching subscription.
-    pub fn frames_for(
-        &mut self,
-        message: &StoredMessage,
-        stream: &StreamKey,
-        version: Version,
-    ) -> Vec<Message> {
+    /// The MESSAGE frames for a message, one per matching subscription (a
+    /// queue's: one, for the subscription it was claimed for).
+    pub fn frames_for(&mut self, envelope: &Envelope, version: Version) -> Vec<Message> {
+        let (message, stream) = (&envelope.message, &envelope.stream);
         let wanted: Vec<(String, String, AckMode)> = self
             .by_id
             .iter()
-            .filter(|(_, sub)| match (&sub.listens, stream) {
+            .filter(|(id, sub)| match (&sub.listens, stream) {
+                (Listens::Queue(q), StreamKey::Queue(queue)) => {
+                    q == queue
+                        && envelope
+                            .queue
+                            .as_ref()
+                            .is_some_and(|claim| *claim.subscription == ***id)
+                }
                 (Listens::Topic(t), StreamKey::Topic(topic)) => t == topic,
                 (Listens::User(destination), StreamKey::User(_)) => {
                     destination
@@ -77,11 +104,27 @@ impl Subscriptions {
             .collect();
         let (body, content_type) = message.payload.body();
         let message_id = message.id.to_string();
+        let redelivered = envelope.queue.as_ref().is_some_and(|c| c.redelivered);
         let mut frames = Vec::with_capacity(wanted.len());
         for (subscription, destination, ack) in wanted {
+            let queue = match (&envelope.stream, &self.by_id[&subscription].credit) {
+                (StreamKey::Queue(queue), Some(credit)) => {
+                    if ack == AckMode::Auto {
+                        // Settled once written: room for the next one.
+                        credit.give_back(1);
+                        None
+                    } else {
+                        Some((queue.clone(), credit.clone()))
+                    }
+                }
+                _ => None,
+            };
             let ack_id =
-                (ack != AckMode::Auto).then(|| self.remember_ack(&subscription, message.id));
+                (ack != AckMode::Auto).then(|| self.remember_ack(&subscription, message.id, queue));
             let ack_text = ack_id.map(|id| id.to_string());
+            // A queue message's destination is its queue's; any other's is
+            // the subscription's (a user message's says which of the user's
+            // destinations it was sent to only through the subscription).
             let mut headers = vec![
                 ("subscription", subscription.as_str()),
                 ("message-id", message_id.as_str()),
@@ -95,6 +138,14 @@ impl Subscriptions {
             {
                 headers.push(("ack", ack));
             }
+            if redelivered {
+                headers.push(("redelivered", "true"));
+            }
+            // Application headers travel, after the STOMP-defined ones (a
+            // receiver takes the first of a repeated name: ours win).
+            for (name, value) in &message.headers {
+                headers.push((name, value));
+            }
             frames.push(to_message(stomp::encode(
                 "MESSAGE", &headers, &body, version,
             )));
@@ -102,7 +153,12 @@ impl Subscriptions {
         frames
     }
 
-    fn remember_ack(&mut self, subscription: &str, message_id: i64) -> u64 {
+    fn remember_ack(
+        &mut self,
+        subscription: &str,
+        message_id: i64,
+        queue: Option<(Arc<str>, Arc<Credit>)>,
+    ) -> u64 {
         self.next_ack += 1;
         let id = self.next_ack;
         self.pending.insert(
@@ -110,9 +166,13 @@ impl Subscriptions {
             PendingAck {
                 subscription: subscription.to_owned(),
                 message_id,
+                queue,
             },
         );
         self.pending_order.push_back(id);
+        // A queue message forgotten here stays held by this connection until
+        // it leaves (then it waits in its queue again): prefetch keeps a
+        // queue's share far below this.
         while self.pending_order.len() > MAX_PENDING_ACKS {
             if let Some(old) = self.pending_order.pop_front() {
                 self.pending.remove(&old);
@@ -121,10 +181,18 @@ impl Subscriptions {
         id
     }
 
+    /// Forgets the acks subscription `id` waits for (it was unsubscribed:
+    /// its queue messages wait in the queue again).
+    pub fn forget(&mut self, id: &str) {
+        self.pending.retain(|_, p| p.subscription != id);
+        self.pending_order
+            .retain(|ack| self.pending.contains_key(ack));
+    }
+
     /// The pending acks an ACK or NACK frame settles: one (client-individual)
     /// or every earlier one of the subscription too (client). Empty when the
     /// frame names nothing pending.
-    pub fn settle(&mut self, frame: &Frame, version: Version) -> Vec<i64> {
+    pub fn settle(&mut self, frame: &Frame, version: Version) -> Vec<Settled> {
         let found = match version {
             Version::V1_2 => frame.header("id").and_then(|id| id.parse::<u64>().ok()),
             _ => {
@@ -169,7 +237,14 @@ impl Subscriptions {
         let mut messages = Vec::with_capacity(settled.len());
         for id in settled {
             if let Some(pending) = self.pending.remove(&id) {
-                messages.push(pending.message_id);
+                let queue = pending.queue.map(|(queue, credit)| {
+                    credit.give_back(1);
+                    queue
+                });
+                messages.push(Settled {
+                    message_id: pending.message_id,
+                    queue,
+                });
             }
         }
         self.pending_order

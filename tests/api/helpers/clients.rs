@@ -198,7 +198,7 @@ impl StompReply {
             .map(|(_, v)| v.as_str())
     }
 
-    fn parse(bytes: &[u8], binary: bool) -> Self {
+    pub fn parse(bytes: &[u8], binary: bool) -> Self {
         let split = bytes
             .windows(2)
             .position(|w| w == b"\n\n")

@@ -87,6 +87,26 @@ impl Cluster {
         self.node(index).node_id().to_string()
     }
 
+    /// Where node `index` serves STOMP over TCP (started with it on).
+    pub fn stomp_addr(&self, index: usize) -> std::net::SocketAddr {
+        self.node(index)
+            .stomp_addr
+            .expect("the node serves STOMP over TCP")
+    }
+
+    /// Nodes that also serve STOMP over TCP.
+    pub async fn start_stomp(
+        nodes: usize,
+        auth: AuthKind,
+        mut adjust: impl FnMut(usize, &mut Settings),
+    ) -> Self {
+        Self::start_with(nodes, auth, |index, settings| {
+            settings.stomp_listen = Some("127.0.0.1:0".parse().unwrap());
+            adjust(index, settings);
+        })
+        .await
+    }
+
     pub fn url(&self, index: usize, path: &str) -> String {
         format!("http://{}{path}", self.node(index).addr)
     }

@@ -1,5 +1,6 @@
 -- What Spring's STOMP broker relay (and RabbitMQ's STOMP users) rely on a
--- broker for: headers that travel with a message, and queues.
+-- broker for: headers that travel with a message, queues, and messages that
+-- come again when the socket they were written to died unacked.
 --
 -- Headers: a STOMP SEND's application headers (all but the STOMP-defined
 -- ones) are kept with the message and written on every MESSAGE frame.
@@ -13,12 +14,51 @@
 -- its node is reaped. A queue is nothing but its entries and consumers: it
 -- exists from its first message or subscription, and is gone once it has
 -- neither (relay.queues shows the live ones).
+--
+-- Unacked user messages: a user's message written to a STOMP subscription
+-- with ack `client` or `client-individual` is recorded as needing an ack
+-- (relay.deliveries.ack_required). If its connection goes (closes, dies,
+-- or its node is reaped) before the ack, the message is parked for the user
+-- again (handed_back_at): their next connection gets it, as if it had
+-- never been written.
 
 ALTER TABLE relay.messages ADD COLUMN headers jsonb;
 -- STOMP over TCP is a way in of its own.
 ALTER TABLE relay.messages DROP CONSTRAINT messages_source_check;
 ALTER TABLE relay.messages ADD CONSTRAINT messages_source_check
     CHECK (source IN ('http', 'sql', 'ws', 'cli', 'tcp')) NOT VALID;
+
+ALTER TABLE relay.deliveries ADD COLUMN ack_required boolean NOT NULL DEFAULT false;
+ALTER TABLE relay.deliveries ADD COLUMN handed_back_at timestamptz;
+-- Only the deliveries still awaiting their ack are in it: it stays small.
+CREATE INDEX deliveries_awaiting_ack_idx ON relay.deliveries (node_id, connection_id)
+    WHERE ack_required AND acked_at IS NULL AND handed_back_at IS NULL;
+
+-- Parks again, for their users, the messages written to `p_connections`
+-- (or to any connection of node `p_node`: its sessions are gone) that still
+-- await an ack, unless another socket of the user acked them.
+CREATE FUNCTION relay.park_unacked(p_connections uuid[], p_node text DEFAULT NULL) RETURNS bigint
+LANGUAGE sql
+AS $fn$
+    WITH unacked AS (
+        UPDATE relay.deliveries d SET handed_back_at = now()
+         WHERE d.ack_required AND d.acked_at IS NULL AND d.handed_back_at IS NULL
+           AND (d.connection_id = ANY (p_connections) OR d.node_id = p_node)
+        RETURNING d.message_id, d.user_id
+    ), parked AS (
+        INSERT INTO relay.outbox (node_id, message_id, user_id, expires_at)
+        SELECT DISTINCT NULL::text, u.message_id, u.user_id, m.expires_at
+          FROM unacked u
+          JOIN relay.messages m ON m.id = u.message_id
+         WHERE m.expires_at > now() AND m.target_connection IS NULL
+           AND NOT EXISTS (SELECT 1 FROM relay.deliveries a
+                            WHERE a.message_id = u.message_id AND a.user_id = u.user_id
+                              AND a.acked_at IS NOT NULL)
+        ON CONFLICT (user_id, message_id) WHERE node_id IS NULL DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) FROM parked;
+$fn$;
 
 -- Who consumes which queue: one row per STOMP subscription.
 CREATE TABLE relay.queue_consumers (
@@ -156,6 +196,7 @@ LANGUAGE sql
 AS $fn$
     SELECT NULL FROM relay.hand_back(p_node, NULL);
     SELECT relay.release_queues(p_node);
+    SELECT relay.park_unacked('{}', p_node);
 $fn$;
 
 -- relay.enqueue once more: queue targets ({"queue": "<name>"}) and headers.

@@ -325,7 +325,9 @@ impl Prepared {
             .as_ref()
             .and_then(|listener| listener.local_addr().ok());
         let stomp_server = stomp_listener.map(|stomp_listener| {
-            tracing::info!(addr = ?stomp_addr, "serving STOMP over TCP");
+            if let Some(addr) = stomp_addr {
+                tracing::info!(%addr, "serving STOMP over TCP");
+            }
             let stomp_listener = Arc::new(stomp_listener);
             spawn_worker("stomp server", {
                 let (ctx, slots) = (ctx.clone(), slots.clone());

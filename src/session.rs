@@ -191,6 +191,9 @@ pub(crate) struct Item {
 pub(crate) struct Ready {
     pub item: Item,
     pub frames: Vec<Message>,
+    /// Written to a subscription that acks (STOMP `client` modes): a user
+    /// message comes again on the user's next connection unless acked.
+    pub ack_required: bool,
 }
 
 /// A backfill to run: the user's stream (or parked messages) after `from`

@@ -49,6 +49,9 @@ pub enum Record {
         user_stream: bool,
         /// A queue's message written with ack `auto`: its entry is done.
         settles: Option<Arc<str>>,
+        /// Written to a subscription that acks: unless acked, the user's
+        /// message is parked again when the connection goes.
+        ack_required: bool,
     },
     Acked {
         message_id: i64,
@@ -190,6 +193,7 @@ pub async fn write_batch(
     let mut acked_at = Vec::new();
     let mut departed = Vec::new();
     let mut queues = QueueChanges::default();
+    let mut ack_required = Vec::new();
     for record in batch {
         match record {
             Record::Delivered {
@@ -199,8 +203,10 @@ pub async fn write_batch(
                 at,
                 user_stream,
                 settles,
+                ack_required: needs_ack,
             } => {
                 delivered.push(*message_id, *connection_id, user_id, *at);
+                ack_required.push(*needs_ack);
                 if *user_stream {
                     user_delivered.push(*message_id, *connection_id, user_id, *at);
                 }
@@ -309,10 +315,10 @@ pub async fn write_batch(
     if !delivered.messages.is_empty() {
         sqlx::query!(
             r#"
-            INSERT INTO relay.deliveries (message_id, connection_id, user_id, node_id, delivered_at)
-            SELECT d.message_id, d.connection_id, d.user_id, $5, d.delivered_at
-              FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[])
-                   AS d(message_id, connection_id, user_id, delivered_at)
+            INSERT INTO relay.deliveries (message_id, connection_id, user_id, node_id, delivered_at, ack_required)
+            SELECT d.message_id, d.connection_id, d.user_id, $5, d.delivered_at, d.ack_required
+              FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[], $6::boolean[])
+                   AS d(message_id, connection_id, user_id, delivered_at, ack_required)
             ON CONFLICT (message_id, connection_id) DO NOTHING
             "#,
             &delivered.messages,
@@ -320,6 +326,7 @@ pub async fn write_batch(
             &delivered.users,
             &delivered.at,
             node_id.as_str(),
+            &ack_required,
         )
         .execute(&mut *tx)
         .await?;
@@ -341,6 +348,14 @@ pub async fn write_batch(
     let outcome = Outcome::of(&rows, &user_delivered, &departed);
     outcome.apply(&mut tx, node_id, alive, &departed).await?;
     queues.apply(&mut tx, alive, &departed).await?;
+    if alive && !departed.is_empty() {
+        // What departed connections were written and never acked (STOMP
+        // `client` modes) waits for the user's next connection; acks of this
+        // batch are in already.
+        sqlx::query_scalar!(r#"SELECT relay.park_unacked($1) AS "parked!""#, &departed)
+            .fetch_one(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(Written { fenced: !alive })
 }

@@ -98,9 +98,11 @@ pub async fn parked_page(
            AND m.expires_at > now()
            -- A copy parked while another socket of the user was being written
            -- the message (the departure could not see that delivery yet) is
-           -- stale: not sent again.
+           -- stale: not sent again. A delivery that awaited an ack it never
+           -- got (STOMP `client` modes) does not count.
            AND NOT EXISTS (SELECT 1 FROM relay.deliveries d
-                            WHERE d.message_id = o.message_id AND d.user_id = o.user_id)
+                            WHERE d.message_id = o.message_id AND d.user_id = o.user_id
+                              AND (NOT d.ack_required OR d.acked_at IS NOT NULL))
          ORDER BY o.message_id
          LIMIT $4
         "#,

@@ -68,10 +68,15 @@ pub async fn register(
     )
     .execute(&mut *tx)
     .await?;
-    // What its queue consumers held waits in the queues again.
-    sqlx::query_scalar!("SELECT relay.release_queues($1)", node_id.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
+    // What its queue consumers held waits in the queues again, and what its
+    // STOMP users were written but never acked waits for their next
+    // connection.
+    sqlx::query!(
+        "SELECT relay.release_queues($1), relay.park_unacked('{}', $1)",
+        node_id.as_str()
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     sqlx::query!(
         r#"
         INSERT INTO relay.nodes (id, incarnation, listen_addr, version)
@@ -327,9 +332,12 @@ pub async fn reap(
     )
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query_scalar!("SELECT relay.release_queues($1)", node_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "SELECT relay.release_queues($1), relay.park_unacked('{}', $1)",
+        node_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Some(HandedBack {
         reaped: decision.reaped,

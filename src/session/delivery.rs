@@ -219,6 +219,7 @@ impl<P: Half, S: WsSink> Session<P, S> {
                     user_id: self.user.clone(),
                     at,
                     user_stream: matches!(envelope.stream, StreamKey::User(_)),
+                    ack_required: ready.ack_required,
                     settles: match (&envelope.stream, &envelope.queue) {
                         (StreamKey::Queue(queue), Some(claim)) if claim.auto => Some(queue.clone()),
                         _ => None,

@@ -81,6 +81,7 @@ impl Half for Json {
     fn frames(&mut self, item: Item, _hold_at_most: usize) -> Option<Ready> {
         let frame = frame_of(&item.envelope);
         Some(Ready {
+            ack_required: false,
             item,
             frames: vec![Message::Text(frame)],
         })

@@ -113,9 +113,14 @@ impl Half for Stomp {
     /// this connection in the outbox: parked for the user when it closes.
     fn frames(&mut self, item: Item, hold_at_most: usize) -> Option<Ready> {
         let envelope = &item.envelope;
-        let frames = self.subscriptions.frames_for(envelope, self.version);
+        let (frames, acked) = self.subscriptions.frames_for(envelope, self.version);
         if !frames.is_empty() {
-            return Some(Ready { item, frames });
+            let ack_required = acked && matches!(envelope.stream, StreamKey::User(_));
+            return Some(Ready {
+                item,
+                frames,
+                ack_required,
+            });
         }
         if matches!(envelope.stream, StreamKey::User(_)) {
             self.held.push_back(item);

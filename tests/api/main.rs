@@ -22,6 +22,7 @@ mod pooler;
 mod privileges;
 mod random;
 mod security;
+mod spring;
 mod stomp;
 mod stomp_tcp;
 mod stompjs;

@@ -477,3 +477,126 @@ async fn a_stomp_user_resumes_with_since_on_connect_and_on_subscribe() {
     assert_eq!(bad.until_closed().await.len(), 0);
     cluster.finish().await;
 }
+
+/// Some(()) once `user` has exactly `n` messages parked.
+async fn parked(cluster: &Cluster, user: &str, n: i64) -> Option<()> {
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM relay.outbox WHERE node_id IS NULL AND user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(&cluster.db.pool)
+    .await
+    .unwrap();
+    (waiting == n).then_some(())
+}
+
+#[tokio::test]
+async fn a_stomp_users_unacked_messages_come_again_on_their_next_connection() {
+    let cluster = Cluster::start_stomp(2, AuthKind::Jwt, |_, _| {}).await;
+    let jwt = token("eve", json!({}));
+    let connect = |node: usize| {
+        let addr = cluster.stomp_addr(node);
+        let jwt = jwt.clone();
+        async move {
+            let (mut eve, connected) = TcpStomp::connect(addr, &[("passcode", &jwt)]).await;
+            assert_eq!(connected.command, "CONNECTED");
+            let ids = subscribe_collecting(
+                &mut eve,
+                "u",
+                "/user/queue/messages",
+                &[("ack", "client-individual")],
+            )
+            .await;
+            (eve, ids)
+        }
+    };
+    let (mut eve, backlog) = connect(0).await;
+    assert!(backlog.is_empty());
+    let mut sent = Vec::new();
+    for n in 0..3 {
+        sent.push(cluster.send_to_user(1, "eve", json!(n)).await);
+    }
+    let mut acks = Vec::new();
+    for id in &sent {
+        let message = eve.next().await;
+        assert_eq!(message.header("message-id"), Some(id.to_string().as_str()));
+        acks.push(message.header("ack").unwrap().to_owned());
+    }
+    // The first is acked; then the socket dies without a word.
+    eve.send("ACK", &[("id", &acks[0]), ("receipt", "a")], b"")
+        .await;
+    assert_eq!(eve.next().await.header("receipt-id"), Some("a"));
+    drop(eve);
+    eventually("the unacked two parked", || parked(&cluster, "eve", 2)).await;
+
+    // Her next connection, without `since`, on the other node: those two.
+    let (eve, again) = connect(1).await;
+    assert_eq!(again, sent[1..].to_vec());
+    eventually("the parked copies written", || parked(&cluster, "eve", 0)).await;
+    drop(eve);
+    // Unacked again (the second socket acked nothing): they come a third time.
+    eventually("parked once more", || parked(&cluster, "eve", 2)).await;
+    let (_eve, third) = connect(0).await;
+    assert_eq!(third, sent[1..].to_vec());
+    cluster.finish().await;
+}
+
+#[tokio::test]
+async fn a_killed_node_loses_no_queue_message_and_no_unacked_user_message() {
+    let db = TestDb::new().await;
+    let stomp = ["--stomp-listen", "127.0.0.1:0"];
+    let args: Vec<&str> = FAST.iter().copied().chain(stomp).collect();
+    let doomed = NodeProcess::start(&db.url, "doomed", &args).await;
+    let survivor = NodeProcess::start(&db.url, "survivor", &args).await;
+    let (doomed_stomp, survivor_stomp) = (doomed.stomp_addr().await, survivor.stomp_addr().await);
+
+    let mut holder = TcpStomp::backend(doomed_stomp, "holder").await;
+    holder
+        .subscribe("h", "/queue/orders", &[("ack", "client")])
+        .await;
+    // With auth `none`, a TCP session's login names it (a backend).
+    let mut amy = TcpStomp::backend(doomed_stomp, "amy").await;
+    amy.subscribe("u", "/user/queue/messages", &[("ack", "client-individual")])
+        .await;
+
+    let mut producer = TcpStomp::backend(survivor_stomp, "producer").await;
+    for n in 0..3 {
+        producer
+            .send_stored("/queue/orders", &[], format!("order {n}").as_bytes())
+            .await;
+        producer
+            .send_stored(
+                "/user/amy/queue/messages",
+                &[],
+                format!("note {n}").as_bytes(),
+            )
+            .await;
+    }
+    for _ in 0..3 {
+        assert_eq!(holder.next().await.command, "MESSAGE");
+        assert_eq!(amy.next().await.command, "MESSAGE");
+    }
+    doomed.kill().await;
+    eventually("the dead node reaped", || async {
+        let nodes: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.nodes WHERE id = 'doomed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        (nodes == 0).then_some(())
+    })
+    .await;
+
+    let mut heir = TcpStomp::backend(survivor_stomp, "heir").await;
+    heir.subscribe("x", "/queue/orders", &[]).await;
+    for n in 0..3 {
+        let message = heir.next().await;
+        assert_eq!(message.body, format!("order {n}").into_bytes());
+        assert_eq!(message.header("redelivered"), Some("true"));
+    }
+    let mut amy = TcpStomp::backend(survivor_stomp, "amy").await;
+    let notes = subscribe_collecting(&mut amy, "u", "/user/queue/messages", &[]).await;
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    drop((heir, amy, producer));
+    survivor.terminate().await;
+    db.drop_database().await;
+}

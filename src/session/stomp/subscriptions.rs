@@ -69,8 +69,9 @@ pub(super) struct Subscriptions {
 
 impl Subscriptions {
     /// The MESSAGE frames for a message, one per matching subscription (a
-    /// queue's: one, for the subscription it was claimed for).
-    pub fn frames_for(&mut self, envelope: &Envelope, version: Version) -> Vec<Message> {
+    /// queue's: one, for the subscription it was claimed for), and whether
+    /// one of them waits for an ack.
+    pub fn frames_for(&mut self, envelope: &Envelope, version: Version) -> (Vec<Message>, bool) {
         let (message, stream) = (&envelope.message, &envelope.stream);
         let wanted: Vec<(String, String, AckMode)> = self
             .by_id
@@ -106,6 +107,7 @@ impl Subscriptions {
         let message_id = message.id.to_string();
         let redelivered = envelope.queue.as_ref().is_some_and(|c| c.redelivered);
         let mut frames = Vec::with_capacity(wanted.len());
+        let acked = wanted.iter().any(|(_, _, ack)| *ack != AckMode::Auto);
         for (subscription, destination, ack) in wanted {
             let queue = match (&envelope.stream, &self.by_id[&subscription].credit) {
                 (StreamKey::Queue(queue), Some(credit)) => {
@@ -150,7 +152,7 @@ impl Subscriptions {
                 "MESSAGE", &headers, &body, version,
             )));
         }
-        frames
+        (frames, acked)
     }
 
     fn remember_ack(

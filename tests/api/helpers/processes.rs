@@ -93,6 +93,17 @@ impl NodeProcess {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Where it serves STOMP over TCP (started with `--stomp-listen`).
+    pub async fn stomp_addr(&self) -> std::net::SocketAddr {
+        eventually("the STOMP listener", || async {
+            self.log_lines()
+                .iter()
+                .find(|line| line["message"] == "serving STOMP over TCP")
+                .and_then(|line| line["addr"].as_str()?.parse().ok())
+        })
+        .await
+    }
+
     pub fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/v1/ws?{query}", self.addr)
     }

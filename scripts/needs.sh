@@ -2,7 +2,7 @@
 # installs it (Debian or Ubuntu, as root), or prints the exact command to run
 # and exits 1.
 #
-#   needs <what> ...   with what one of: postgres, pgbouncer, node, chromium
+#   needs <what> ...   with what one of: postgres, pgbouncer, node, chromium, python
 
 missing_packages=()
 missing_what=()
@@ -32,6 +32,12 @@ have_chromium() {
   command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
 }
 
+have_python() {
+  # Python 3 with pip: the stock STOMP client's test installs stomp.py
+  # (pinned) into target/python with `pip install --target`.
+  command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1
+}
+
 joined() { local IFS=,; echo "$*" | sed 's/,/, /g'; }
 
 needs() {
@@ -42,6 +48,7 @@ needs() {
       pgbouncer) have_pgbouncer || { missing_what+=("PgBouncer"); missing_packages+=(pgbouncer); } ;;
       node) have_node || { missing_what+=("Node.js 18+ with npm"); missing_packages+=(nodejs npm); } ;;
       chromium) have_chromium || { missing_what+=("Chromium"); missing_packages+=(chromium); } ;;
+      python) have_python || { missing_what+=("Python 3 with pip"); missing_packages+=(python3 python3-pip); } ;;
       *) echo "needs: unknown requirement $what" >&2; exit 2 ;;
     esac
   done

@@ -24,7 +24,7 @@ use crate::protocol::stomp::FrameLimits;
 use crate::session::{self, SessionParams, Transport};
 use crate::state::NodeState;
 
-pub use framing::{TcpFrames, TcpSink, split};
+pub use framing::{TcpFrames, TcpSink, complete_frame, split};
 
 /// Accepts STOMP connections until the node shuts down. Each takes a permit
 /// of `slots` (the node's cap on client connections, shared with HTTP) for

@@ -84,6 +84,15 @@ enum Cut {
     TooLarge,
 }
 
+/// The length of the complete frame at the start of `buffer` (through its
+/// NUL), if there is one: for clients of a node, such as the benchmark's.
+pub fn complete_frame(buffer: &[u8], limits: &FrameLimits) -> Option<usize> {
+    match cut(buffer, limits) {
+        Cut::Frame(n) => Some(n),
+        _ => None,
+    }
+}
+
 /// Finds the first unit in `buffer`.
 fn cut(buffer: &[u8], limits: &FrameLimits) -> Cut {
     let beats = buffer

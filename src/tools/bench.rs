@@ -6,6 +6,7 @@ mod clients;
 mod closed;
 pub mod cluster;
 mod floor;
+mod queues;
 mod scenarios;
 mod stages;
 
@@ -24,12 +25,13 @@ pub struct BenchArgs {
     pub database_url: Option<String>,
 
     /// Scenarios to run, comma-separated: throughput, latency, closed, stomp,
-    /// idle, fanout, sql. The database's floor is measured first whenever
-    /// latency or closed runs.
+    /// queue, idle, fanout, sql. The database's floor is measured first
+    /// whenever latency or closed runs. `queue` needs nodes that serve STOMP
+    /// over TCP (not with `--node-binary` of a build without it).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,closed,stomp,idle,fanout,sql"
+        default_value = "throughput,latency,closed,stomp,queue,idle,fanout,sql"
     )]
     pub scenarios: Vec<String>,
 
@@ -62,9 +64,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub senders: usize,
 
-    /// STOMP producer connections of the stomp scenario.
+    /// STOMP producer connections of the stomp and queue scenarios.
     #[arg(long, default_value_t = 4)]
     pub stomp_producers: usize,
+
+    /// Consumers (STOMP over TCP, over both nodes) of the queue scenario.
+    #[arg(long, default_value_t = 8)]
+    pub queue_consumers: usize,
 
     /// Seconds-long run with small numbers, to check that it works (CI).
     #[arg(long)]
@@ -108,6 +114,8 @@ struct Report {
     latency: Vec<scenarios::Latency>,
     closed: Vec<closed::ClosedLoop>,
     stomp: Option<closed::StompThroughput>,
+    /// STOMP over TCP: a queue, and user messages the same way.
+    tcp: Vec<queues::TcpThroughput>,
     idle: Option<scenarios::Idle>,
     fanout: Vec<scenarios::Fanout>,
     sql: Option<scenarios::SqlSend>,
@@ -141,6 +149,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         args.subscribers = vec![200];
         args.senders = args.senders.min(4);
         args.stomp_producers = args.stomp_producers.min(2);
+        args.queue_consumers = args.queue_consumers.min(2);
     }
     let fd_limit = crate::process::raise_fd_limit();
     let wanted = |name: &str| args.scenarios.iter().any(|s| s == name);
@@ -161,6 +170,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         &args.node_args,
         &args.postgres_setting,
         args.pooler,
+        wanted("queue"),
     )
     .await?;
     let pool = sqlx::PgPool::connect(&cluster.database_url).await?;
@@ -218,6 +228,22 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             args.duration,
         );
         report.stomp = Some(report.timed(&cluster, "stomp send".into(), run).await?);
+    }
+    if wanted("queue") {
+        for kind in [queues::Kind::User, queues::Kind::Queue] {
+            settle(&pool).await;
+            eprintln!("STOMP over TCP, {kind:?} messages…");
+            let run = queues::tcp_throughput(
+                &cluster,
+                kind,
+                args.stomp_producers,
+                args.queue_consumers,
+                args.duration,
+            );
+            let name = format!("tcp {kind:?}").to_lowercase();
+            let result = report.timed(&cluster, name, run).await?;
+            report.tcp.push(result);
+        }
     }
     if wanted("idle") {
         // Each socket costs the benchmark and the node a descriptor each.
@@ -395,6 +421,20 @@ fn print_table(report: &Report) {
         println!("  delivered        {:>10.0} msg/s", s.delivered_per_sec);
         println!("  sent             {:>10}", s.sent);
         println!("  lost             {:>10}", s.lost);
+    }
+    for t in &report.tcp {
+        let what = match t.kind {
+            queues::Kind::Queue => "one queue, competing consumers",
+            queues::Kind::User => "user messages, a user per consumer",
+        };
+        println!(
+            "\nSTOMP over TCP: {what} ({} producers on node a, {} consumers over both nodes, {:.1} s)",
+            t.producers, t.consumers, t.seconds
+        );
+        println!("  delivered        {:>10.0} msg/s", t.delivered_per_sec);
+        println!("  sent             {:>10}", t.sent);
+        println!("  lost             {:>10}", t.lost);
+        println!("  duplicates       {:>10}", t.duplicates);
     }
     if let Some(i) = &report.idle {
         println!("\nidle connections on one node");

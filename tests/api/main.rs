@@ -24,6 +24,7 @@ mod random;
 mod security;
 mod spring;
 mod stomp;
+mod stomp_py;
 mod stomp_tcp;
 mod stompjs;
 mod topics;

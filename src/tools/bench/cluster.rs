@@ -36,6 +36,8 @@ pub struct BenchCluster {
 pub struct NodeProc {
     pub name: String,
     pub addr: SocketAddr,
+    /// STOMP over TCP, when the cluster serves it.
+    pub stomp_addr: Option<SocketAddr>,
     child: Child,
 }
 
@@ -52,6 +54,7 @@ impl BenchCluster {
         node_args: &[String],
         postgres_settings: &[String],
         pooler: BenchPooler,
+        stomp: bool,
     ) -> anyhow::Result<Self> {
         let (database_url, postgres) = match database_url {
             Some(url) => (url, None),
@@ -94,6 +97,11 @@ impl BenchCluster {
         for name in ["bench-a", "bench-b"] {
             let port = free_port()?;
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            let stomp_addr: Option<SocketAddr> = if stomp {
+                Some(format!("127.0.0.1:{}", free_port()?).parse()?)
+            } else {
+                None
+            };
             let mut command = Command::new(&exe);
             // What the benchmark says, not what its environment happens to.
             command.env_remove("PGRELAY_DATABASE_POOLER");
@@ -112,6 +120,12 @@ impl BenchCluster {
                     "--listen",
                     &addr.to_string(),
                 ])
+                .args(
+                    stomp_addr
+                        .map(|a| ["--stomp-listen".to_owned(), a.to_string()])
+                        .into_iter()
+                        .flatten(),
+                )
                 .args(node_args)
                 .env("DATABASE_URL", &node_database_url)
                 .env("RUST_LOG", "warn")
@@ -124,6 +138,7 @@ impl BenchCluster {
             nodes.push(NodeProc {
                 name: name.to_owned(),
                 addr,
+                stomp_addr,
                 child,
             });
         }

@@ -93,6 +93,8 @@ CREATE INDEX queue_entries_waiting_idx ON relay.queue_entries (queue, message_id
 CREATE INDEX queue_entries_held_idx ON relay.queue_entries (connection_id) WHERE connection_id IS NOT NULL;
 CREATE INDEX queue_entries_node_idx ON relay.queue_entries (node_id) WHERE node_id IS NOT NULL;
 CREATE INDEX queue_entries_expiry_idx ON relay.queue_entries (expires_at);
+-- Retention removes a message's entry by its id.
+CREATE INDEX queue_entries_message_id_idx ON relay.queue_entries (message_id);
 ALTER TABLE relay.queue_entries SET (autovacuum_vacuum_scale_factor = 0.01);
 
 -- The live queues: what waits in each, what its consumers hold, and how

@@ -26,6 +26,23 @@ use crate::state::NodeState;
 
 pub use framing::{TcpFrames, TcpSink, complete_frame, split};
 
+/// Probes an idle connection every `interval` and ends it after three
+/// unanswered probes, or when sent data goes unacknowledged that long.
+fn keep_alive(stream: &tokio::net::TcpStream, interval: Duration) {
+    let interval = interval.max(Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(interval)
+        .with_interval(interval)
+        .with_retries(3);
+    let socket = socket2::SockRef::from(stream);
+    if let Err(error) = socket
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(interval * 4)))
+    {
+        tracing::debug!(%error, "could not set TCP keepalive");
+    }
+}
+
 /// Accepts STOMP connections until the node shuts down. Each takes a permit
 /// of `slots` (the node's cap on client connections, shared with HTTP) for
 /// as long as it lives.
@@ -50,6 +67,10 @@ pub async fn serve(ctx: Arc<NodeState>, listener: Arc<TcpListener>, slots: Arc<S
         };
         // Frames are small writes that must leave at once.
         let _ = stream.set_nodelay(true);
+        // A peer that vanished (its host died, a network cut) without
+        // heart-beats would hold what it was written forever: the kernel's
+        // keepalive finds it within about three heartbeat intervals.
+        keep_alive(&stream, ctx.settings.heartbeat_interval);
         let accepted = tokio::time::Instant::now();
         let limits = FrameLimits::new(ctx.settings.max_message_bytes);
         let (sink, incoming) = split(stream, limits);

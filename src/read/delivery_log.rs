@@ -73,6 +73,9 @@ pub enum Record {
         connection_id: Uuid,
         subscription: Arc<str>,
     },
+    /// Nothing to write: `done` is told once every record queued before it
+    /// has committed (a STOMP ACK's RECEIPT waits for it).
+    Flushed { done: oneshot::Sender<()> },
     /// A connection that has closed (or whose row has no session): its row
     /// and subscriptions go, and what was routed to it and never written is
     /// parked. `done` is told once that has committed.
@@ -158,6 +161,16 @@ impl DeliveryLog {
         matches!(tokio::time::timeout(wait, committed).await, Ok(Ok(())))
     }
 
+    /// Waits, up to `wait`, until every record queued before this call has
+    /// committed; answers whether it did.
+    pub async fn flushed(&self, wait: Duration) -> bool {
+        let (done, committed) = oneshot::channel();
+        let queued = async {
+            self.records.send(Record::Flushed { done }).await.is_ok() && committed.await.is_ok()
+        };
+        matches!(tokio::time::timeout(wait, queued).await, Ok(true))
+    }
+
     /// Queues a record without waiting (for code that cannot wait, such as a
     /// drop): a task sends it if the queue is full.
     pub fn record_later(&self, record: Record) {
@@ -240,6 +253,7 @@ pub async fn write_batch(
                 queues.left_subscriptions.push(subscription.to_string());
             }
             Record::Departed { connection_id, .. } => departed.push(*connection_id),
+            Record::Flushed { .. } => {}
         }
     }
     // On the bookkeeping pool (synchronous_commit off): a crash of PostgreSQL
@@ -540,7 +554,9 @@ async fn linger(
     let until = tokio::time::Instant::now() + LINGER;
     while batch.len() < BATCH / 4
         && !stop.is_cancelled()
-        && !batch.iter().any(|r| matches!(r, Record::Departed { .. }))
+        && !batch
+            .iter()
+            .any(|r| matches!(r, Record::Departed { .. } | Record::Flushed { .. }))
     {
         match tokio::time::timeout_at(until, records.recv_many(batch, BATCH - batch.len())).await {
             Ok(0) | Err(_) => return,
@@ -627,11 +643,14 @@ pub async fn run(
                         .count();
                     metrics::counter!(crate::metrics::MESSAGES_ACKED).increment(acked as u64);
                     for record in batch.drain(..) {
-                        if let Record::Departed {
-                            done: Some(done), ..
-                        } = record
-                        {
-                            let _ = done.send(());
+                        match record {
+                            Record::Departed {
+                                done: Some(done), ..
+                            }
+                            | Record::Flushed { done } => {
+                                let _ = done.send(());
+                            }
+                            _ => {}
                         }
                     }
                     break;

@@ -79,15 +79,35 @@ impl Credit {
 struct QueueConsumer {
     connection: Uuid,
     subscription: Arc<str>,
+    key: Arc<str>,
     auto: bool,
     credit: Arc<Credit>,
+}
+
+/// Room for one queue message in a consumer's mailbox (see
+/// [`Hub::reserve_queue`]).
+pub struct QueueSlot {
+    permit: mpsc::OwnedPermit<Arc<Envelope>>,
+    credit: Arc<Credit>,
+}
+
+impl QueueSlot {
+    /// Hands the message over: it counts against the consumer's credit
+    /// until settled.
+    pub fn send(self, envelope: Arc<Envelope>) {
+        self.credit.take(1);
+        self.permit.send(envelope);
+    }
 }
 
 /// A consumer that can take messages now, and how many.
 #[derive(Debug, Clone)]
 pub struct Demand {
     pub connection: Uuid,
+    /// The STOMP subscription id (its MESSAGE frames name it).
     pub subscription: Arc<str>,
+    /// The consumer's row key (`relay.queue_consumers.subscription`).
+    pub key: Arc<str>,
     pub auto: bool,
     pub free: usize,
 }
@@ -223,13 +243,13 @@ impl Hub {
     }
 
     /// Adds a consumer of `queue` (subscription `subscription` of session
-    /// `id`) that may hold `prefetch` messages at once; None if the session
-    /// is not here.
+    /// `id`, registered under `key`) that may hold `prefetch` messages at
+    /// once; None if the session is not here.
     pub fn add_consumer(
         &self,
         id: Uuid,
         queue: &Arc<str>,
-        subscription: &Arc<str>,
+        (subscription, key): (&Arc<str>, &Arc<str>),
         auto: bool,
         prefetch: usize,
     ) -> Option<Arc<Credit>> {
@@ -249,6 +269,7 @@ impl Hub {
             .push(QueueConsumer {
                 connection: id,
                 subscription: subscription.clone(),
+                key: key.clone(),
                 auto,
                 credit: credit.clone(),
             });
@@ -277,6 +298,7 @@ impl Hub {
                     .map(|c| Demand {
                         connection: c.connection,
                         subscription: c.subscription.clone(),
+                        key: c.key.clone(),
                         auto: c.auto,
                         free: c.credit.free(),
                     })
@@ -286,39 +308,43 @@ impl Hub {
             .collect()
     }
 
-    /// Hands a queue message to the consumer it was claimed for. Never
-    /// turns the session lagging (a queue message is not read back from a
-    /// stream): a full mailbox refuses it, and it stays in its queue.
-    pub fn offer_queue(&self, id: Uuid, envelope: &Arc<Envelope>) -> Offer {
+    /// Room in the mailbox of queue consumer `subscription` of session
+    /// `id`, for up to `n` messages: a claim reserves it before it takes
+    /// any entry, so that what it commits can always be handed over. Empty
+    /// when the session or consumer is gone, or its mailbox is full.
+    pub fn reserve_queue(
+        &self,
+        id: Uuid,
+        queue: &str,
+        subscription: &str,
+        n: usize,
+    ) -> Vec<QueueSlot> {
         let Some(handle) = self.lock().get(&id).cloned() else {
-            return Offer::Gone;
-        };
-        let Some(claim) = &envelope.queue else {
-            return Offer::Gone;
+            return Vec::new();
         };
         let credit = {
             let queues = self.queues.lock().expect("hub lock");
-            let StreamKey::Queue(queue) = &envelope.stream else {
-                return Offer::Gone;
-            };
             queues.get(queue).and_then(|consumers| {
                 consumers
                     .iter()
-                    .find(|c| c.connection == id && c.subscription == claim.subscription)
+                    .find(|c| c.connection == id && *c.subscription == *subscription)
                     .map(|c| c.credit.clone())
             })
         };
         let Some(credit) = credit else {
-            return Offer::Gone;
+            return Vec::new();
         };
-        match handle.mailbox.try_send(envelope.clone()) {
-            Ok(()) => {
-                credit.take(1);
-                Offer::Queued
+        let mut slots = Vec::new();
+        while slots.len() < n {
+            match handle.mailbox.clone().try_reserve_owned() {
+                Ok(permit) => slots.push(QueueSlot {
+                    permit,
+                    credit: credit.clone(),
+                }),
+                Err(_) => break,
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Offer::Lagging,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
         }
+        slots
     }
 
     /// A queue consumer may take more: the claimer claims for it.

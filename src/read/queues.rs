@@ -2,12 +2,14 @@
 //! `relay.queue_entries` until one consumer, on whichever node claims it
 //! first, takes it (competing consumers).
 //!
-//! A claim takes the oldest waiting entries of a queue, as many as its local
-//! consumers have room for (their prefetch), with `FOR UPDATE SKIP LOCKED`
-//! (another node's claim of the same queue takes the next ones), hands them
-//! to the consumers' sessions in turn, and marks each entry with the
-//! consumer that took it, in one transaction fenced by the node's
-//! incarnation. What then becomes of an entry is the delivery log's: gone
+//! A claim first reserves room in its local consumers' mailboxes (up to
+//! their prefetch), then takes as many of the oldest waiting entries of the
+//! queue with `FOR UPDATE SKIP LOCKED` (another node's claim of the same
+//! queue takes the next ones), marks each with the consumer it goes to, in
+//! turn, in one transaction fenced by the node's incarnation, and only once
+//! that has committed hands them over through the reserved room. So what a
+//! session holds of a queue is always marked as held in the database, and
+//! a claim that fails hands over nothing. What then becomes of an entry is the delivery log's: gone
 //! once written (ack `auto`) or acked, waiting again after a NACK, an
 //! UNSUBSCRIBE, a departure, or the reap of its node. An entry a consumer
 //! NACKed goes to another consumer when there is one.
@@ -16,7 +18,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::hub::{Demand, Envelope, Offer, QueueClaim};
+use super::hub::{Demand, Envelope, QueueClaim, QueueSlot};
 use crate::db::{self, Bounds, WorkError};
 use crate::message::{MessageRow, StoredMessage, StreamKey};
 use crate::state::NodeState;
@@ -33,11 +35,48 @@ pub struct Dispatched {
     pub more: bool,
 }
 
+/// Most queues one pass claims from: the rest (chosen at random each
+/// pass, so that none starves) wait for the next, which follows at once.
+pub const QUEUES_PER_PASS: usize = 32;
+
 /// Claims, for every queue with a local consumer that has room, what waits
-/// in it.
+/// in it. One query first finds which of them have anything waiting: a
+/// node with many idle consumers (Spring's per-session queues) pays one
+/// round trip per pass, not one per queue.
 pub async fn dispatch_once(ctx: &NodeState) -> Result<Dispatched, WorkError> {
+    let mut demand = ctx.delivery.hub.queue_demand();
+    if demand.is_empty() {
+        return Ok(Dispatched::default());
+    }
+    let names: Vec<String> = demand.iter().map(|(queue, _)| queue.to_string()).collect();
+    let waiting: std::collections::HashSet<String> = db::bounded(async {
+        let mut scope = db::scope(&ctx.db.bookkeeping).await?;
+        let waiting = sqlx::query_scalar!(
+            r#"
+            SELECT q.queue AS "queue!"
+              FROM unnest($1::text[]) AS q(queue)
+             WHERE EXISTS (SELECT 1 FROM relay.queue_entries e
+                            WHERE e.queue = q.queue AND e.connection_id IS NULL AND e.expires_at > now())
+            "#,
+            &names,
+        )
+        .fetch_all(&mut *scope)
+        .await?;
+        scope.end().await?;
+        Ok::<_, sqlx::Error>(waiting)
+    })
+    .await?
+    .into_iter()
+    .collect();
+    demand.retain(|(queue, _)| waiting.contains(&**queue));
     let mut total = Dispatched::default();
-    for (queue, consumers) in ctx.delivery.hub.queue_demand() {
+    if demand.len() > QUEUES_PER_PASS {
+        use rand::seq::SliceRandom;
+        demand.shuffle(&mut rand::rng());
+        demand.truncate(QUEUES_PER_PASS);
+        total.more = true;
+    }
+    for (queue, consumers) in demand {
         let claimed = claim_queue(ctx, &queue, consumers).await?;
         total.handed_over += claimed.handed_over;
         total.more |= claimed.more;
@@ -57,11 +96,22 @@ async fn claim_queue(
     queue: &Arc<str>,
     mut consumers: Vec<Demand>,
 ) -> Result<Dispatched, WorkError> {
-    let wanted = consumers
-        .iter()
-        .map(|c| c.free)
-        .sum::<usize>()
-        .min(QUEUE_CLAIM_BATCH);
+    // Room first: at most what the consumers may hold, and what their
+    // mailboxes can take now.
+    let mut room = QUEUE_CLAIM_BATCH;
+    let mut slots: Vec<Vec<QueueSlot>> = Vec::with_capacity(consumers.len());
+    for consumer in &mut consumers {
+        let reserved = ctx.delivery.hub.reserve_queue(
+            consumer.connection,
+            queue,
+            &consumer.subscription,
+            consumer.free.min(room),
+        );
+        room -= reserved.len();
+        consumer.free = reserved.len();
+        slots.push(reserved);
+    }
+    let wanted = QUEUE_CLAIM_BATCH - room;
     if wanted == 0 {
         return Ok(Dispatched::default());
     }
@@ -92,7 +142,7 @@ async fn claim_queue(
                   FROM relay.queue_entries x
                  WHERE a.alive AND x.queue = $3 AND x.connection_id IS NULL AND x.expires_at > now()
                    AND (x.refused_by IS NULL OR x.refused_by <> ALL ($5::uuid[])
-                        OR cardinality($5::uuid[]) > 1
+                        OR (SELECT count(DISTINCT l) FROM unnest($5::uuid[]) AS l) > 1
                         OR NOT EXISTS (SELECT 1 FROM relay.queue_consumers c
                                         WHERE c.queue = x.queue AND c.connection_id <> x.refused_by))
                  ORDER BY x.message_id
@@ -113,7 +163,6 @@ async fn claim_queue(
         ctx.lifecycle.registration.report_fenced(incarnation);
         return Err(WorkError::Fenced);
     }
-    let taken = rows.iter().filter(|r| r.message_id.is_some()).count();
     let waiting: Vec<Waiting> = rows
         .into_iter()
         .filter_map(|r| {
@@ -138,13 +187,18 @@ async fn claim_queue(
         .collect();
 
     let (mut messages, mut connections, mut subscriptions) = (Vec::new(), Vec::new(), Vec::new());
+    let mut handovers = Vec::new();
     let mut next = 0;
     for entry in waiting {
         let Some(index) = pick(&consumers, next, entry.refused_by) else {
             continue; // left waiting, for a consumer with room
         };
         next = index + 1;
+        let Some(slot) = slots[index].pop() else {
+            continue;
+        };
         let consumer = &mut consumers[index];
+        consumer.free -= 1;
         let envelope = Arc::new(Envelope {
             queue: Some(QueueClaim {
                 subscription: consumer.subscription.clone(),
@@ -153,16 +207,10 @@ async fn claim_queue(
             }),
             ..Envelope::new(entry.message, StreamKey::Queue(queue.clone()))
         });
-        match ctx.delivery.hub.offer_queue(consumer.connection, &envelope) {
-            Offer::Queued => {
-                consumer.free -= 1;
-                messages.push(envelope.message.id);
-                connections.push(consumer.connection);
-                subscriptions.push(consumer.subscription.to_string());
-            }
-            // Gone, or its mailbox full: it takes nothing more now.
-            Offer::Gone | Offer::Lagging => consumer.free = 0,
-        }
+        messages.push(envelope.message.id);
+        connections.push(consumer.connection);
+        subscriptions.push(consumer.key.to_string());
+        handovers.push((slot, envelope));
     }
     if !messages.is_empty() {
         sqlx::query!(
@@ -183,16 +231,24 @@ async fn claim_queue(
         .await?;
     }
     tx.commit().await?;
+    // Committed: each goes to the room reserved for it (a session that has
+    // gone meanwhile has departed, and what it was marked with waits again:
+    // its departure, or the sweeper's pass over orphans, puts it back).
+    for (slot, envelope) in handovers {
+        slot.send(envelope);
+    }
+    // More may wait only when every reserved place was filled (entries
+    // taken and left for a consumer with room do not count).
     Ok(Dispatched {
         handed_over: messages.len(),
-        more: taken == wanted,
+        more: messages.len() == wanted,
     })
 }
 
 /// The consumer an entry goes to: the next one in turn from `from` with
-/// room, other than the one that NACKed it; that one only when it is the
-/// only consumer here (the claim took the entry, so no other consumer of
-/// the queue exists anywhere).
+/// room, on another connection than the one that NACKed it; on that one
+/// only when no other connection consumes here (the claim took the entry,
+/// so then none consumes the queue anywhere).
 fn pick(consumers: &[Demand], from: usize, refused_by: Option<Uuid>) -> Option<usize> {
     let n = consumers.len();
     let in_turn = (0..n).map(|k| (from + k) % n);
@@ -208,7 +264,8 @@ fn pick(consumers: &[Demand], from: usize, refused_by: Option<Uuid>) -> Option<u
         }
         return Some(index);
     }
-    fallback.filter(|_| n == 1)
+    let alone = consumers.iter().all(|c| Some(c.connection) == refused_by);
+    fallback.filter(|_| alone)
 }
 
 #[cfg(test)]
@@ -219,6 +276,7 @@ mod tests {
         Demand {
             connection: Uuid::now_v7(),
             subscription: "s".into(),
+            key: "s/1".into(),
             auto: true,
             free,
         }
@@ -238,5 +296,9 @@ mod tests {
         // The refuser is the only consumer: it gets it again.
         let alone = vec![demand(1)];
         assert_eq!(pick(&alone, 0, Some(alone[0].connection)), Some(0));
+        // Two subscriptions of the refusing connection, and nobody else.
+        let mut twice = vec![demand(1), demand(1)];
+        twice[1].connection = twice[0].connection;
+        assert_eq!(pick(&twice, 0, Some(twice[0].connection)), Some(0));
     }
 }

@@ -181,7 +181,17 @@ fn to_message(bytes: Vec<u8>) -> Message {
     }
 }
 
-/// Sends an ERROR frame (the caller closes the connection after it).
+/// How long an ACK or NACK with a receipt waits for its record to commit
+/// before the session says it cannot tell.
+const ACK_RECORD_WAIT: Duration = Duration::from_secs(5);
+
+/// How long an ERROR frame may take to write: a client that sent a bad
+/// frame and reads nothing must not keep its session (and what it holds)
+/// alive.
+const ERROR_WRITE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Sends an ERROR frame (the caller closes the connection after it), giving
+/// up after [`ERROR_WRITE_LIMIT`].
 async fn send_error<S: WsSink>(
     sink: &mut S,
     version: Version,
@@ -193,7 +203,13 @@ async fn send_error<S: WsSink>(
         headers.push(("receipt-id", receipt));
     }
     let frame = stomp::encode("ERROR", &headers, message.as_bytes(), version);
-    sink.send(to_message(frame)).await
+    match tokio::time::timeout(ERROR_WRITE_LIMIT, sink.send(to_message(frame))).await {
+        Ok(sent) => sent,
+        Err(_) => Err(axum::Error::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client does not read: its ERROR frame was not written",
+        ))),
+    }
 }
 
 /// A STOMP error: an ERROR frame with this message, then a close.
@@ -374,8 +390,9 @@ impl<S: WsSink> Session<Stomp, S> {
                     }
                     Some(Subscription {
                         listens: Listens::Queue(_),
+                        consumer: Some(consumer),
                         ..
-                    }) => self.leave_queue(&id).await,
+                    }) => self.leave_queue(&id, consumer).await,
                     _ => {}
                 }
                 Ok(Continue::Yes)
@@ -402,6 +419,16 @@ impl<S: WsSink> Session<Stomp, S> {
                         (_, None) => continue,
                     };
                     self.ctx.delivery.log.record(record).await;
+                }
+                // A RECEIPT says the ack is recorded (durable before
+                // acknowledged): it waits for the delivery log's commit.
+                if frame.header("receipt").is_some()
+                    && !self.ctx.delivery.log.flushed(ACK_RECORD_WAIT).await
+                {
+                    return Err(StompError::unavailable(
+                        "the ack is not recorded yet (the database is slow or unavailable); it may still be",
+                    )
+                    .into());
                 }
                 Ok(Continue::Yes)
             }
@@ -446,9 +473,15 @@ impl<S: WsSink> Session<Stomp, S> {
             }
         };
         let listens = parse_subscription(&destination, self.identity.backend)?;
-        let mut credit = None;
+        if since.is_some() && !matches!(listens, Listens::Topic(_)) {
+            return Err(StompError::protocol(
+                "since on SUBSCRIBE resumes a /topic/ destination; resume your own messages with since on CONNECT",
+            )
+            .into());
+        }
+        let mut consumer = None;
         if let Listens::Queue(queue) = &listens {
-            credit = Some(self.consume_queue(queue, &id, ack, frame).await?);
+            consumer = Some(self.consume_queue(queue, &id, ack, frame).await?);
         }
         if let Listens::Topic(topic) = &listens {
             if !self.identity.backend && !topic::allowed(&self.identity.topics, topic) {
@@ -477,7 +510,7 @@ impl<S: WsSink> Session<Stomp, S> {
                         destination: destination.clone(),
                         listens: listens.clone(),
                         ack,
-                        credit: None,
+                        consumer: None,
                     },
                 );
                 let backfill = super::Backfill {
@@ -491,14 +524,14 @@ impl<S: WsSink> Session<Stomp, S> {
             }
         }
         let user_messages = matches!(listens, Listens::User(_));
-        let consumes = credit.is_some();
+        let consumes = consumer.is_some();
         self.proto.subscriptions.by_id.insert(
             id,
             Subscription {
                 destination,
                 listens,
                 ack,
-                credit,
+                consumer,
             },
         );
         if consumes {

@@ -10,8 +10,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -30,16 +28,9 @@ const FRAME_OVERHEAD: usize = 16 * 1024;
 /// Unflushed bytes past which a write waits for the socket.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
-/// What both halves know: the connection has ended on our side.
-#[derive(Default)]
-struct Shared {
-    closed: AtomicBool,
-}
-
 /// Splits a TCP connection into a session's sink and stream.
 pub fn split(stream: TcpStream, limits: FrameLimits) -> (TcpSink, TcpFrames) {
     let (read, write) = stream.into_split();
-    let shared = Arc::new(Shared::default());
     (
         TcpSink {
             io: write,
@@ -47,14 +38,12 @@ pub fn split(stream: TcpStream, limits: FrameLimits) -> (TcpSink, TcpFrames) {
             error_sent: false,
             closing: false,
             shut: false,
-            shared: shared.clone(),
         },
         TcpFrames {
             io: read,
             buffer: BytesMut::with_capacity(4096),
             limits,
             eof: false,
-            shared,
         },
     )
 }
@@ -65,7 +54,6 @@ pub struct TcpFrames {
     buffer: BytesMut,
     limits: FrameLimits,
     eof: bool,
-    shared: Arc<Shared>,
 }
 
 /// Where the first complete unit in `buffer` ends.
@@ -164,9 +152,6 @@ impl Stream for TcpFrames {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if this.shared.closed.load(Ordering::Acquire) {
-                return Poll::Ready(None);
-            }
             match cut(&this.buffer, &this.limits) {
                 Cut::Beats(n) => {
                     this.buffer.advance(n);
@@ -214,7 +199,6 @@ pub struct TcpSink {
     /// Shut the connection down once the buffer is written.
     closing: bool,
     shut: bool,
-    shared: Arc<Shared>,
 }
 
 impl TcpSink {
@@ -228,9 +212,10 @@ impl TcpSink {
         }
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
         if self.closing && !self.shut {
-            // The reading half ends too: a session draining its input
-            // after its close stops at once.
-            self.shared.closed.store(true, Ordering::Release);
+            // Our end of the connection: the client sees it at once. Its
+            // input is still read (the session drains it briefly), so that
+            // closing with unread input does not reset the connection and
+            // make the client drop the ERROR it has not read yet.
             let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
             self.shut = true;
         }

@@ -600,3 +600,37 @@ async fn a_killed_node_loses_no_queue_message_and_no_unacked_user_message() {
     survivor.terminate().await;
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn a_subscription_id_can_name_a_new_consumer_at_once() {
+    let cluster = Cluster::start_stomp(1, AuthKind::Jwt, |_, _| {}).await;
+    let addr = cluster.stomp_addr(0);
+    let mut worker = TcpStomp::backend(addr, "worker").await;
+    let mut producer = TcpStomp::backend(addr, "producer").await;
+    // The same id, three times over, as fast as the frames go: each is a
+    // consumer of its own, and the last one gets the messages.
+    for queue in ["/queue/a", "/queue/b", "/queue/a"] {
+        worker.subscribe("s", queue, &[("ack", "client")]).await;
+        worker
+            .send("UNSUBSCRIBE", &[("id", "s"), ("receipt", "u")], b"")
+            .await;
+        assert_eq!(worker.next().await.header("receipt-id"), Some("u"));
+    }
+    worker
+        .subscribe("s", "/queue/a", &[("ack", "client")])
+        .await;
+    producer
+        .send_stored("/queue/a", &[], b"for the newest")
+        .await;
+    let message = worker.next().await;
+    assert_eq!(message.body, b"for the newest");
+    assert_eq!(message.header("subscription"), Some("s"));
+    let consumers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM relay.queue_consumers WHERE subscription LIKE 's/%'",
+    )
+    .fetch_one(&cluster.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(consumers, 1);
+    cluster.finish().await;
+}

@@ -43,7 +43,13 @@ pub(in crate::session) async fn handshake<S: WsSink, I: WsStream>(
             // (heart-beats, pings): a socket that never connects is closed.
             let message = match tokio::time::timeout_at(deadline, incoming.next()).await {
                 Ok(Some(Ok(message))) => message,
-                Ok(_) => return Err(None),
+                // Too large, say: told, if the client still listens.
+                Ok(Some(Err(error))) => {
+                    return Err(Some(
+                        format!("cannot read the CONNECT frame: {error}").into(),
+                    ));
+                }
+                Ok(None) => return Err(None),
                 Err(_) => return Err(Some("no CONNECT frame in time".into())),
             };
             let bytes = match &message {

@@ -1,15 +1,19 @@
-//! A backend session's queue subscriptions: the consumer joins the hub
-//! (with its prefetch) and then the registry, so that the claimer may claim
-//! the queue's messages for it; it leaves the hub first, and what it held
-//! unacked waits in the queue again (the delivery log's `LeftQueue`).
+//! A backend session's queue subscriptions: the consumer is registered
+//! (fenced, under a key of its own), then joins the hub with its prefetch,
+//! so that the claimer may claim the queue's messages for it. Unlike a
+//! topic subscription it need not be in the hub before its row commits:
+//! queue messages wait in their queue, they are not routed. It leaves the
+//! hub first, and what it held unacked waits in the queue again (the
+//! delivery log's `LeftQueue`).
 
 use std::sync::Arc;
 
-use super::subscriptions::AckMode;
+use uuid::Uuid;
+
+use super::subscriptions::{AckMode, Consumer};
 use super::{Stomp, StompError};
 use crate::protocol::stomp::Frame;
 use crate::read::delivery_log::Record;
-use crate::read::hub::Credit;
 use crate::registry::subscriptions::{self, QueueConsumer, SubscribeFailure};
 use crate::session::{Session, WsSink};
 
@@ -28,7 +32,7 @@ impl<S: WsSink> Session<Stomp, S> {
         id: &str,
         ack: AckMode,
         frame: &Frame,
-    ) -> Result<Arc<Credit>, StompError> {
+    ) -> Result<Consumer, StompError> {
         let prefetch = match frame.header("prefetch-count").map(str::parse::<usize>) {
             None => DEFAULT_PREFETCH,
             Some(Ok(n)) if (1..=MAX_PREFETCH).contains(&n) => n,
@@ -44,21 +48,13 @@ impl<S: WsSink> Session<Stomp, S> {
                 "a connection may hold at most {limit} subscriptions"
             )));
         }
-        let hub = &self.ctx.delivery.hub;
-        let subscription: Arc<str> = id.into();
-        let credit = hub
-            .add_consumer(
-                self.id,
-                queue,
-                &subscription,
-                ack == AckMode::Auto,
-                prefetch,
-            )
-            .ok_or_else(|| StompError::unavailable("the connection is closing"))?;
+        // The STOMP id, made unique: a client may reuse an id, and what the
+        // old consumer held must not be taken for the new one's.
+        let key: Arc<str> = format!("{id}/{}", Uuid::now_v7()).into();
         let incarnation = self.ctx.incarnation();
         let consumer = QueueConsumer {
             connection: self.id,
-            subscription: id,
+            subscription: &key,
             queue,
             ack_mode: ack.as_str(),
         };
@@ -70,40 +66,44 @@ impl<S: WsSink> Session<Stomp, S> {
             self.ctx.settings.idle_transaction_timeout(),
         )
         .await;
-        match attached {
-            Ok(()) => Ok(credit),
-            Err(failure) => {
-                hub.remove_consumers(self.id, Some(id));
-                tracing::warn!(error = %failure, %queue, "could not register a queue consumer");
-                match failure {
-                    SubscribeFailure::Fenced => {
-                        self.ctx.lifecycle.registration.report_fenced(incarnation);
-                    }
-                    // The row may exist: it goes (and with the connection's
-                    // departure at the latest).
-                    SubscribeFailure::Unknown(_) => {
-                        let record = Record::LeftQueue {
-                            connection_id: self.id,
-                            subscription,
-                        };
-                        self.ctx.delivery.log.record(record).await;
-                    }
-                    SubscribeFailure::NotRegistered(_) => {}
+        if let Err(failure) = attached {
+            tracing::warn!(error = %failure, %queue, "could not register a queue consumer");
+            match failure {
+                SubscribeFailure::Fenced => {
+                    self.ctx.lifecycle.registration.report_fenced(incarnation);
                 }
-                Err(StompError::unavailable(
-                    "the subscription could not be registered now; try again",
-                ))
+                // The row may exist: it goes (with the connection's
+                // departure at the latest).
+                SubscribeFailure::Unknown(_) => self.forget_consumer(key).await,
+                SubscribeFailure::NotRegistered(_) => {}
             }
+            return Err(StompError::unavailable(
+                "the subscription could not be registered now; try again",
+            ));
         }
+        let subscription: Arc<str> = id.into();
+        let auto = ack == AckMode::Auto;
+        let hub = &self.ctx.delivery.hub;
+        let Some(credit) = hub.add_consumer(self.id, queue, (&subscription, &key), auto, prefetch)
+        else {
+            self.forget_consumer(key).await;
+            return Err(StompError::unavailable("the connection is closing"));
+        };
+        Ok(Consumer { key, credit })
     }
 
     /// Ends subscription `id`'s consumption of its queue.
-    pub(super) async fn leave_queue(&mut self, id: &str) {
+    pub(super) async fn leave_queue(&mut self, id: &str, consumer: Consumer) {
         self.ctx.delivery.hub.remove_consumers(self.id, Some(id));
         self.proto.subscriptions.forget(id);
+        self.forget_consumer(consumer.key).await;
+    }
+
+    /// Removes consumer `key`'s row; what it held waits in its queue again.
+    async fn forget_consumer(&mut self, key: Arc<str>) {
         let record = Record::LeftQueue {
             connection_id: self.id,
-            subscription: id.into(),
+            subscription: key,
         };
         self.ctx.delivery.log.record(record).await;
     }

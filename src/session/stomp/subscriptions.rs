@@ -39,8 +39,17 @@ pub(super) struct Subscription {
     pub destination: String,
     pub listens: Listens,
     pub ack: AckMode,
-    /// A queue consumer's room for messages.
-    pub credit: Option<Arc<Credit>>,
+    /// Set for a queue's consumer.
+    pub consumer: Option<Consumer>,
+}
+
+/// A queue consumer, as its subscription knows it.
+pub(super) struct Consumer {
+    /// Its row's key in `relay.queue_consumers.subscription`: the STOMP id
+    /// and a suffix of its own, so that a reused id is another consumer.
+    pub key: Arc<str>,
+    /// Its room for messages.
+    pub credit: Arc<Credit>,
 }
 
 struct PendingAck {
@@ -109,7 +118,8 @@ impl Subscriptions {
         let mut frames = Vec::with_capacity(wanted.len());
         let acked = wanted.iter().any(|(_, _, ack)| *ack != AckMode::Auto);
         for (subscription, destination, ack) in wanted {
-            let queue = match (&envelope.stream, &self.by_id[&subscription].credit) {
+            let consumer = self.by_id[&subscription].consumer.as_ref();
+            let queue = match (&envelope.stream, consumer.map(|c| &c.credit)) {
                 (StreamKey::Queue(queue), Some(credit)) => {
                     if ack == AckMode::Auto {
                         // Settled once written: room for the next one.
@@ -172,11 +182,16 @@ impl Subscriptions {
             },
         );
         self.pending_order.push_back(id);
-        // A queue message forgotten here stays held by this connection until
-        // it leaves (then it waits in its queue again): prefetch keeps a
-        // queue's share far below this.
+        // The oldest are forgotten, but never a queue message's: forgotten,
+        // it would stay held (and its consumer's credit taken) until the
+        // connection leaves; prefetch bounds those already.
         while self.pending_order.len() > MAX_PENDING_ACKS {
-            if let Some(old) = self.pending_order.pop_front() {
+            let oldest = self
+                .pending_order
+                .iter()
+                .position(|id| self.pending.get(id).is_some_and(|p| p.queue.is_none()));
+            let Some(oldest) = oldest else { break };
+            if let Some(old) = self.pending_order.remove(oldest) {
                 self.pending.remove(&old);
             }
         }

@@ -54,6 +54,8 @@ pub enum Recipient {
     Connection { connection: uuid::Uuid },
     /// The subscribers of a topic.
     Topic { topic: String },
+    /// One consumer of a queue (STOMP backends consume queues).
+    Queue { queue: String },
     /// Every connection.
     Broadcast { broadcast: bool },
 }

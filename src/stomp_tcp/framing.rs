@@ -15,7 +15,7 @@ use std::task::{Context, Poll, ready};
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::{Buf, BytesMut};
 use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -44,6 +44,7 @@ pub fn split(stream: TcpStream, limits: FrameLimits) -> (TcpSink, TcpFrames) {
             buffer: BytesMut::with_capacity(4096),
             limits,
             eof: false,
+            need: 0,
         },
     )
 }
@@ -54,6 +55,9 @@ pub struct TcpFrames {
     buffer: BytesMut,
     limits: FrameLimits,
     eof: bool,
+    /// The buffer must hold this many bytes before it is cut again: a large
+    /// frame arriving in many reads is not scanned again after each one.
+    need: usize,
 }
 
 /// Where the first complete unit in `buffer` ends.
@@ -66,8 +70,9 @@ enum Cut {
     /// A frame whose `content-length` is over the limit: its headers, this
     /// many bytes, are enough for the decoder to say so.
     Oversized(usize),
-    /// Not complete yet.
-    More,
+    /// Not complete yet: nothing can come of looking again before the
+    /// buffer holds this many bytes.
+    More(usize),
     /// More than a frame may be, with no end in sight.
     TooLarge,
 }
@@ -96,6 +101,9 @@ fn cut(buffer: &[u8], limits: &FrameLimits) -> Cut {
     if beats > 0 {
         return Cut::Beats(beats);
     }
+    if buffer.is_empty() || buffer == b"\r" {
+        return Cut::More(buffer.len() + 1);
+    }
     let max_frame = limits.max_body + FRAME_OVERHEAD;
     // The headers end at the first empty line.
     let mut at = 0;
@@ -106,7 +114,7 @@ fn cut(buffer: &[u8], limits: &FrameLimits) -> Cut {
             return if buffer.len() > max_frame {
                 Cut::TooLarge
             } else {
-                Cut::More
+                Cut::More(buffer.len() + 1)
             };
         };
         let line = &buffer[at..at + end];
@@ -135,13 +143,13 @@ fn cut(buffer: &[u8], limits: &FrameLimits) -> Cut {
             if buffer.len() > body_start + len {
                 Cut::Frame(body_start + len + 1)
             } else {
-                Cut::More
+                Cut::More(body_start + len + 1)
             }
         }
         None => match buffer[body_start..].iter().position(|b| *b == 0) {
             Some(nul) => Cut::Frame(body_start + nul + 1),
             None if buffer.len() > max_frame => Cut::TooLarge,
-            None => Cut::More,
+            None => Cut::More(buffer.len() + 1),
         },
     }
 }
@@ -152,12 +160,19 @@ impl Stream for TcpFrames {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            match cut(&this.buffer, &this.limits) {
+            let unit = if this.buffer.len() >= this.need {
+                cut(&this.buffer, &this.limits)
+            } else {
+                Cut::More(this.need)
+            };
+            match unit {
                 Cut::Beats(n) => {
+                    this.need = 0;
                     this.buffer.advance(n);
                     return Poll::Ready(Some(Ok(Message::Text(Utf8Bytes::from_static("\n")))));
                 }
                 Cut::Frame(n) | Cut::Oversized(n) => {
+                    this.need = 0;
                     let frame = this.buffer.split_to(n).freeze();
                     return Poll::Ready(Some(Ok(Message::Binary(frame))));
                 }
@@ -171,18 +186,25 @@ impl Stream for TcpFrames {
                     );
                     return Poll::Ready(Some(Err(axum::Error::new(error))));
                 }
-                Cut::More => {}
+                Cut::More(need) => this.need = need,
             }
             if this.eof {
                 // What is left is a frame cut short: the peer is gone.
                 return Poll::Ready(None);
             }
-            this.buffer.reserve(4096);
-            let mut chunk = [0u8; 4096];
-            let mut read = ReadBuf::new(&mut chunk);
-            match ready!(Pin::new(&mut this.io).poll_read(cx, &mut read)) {
-                Ok(()) if read.filled().is_empty() => this.eof = true,
-                Ok(()) => this.buffer.extend_from_slice(read.filled()),
+            // Room for what the frame still needs (as far as known), at
+            // least a page and never past the largest frame.
+            let max_frame = this.limits.max_body + FRAME_OVERHEAD + 1;
+            let wanted = this.need.saturating_sub(this.buffer.len()).max(4096);
+            this.buffer
+                .reserve(wanted.min(max_frame.saturating_sub(this.buffer.len()).max(4096)));
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.io),
+                cx,
+                &mut this.buffer
+            )) {
+                Ok(0) => this.eof = true,
+                Ok(_) => {}
                 Err(error) => return Poll::Ready(Some(Err(axum::Error::new(error)))),
             }
         }
@@ -298,17 +320,20 @@ mod tests {
     #[test]
     fn frames_are_cut_where_they_end() {
         assert_eq!(cut(b"\n\r\nSEND", &limits()), Cut::Beats(3));
-        assert_eq!(cut(b"\r", &limits()), Cut::More);
+        assert_eq!(cut(b"\r", &limits()), Cut::More(2));
         assert_eq!(
             cut(b"SEND\ndestination:/topic/a\n\nhi", &limits()),
-            Cut::More
+            Cut::More(30)
         );
         let frame = b"SEND\ndestination:/topic/a\n\nhi\0CONNECT";
         assert_eq!(cut(frame, &limits()), Cut::Frame(30));
         // A body with NUL in it, by content-length.
         let frame = b"SEND\ncontent-length:3\n\na\0b\0SEND";
         assert_eq!(cut(frame, &limits()), Cut::Frame(27));
-        assert_eq!(cut(b"SEND\ncontent-length:3\n\na\0b", &limits()), Cut::More);
+        assert_eq!(
+            cut(b"SEND\ncontent-length:3\n\na\0b", &limits()),
+            Cut::More(27)
+        );
         // Over the limit: the headers go to the decoder, which says so.
         let frame = b"SEND\ncontent-length:1000\n\n";
         assert_eq!(cut(frame, &limits()), Cut::Oversized(frame.len()));

@@ -634,3 +634,95 @@ async fn a_subscription_id_can_name_a_new_consumer_at_once() {
     assert_eq!(consumers, 1);
     cluster.finish().await;
 }
+
+#[tokio::test]
+async fn topics_take_springs_separators_and_queues_take_http_messages() {
+    let cluster = Cluster::start_stomp(2, AuthKind::Jwt, |_, _| {}).await;
+    let mut listener = TcpStomp::backend(cluster.stomp_addr(1), "spring").await;
+    let topics = [
+        "/topic/greetings",
+        "/topic/chat.room.1",
+        "/topic/chat/room/1",
+    ];
+    for (n, topic) in topics.iter().enumerate() {
+        listener.subscribe(&n.to_string(), topic, &[]).await;
+    }
+    let mut sender = TcpStomp::backend(cluster.stomp_addr(0), "spring").await;
+    for topic in topics {
+        sender.send_stored(topic, &[], topic.as_bytes()).await;
+    }
+    for (n, topic) in topics.iter().enumerate() {
+        let message = listener.next().await;
+        assert_eq!(message.header("destination"), Some(*topic));
+        assert_eq!(message.header("subscription"), Some(n.to_string().as_str()));
+        assert_eq!(message.body, topic.as_bytes());
+    }
+    // A backend's HTTP call can feed a queue too.
+    listener.subscribe("q", "/queue/jobs", &[]).await;
+    let (status, body) = cluster
+        .post(
+            0,
+            "/v1/messages",
+            &json!({"to": {"queue": "jobs"}, "data": {"job": 1}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let job = listener.next().await;
+    assert_eq!(job.header("destination"), Some("/queue/jobs"));
+    assert_eq!(job.body, br#"{"job": 1}"#);
+    cluster.finish().await;
+}
+
+#[tokio::test]
+async fn frames_may_arrive_in_pieces_and_an_oversized_one_gets_an_error() {
+    let cluster = Cluster::start_stomp(1, AuthKind::Jwt, |_, settings| {
+        settings.max_message_bytes = 50_000;
+    })
+    .await;
+    let addr = cluster.stomp_addr(0);
+    let mut listener = TcpStomp::backend(addr, "spring").await;
+    listener.subscribe("t", "/topic/big", &[]).await;
+    let mut sender = TcpStomp::backend(addr, "spring").await;
+    // With content-length (and a NUL inside), then without, each written a
+    // few bytes at a time, CRLF line ends in the second.
+    let body: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let mut framed = format!(
+        "SEND\ndestination:/topic/big\ncontent-length:{}\n\n",
+        body.len()
+    )
+    .into_bytes();
+    framed.extend_from_slice(&body);
+    framed.push(0);
+    framed.extend_from_slice(
+        b"\r\n\r\nSEND\r\ndestination:/topic/big\r\nreceipt:r\r\n\r\nplain text\0",
+    );
+    for piece in framed.chunks(997) {
+        sender.send_raw(piece).await;
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(sender.next().await.header("receipt-id"), Some("r"));
+    assert_eq!(listener.next().await.body, body);
+    assert_eq!(listener.next().await.body, b"plain text");
+
+    // Past the limit, declared or not: an ERROR saying so, then the end.
+    let mut declared = TcpStomp::backend(addr, "spring").await;
+    declared
+        .send_raw(b"SEND\ndestination:/topic/big\ncontent-length:60000\n\n")
+        .await;
+    let frames = declared.until_closed().await;
+    assert_eq!(frames[0].command, "ERROR", "{frames:?}");
+    assert!(
+        frames[0].header("message").unwrap().contains("50000"),
+        "{frames:?}"
+    );
+    let mut endless = TcpStomp::backend(addr, "spring").await;
+    endless.send_raw(b"SEND\ndestination:/topic/big\n\n").await;
+    endless.send_raw(&vec![b'x'; 70_000]).await;
+    let frames = endless.until_closed().await;
+    assert_eq!(frames[0].command, "ERROR", "{frames:?}");
+    assert!(
+        frames[0].header("message").unwrap().contains("too big"),
+        "{frames:?}"
+    );
+    cluster.finish().await;
+}

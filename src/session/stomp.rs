@@ -181,8 +181,8 @@ fn to_message(bytes: Vec<u8>) -> Message {
     }
 }
 
-/// How long an ACK or NACK with a receipt waits for its record to commit
-/// before the session says it cannot tell.
+/// How long an ACK, NACK or a queue's UNSUBSCRIBE with a receipt waits for
+/// its record to commit before the session says it cannot tell.
 const ACK_RECORD_WAIT: Duration = Duration::from_secs(5);
 
 /// How long an ERROR frame may take to write: a client that sent a bad
@@ -392,7 +392,19 @@ impl<S: WsSink> Session<Stomp, S> {
                         listens: Listens::Queue(_),
                         consumer: Some(consumer),
                         ..
-                    }) => self.leave_queue(&id, consumer).await,
+                    }) => {
+                        self.leave_queue(&id, consumer).await;
+                        // Its RECEIPT says the consumer is gone (what it held
+                        // waits in the queue again): after the commit.
+                        if frame.header("receipt").is_some()
+                            && !self.ctx.delivery.log.flushed(ACK_RECORD_WAIT).await
+                        {
+                            return Err(StompError::unavailable(
+                                "the unsubscription is not recorded yet (the database is slow or unavailable); it may still be",
+                            )
+                            .into());
+                        }
+                    }
                     _ => {}
                 }
                 Ok(Continue::Yes)

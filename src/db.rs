@@ -92,6 +92,23 @@ pub struct Bounds {
     pub asynchronous_commit: bool,
 }
 
+impl Bounds {
+    /// A claim's transaction (the outbox's, a queue's), idle for at most
+    /// `idle`.
+    pub fn claim(idle: Duration) -> Self {
+        Self {
+            // Longer than the claimer waits (OP_TIMEOUT): an abandoned claim
+            // is rolled back, not cut short under its successor.
+            statement: OP_TIMEOUT * 3,
+            idle,
+            lock: None,
+            // Nothing waits on its flush: if a crash of PostgreSQL loses
+            // it, what it took comes back (at least once).
+            asynchronous_commit: true,
+        }
+    }
+}
+
 /// How the node's own database work fails.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkError {

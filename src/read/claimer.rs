@@ -55,14 +55,7 @@ pub struct Claimed {
 pub async fn claim_once(ctx: &NodeState) -> Result<Claimed, WorkError> {
     let started = Instant::now();
     let incarnation = ctx.lifecycle.registration.current();
-    let bounds = Bounds {
-        // Longer than the caller waits (OP_TIMEOUT): an abandoned claim is
-        // rolled back, not cut short under its successor.
-        statement: db::OP_TIMEOUT * 3,
-        idle: ctx.settings.idle_transaction_timeout(),
-        lock: None,
-        asynchronous_commit: true,
-    };
+    let bounds = Bounds::claim(ctx.settings.idle_transaction_timeout());
     // On the bookkeeping pool: nothing waits on this commit's flush. If a
     // crash of PostgreSQL loses it, the rows come back (at least once).
     let mut tx = db::begin_bounded(&ctx.db.bookkeeping, bounds).await?;

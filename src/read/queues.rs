@@ -116,12 +116,7 @@ async fn claim_queue(
         return Ok(Dispatched::default());
     }
     let incarnation = ctx.lifecycle.registration.current();
-    let bounds = Bounds {
-        statement: db::OP_TIMEOUT * 3,
-        idle: ctx.settings.idle_transaction_timeout(),
-        lock: None,
-        asynchronous_commit: true,
-    };
+    let bounds = Bounds::claim(ctx.settings.idle_transaction_timeout());
     let local: Vec<Uuid> = consumers.iter().map(|c| c.connection).collect();
     let mut tx = db::begin_bounded(&ctx.db.bookkeeping, bounds).await?;
     // The node's row is locked first (as the reaper locks it), then the

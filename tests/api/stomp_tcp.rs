@@ -726,3 +726,153 @@ async fn frames_may_arrive_in_pieces_and_an_oversized_one_gets_an_error() {
     );
     cluster.finish().await;
 }
+
+#[tokio::test]
+async fn a_node_paused_past_the_timeout_gives_its_queue_work_away_and_commits_none_of_it() {
+    let db = TestDb::new().await;
+    let stomp = ["--stomp-listen", "127.0.0.1:0"];
+    let args: Vec<&str> = FAST.iter().copied().chain(stomp).collect();
+    let paused = NodeProcess::start(&db.url, "paused", &args).await;
+    let survivor = NodeProcess::start(&db.url, "awake", &args).await;
+    let (paused_stomp, survivor_stomp) = (paused.stomp_addr().await, survivor.stomp_addr().await);
+    let mut holder = TcpStomp::backend(paused_stomp, "holder").await;
+    holder
+        .subscribe("h", "/queue/orders", &[("ack", "client-individual")])
+        .await;
+    let mut producer = TcpStomp::backend(survivor_stomp, "producer").await;
+    for n in 0..3 {
+        producer
+            .send_stored("/queue/orders", &[], format!("order {n}").as_bytes())
+            .await;
+    }
+    let mut acks = Vec::new();
+    for _ in 0..3 {
+        acks.push(holder.next().await.header("ack").unwrap().to_owned());
+    }
+
+    crate::faultkit::pause(paused.pid());
+    eventually("the paused node reaped", || async {
+        let nodes: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.nodes WHERE id = 'paused'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        (nodes == 0).then_some(())
+    })
+    .await;
+    let mut heir = TcpStomp::backend(survivor_stomp, "heir").await;
+    heir.subscribe("x", "/queue/orders", &[("ack", "client-individual")])
+        .await;
+    let mut heir_acks = Vec::new();
+    for n in 0..3 {
+        let message = heir.next().await;
+        assert_eq!(message.body, format!("order {n}").into_bytes());
+        assert_eq!(message.header("redelivered"), Some("true"));
+        heir_acks.push(message.header("ack").unwrap().to_owned());
+    }
+    for ack in &heir_acks {
+        heir.send("ACK", &[("id", ack), ("receipt", "a")], b"")
+            .await;
+        assert_eq!(heir.next().await.header("receipt-id"), Some("a"));
+    }
+
+    // Resumed, the old holder acks what it had: too late, and harmless.
+    crate::faultkit::resume(paused.pid());
+    for ack in &acks {
+        holder.send("ACK", &[("id", ack)], b"").await;
+    }
+    let _ = holder.until_closed().await;
+    eventually("the paused node back, its old consumer gone", || async {
+        let (back, consumers, held): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM relay.nodes WHERE id = 'paused'),
+                    (SELECT count(*) FROM relay.queue_consumers WHERE node_id = 'paused'),
+                    (SELECT count(*) FROM relay.queue_entries)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (back == 1 && consumers == 0 && held == 0).then_some(())
+    })
+    .await;
+    // The heir acked each; the holder's late acks settled nothing of the
+    // queue (its entries were gone), and are kept only as what they are: its
+    // client's word about its own deliveries, in the audit.
+    let acked: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT user_id, count(*) FROM relay.deliveries WHERE acked_at IS NOT NULL
+          GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(acked.contains(&("heir".into(), 3)), "{acked:?}");
+    let claimed_by_paused: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM relay.queue_entries WHERE node_id = 'paused'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(claimed_by_paused, 0);
+    drop((heir, producer));
+    survivor.terminate().await;
+    paused.terminate().await;
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_queue_consumer_that_stops_reading_is_closed_and_its_messages_go_to_another() {
+    let cluster = Cluster::start_stomp(1, AuthKind::Jwt, |_, settings| {
+        settings.limits.slow_consumer_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let addr = cluster.stomp_addr(0);
+    // Subscribes, then never reads: its socket buffers fill.
+    let mut stuck = TcpStomp::backend(addr, "stuck").await;
+    stuck
+        .subscribe("s", "/queue/bulk", &[("prefetch-count", "1000")])
+        .await;
+    let mut producer = TcpStomp::backend(addr, "producer").await;
+    const N: usize = 300;
+    let body = vec![b'x'; 40_000];
+    for _ in 0..N {
+        producer
+            .send("SEND", &[("destination", "/queue/bulk")], &body)
+            .await;
+    }
+    producer.send_stored("/topic/done", &[], b"all sent").await;
+    eventually("the stuck consumer closed", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM relay.queue_consumers WHERE connection_id IN
+               (SELECT id FROM relay.connections WHERE user_id = 'stuck')",
+        )
+        .fetch_one(&cluster.db.pool)
+        .await
+        .unwrap();
+        let gone: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM relay.connections WHERE user_id = 'stuck'")
+                .fetch_one(&cluster.db.pool)
+                .await
+                .unwrap();
+        (left == 0 && gone == 0).then_some(())
+    })
+    .await;
+    // What it was written (ack auto) is its; everything else, another's.
+    let mut heir = TcpStomp::backend(addr, "heir").await;
+    heir.subscribe("h", "/queue/bulk", &[]).await;
+    let written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM relay.deliveries WHERE user_id = 'stuck'")
+            .fetch_one(&cluster.db.pool)
+            .await
+            .unwrap();
+    assert!(
+        (written as usize) < N,
+        "the stuck consumer cannot have taken all"
+    );
+    for _ in written as usize..N {
+        assert_eq!(heir.next().await.body.len(), body.len());
+    }
+    assert!(heir.next_within(Duration::from_millis(300)).await.is_none());
+    eventually("the queue empty", || async {
+        (queue_entries(&cluster).await == 0).then_some(())
+    })
+    .await;
+    drop(stuck);
+    cluster.finish().await;
+}

@@ -315,7 +315,12 @@ async fn a_node_whose_pooler_stops_answering_is_reaped_and_heals_after() {
                 .unwrap_or(0)
         }
     };
-    assert_eq!(ready(&cut).await, 200);
+    // Started is not yet ready (its LISTEN connection comes up after): wait
+    // for ready before the cut.
+    eventually("cut-a ready", || async {
+        (ready(&cut).await == 200).then_some(())
+    })
+    .await;
 
     unsafe { libc::kill(bouncer.pid(), libc::SIGSTOP) };
     let paused = std::time::Instant::now();
